@@ -1,0 +1,45 @@
+# The two commands a user needs: `make run` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Build requirements live in the venv so that re-installs are incremental (--no-build-isolation).
+BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.13" "numpy>=1.26"
+
+.PHONY: run test build lint bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Runtime install: the package and its run-time dependencies, no torch.
+$(VENV)/.runtime: $(BIN)/activate
+	$(PIP) install -q $(BUILD_DEPS)
+	@touch $@
+
+# Test tooling; torch is pinned to the local CPU wheel and installed on its own first,
+# so nothing can resolve a newer (CUDA) build.
+$(VENV)/.testdeps: $(VENV)/.runtime
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "pytest>=8" "ruff>=0.6"
+	@touch $@
+
+# Always re-run: scikit-build-core's build dir makes this incremental (seconds when unchanged).
+build: $(VENV)/.runtime
+	flock build.lock $(PIP) install -q --no-build-isolation -e .
+
+run: build
+	$(BIN)/attention-service --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.testdeps
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests
+
+clean:
+	rm -rf $(VENV) build dist build.lock
