@@ -41,5 +41,9 @@ lint: $(VENV)/.testdeps
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
 
+# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run.
+bench: $(VENV)/.testdeps build
+	$(BIN)/python tests/benchmarks/bench_kernel.py $(if $(QUICK),--quick)
+
 clean:
 	rm -rf $(VENV) build dist build.lock

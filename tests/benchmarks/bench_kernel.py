@@ -1,0 +1,369 @@
+"""Kernel benchmark: this project's attention against torch's fused CPU SDPA, side by side.
+
+Both sides run in this process, interleaved, on the same inputs and the same thread count;
+each figure is the median of several runs. Writes a JSON file, a Markdown table and a log-log
+plot to tests/benchmarks/results/ and prints every ratio with its goal.
+
+    make bench            # everything (several minutes)
+    make bench QUICK=1    # smaller sizes, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import service
+from service import _native
+
+RESULTS = Path(__file__).parent / "results"
+THREADS = 2
+
+
+@dataclass
+class Row:
+    group: str
+    case: str
+    ours_ms: float
+    torch_ms: float | None = None
+    gflops: float | None = None
+    goal: str = ""
+    passed: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.torch_ms is None else self.ours_ms / self.torch_ms
+
+
+def _median_ms(fn: Callable[[], object], budget_s: float, min_reps: int = 3) -> float:
+    fn()  # warm-up: thread pool, page faults, scratch buffers
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _side_by_side(
+    ours: Callable[[], object], theirs: Callable[[], object], budget_s: float
+) -> tuple[float, float]:
+    """Alternate the two sides in short rounds so drift on a shared machine hits both alike."""
+    a, b = [], []
+    for _ in range(3):
+        a.append(_median_ms(ours, budget_s / 6, min_reps=1))
+        b.append(_median_ms(theirs, budget_s / 6, min_reps=1))
+    return statistics.median(a), statistics.median(b)
+
+
+def _inputs(b: int, hq: int, hkv: int, n: int, d: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, hq, n, d), dtype=np.float32)
+    k = rng.standard_normal((b, hkv, n, d), dtype=np.float32)
+    v = rng.standard_normal((b, hkv, n, d), dtype=np.float32)
+    return q, k, v
+
+
+def _flops(b: int, h: int, lq: int, lk_eff: float, d: int) -> float:
+    # Two matmuls (QK^T and PV) of 2*D flops per (query, key) pair actually computed.
+    return 4.0 * b * h * lq * lk_eff * d
+
+
+def bench_exact(rows: list[Row], sizes: list[int], budget: float) -> None:
+    for n in sizes:
+        for causal in (False, True):
+            q, k, v = _inputs(1, 8, 8, n, 64)
+            tq, tk, tv = map(torch.from_numpy, (q, k, v))
+            ours_ms, torch_ms = _side_by_side(
+                lambda: service.attention(q, k, v, causal=causal),
+                lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal),
+                budget,
+            )
+            pairs = n * (n + 1) / 2 / n if causal else n
+            gf = _flops(1, 8, n, pairs, 64) / (ours_ms * 1e6)
+            goal_ratio = 0.6 if causal else 0.8
+            row = Row("exact", f"N={n} {'causal' if causal else 'full'}", ours_ms, torch_ms, gf)
+            row.goal = f"ratio <= {goal_ratio}"
+            row.passed = row.ratio is not None and row.ratio <= goal_ratio
+            if n == 8192 and not causal:
+                row.goal += ", >= 130 GFLOP/s"
+                row.passed = row.passed and gf >= 130
+            rows.append(row)
+            print(_fmt(row), flush=True)
+
+
+def bench_shapes(rows: list[Row], n: int, budget: float) -> None:
+    cases = [("D=32", 8, 8, 32), ("D=128", 8, 8, 128), ("GQA Hq=8 Hkv=2", 8, 2, 64)]
+    for name, hq, hkv, d in cases:
+        for causal in (False, True):
+            q, k, v = _inputs(1, hq, hkv, n, d)
+            tq, tk, tv = map(torch.from_numpy, (q, k, v))
+            gqa = hq != hkv
+            ours_ms, torch_ms = _side_by_side(
+                lambda: service.attention(q, k, v, causal=causal),
+                lambda: F.scaled_dot_product_attention(
+                    tq, tk, tv, is_causal=causal, enable_gqa=gqa
+                ),
+                budget,
+            )
+            label = f"{name} N={n} {'causal' if causal else 'full'}"
+            row = Row("shapes", label, ours_ms, torch_ms, goal="ratio <= 1.0")
+            row.passed = row.ratio is not None and row.ratio <= 1.0
+            rows.append(row)
+            print(_fmt(row), flush=True)
+
+
+def _window_mask(n: int, left: int, right: int, dilation: int, glob: list[int]) -> np.ndarray:
+    i = np.arange(n)[:, None]
+    j = np.arange(n)[None, :]
+    delta = j - i
+    allowed = (delta >= -left * dilation) & (delta <= right * dilation) & (delta % dilation == 0)
+    if glob:
+        g = np.zeros(n, dtype=bool)
+        g[glob] = True
+        allowed |= g[None, :] | g[:, None]
+    return allowed
+
+
+WINDOWS = {
+    "window ±128": dict(left=128, right=128, dilation=1, glob=[]),
+    "dilated ±64 x2": dict(left=64, right=64, dilation=2, glob=[]),
+    "window ±128 + 4 global": dict(left=128, right=128, dilation=1, glob=[0, 1, 2, 3]),
+}
+
+
+def bench_windows(rows: list[Row], sizes: list[int], long_n: int, budget: float) -> None:
+    for name, w in WINDOWS.items():
+        times: dict[int, float] = {}
+        for n in sizes + [long_n]:
+            q, k, v = _inputs(1, 8, 8, n, 64)
+            window = {"left": w["left"], "right": w["right"], "dilation": w["dilation"]}
+            glob = w["glob"] or None
+
+            def ours(q=q, k=k, v=v, window=window, glob=glob) -> object:
+                return service.attention(q, k, v, window=window, global_tokens=glob)
+
+            if n == long_n:
+                times[n] = _median_ms(ours, budget / 2)
+                ratio = times[n] / times[sizes[-1]]
+                row = Row("window", f"{name} N={n}", times[n], goal=f"≤ 4.5× N={sizes[-1]}")
+                row.extra = {"growth": ratio, "vs_n": sizes[-1]}
+                row.passed = ratio <= 4.5
+            else:
+                mask = torch.from_numpy(_window_mask(n, w["left"], w["right"], w["dilation"], w["glob"]))
+                tq, tk, tv = map(torch.from_numpy, (q, k, v))
+                times[n], torch_ms = _side_by_side(
+                    ours, lambda: F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask), budget
+                )
+                row = Row("window", f"{name} N={n}", times[n], torch_ms)
+                if n == sizes[-1]:
+                    row.goal = "≥ 20× faster"
+                    row.passed = row.ratio is not None and row.ratio <= 1 / 20
+            rows.append(row)
+            print(_fmt(row), flush=True)
+
+
+def bench_threads(rows: list[Row], n: int, budget: float) -> None:
+    for causal in (False, True):
+        q, k, v = _inputs(1, 8, 8, n, 64)
+        one = _median_ms(lambda: service.attention(q, k, v, causal=causal, num_threads=1), budget)
+        two = _median_ms(lambda: service.attention(q, k, v, causal=causal, num_threads=2), budget)
+        label = f"N={n} {'causal' if causal else 'full'}: 1 thread / 2 threads"
+        row = Row("threads", label, two, goal="speed-up ≥ 1.8×")
+        row.extra = {"one_thread_ms": one, "speedup": one / two}
+        row.passed = one / two >= 1.8
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    # Several Python threads at once must share the cores, not multiply the threads.
+    q, k, v = _inputs(1, 8, 8, n, 64)
+    alone = _median_ms(lambda: service.attention(q, k, v), budget)
+
+    def four_at_once() -> None:
+        ts = [threading.Thread(target=service.attention, args=(q, k, v)) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    together = _median_ms(four_at_once, budget)
+    row = Row("threads", f"N={n}: 4 concurrent calls / 4× one call", together, goal="≤ 1.15")
+    row.extra = {"ratio": together / (4 * alone)}
+    row.passed = together / (4 * alone) <= 1.15
+    rows.append(row)
+    print(_fmt(row), flush=True)
+
+
+_MEMORY_PROBE = """
+import resource, sys, numpy as np, service
+n = int(sys.argv[1])
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 8, n, 64), dtype=np.float32) for _ in range(3))
+out = np.empty_like(q); out[:] = 0  # touch an output-sized buffer so it is in the baseline
+del out
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+service.attention(q, k, v)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) / 1024)
+"""
+
+
+def bench_memory(rows: list[Row], n: int) -> None:
+    t0 = time.perf_counter()
+    added = float(
+        subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    elapsed = (time.perf_counter() - t0) * 1e3
+    row = Row("memory", f"exact N={n} H=8 D=64: MiB added", elapsed, goal="< 64 MiB")
+    row.extra = {"added_mib": added}
+    row.passed = added < 64
+    rows.append(row)
+    print(_fmt(row), flush=True)
+
+
+def bench_heatmap(rows: list[Row], budget: float) -> None:
+    from service.heatmaps import render_heatmap  # the service's own renderer
+
+    w = np.random.default_rng(0).random((512, 512), dtype=np.float32)
+    ms = _median_ms(lambda: render_heatmap(w, title="bench"), budget)
+    row = Row("heatmap", "512×512 PNG with colorbar", ms, goal="≤ 60 ms", passed=ms <= 60)
+    rows.append(row)
+    print(_fmt(row), flush=True)
+
+
+def _fmt(row: Row) -> str:
+    parts = [f"{row.group:8} {row.case:42} ours {row.ours_ms:9.2f} ms"]
+    if row.torch_ms is not None:
+        parts.append(f"torch {row.torch_ms:9.2f} ms  ratio {row.ratio:.3f}")
+    if row.gflops is not None:
+        parts.append(f"{row.gflops:6.1f} GFLOP/s")
+    for key, val in row.extra.items():
+        parts.append(f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}")
+    if row.goal:
+        parts.append(f"[{row.goal}: {'ok' if row.passed else 'MISSED'}]")
+    return "  ".join(parts)
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "isa": _native.isa(),
+        "threads": str(THREADS),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_results(rows: list[Row], info: dict[str, str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"machine": info, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
+    (RESULTS / "bench.json").write_text(json.dumps(data, indent=2))
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, ISA {info['isa']}, "
+        f"{info['threads']} threads, torch {info['torch']}.",
+        "",
+        "| group | case | ours (ms) | torch (ms) | ratio | GFLOP/s | other | goal | met |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        other = ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.extra.items()
+        )
+        lines.append(
+            f"| {r.group} | {r.case} | {r.ours_ms:.2f} | "
+            f"{'' if r.torch_ms is None else f'{r.torch_ms:.2f}'} | "
+            f"{'' if r.ratio is None else f'{r.ratio:.3f}'} | "
+            f"{'' if r.gflops is None else f'{r.gflops:.0f}'} | {other} | {r.goal} | "
+            f"{'' if r.passed is None else ('yes' if r.passed else '**no**')} |"
+        )
+    (RESULTS / "bench.md").write_text("\n".join(lines) + "\n")
+    plot(rows, info)
+
+
+def plot(rows: list[Row], info: dict[str, str]) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5), dpi=110)
+    ax = fig.add_subplot()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.group not in ("exact", "window") or "dilated" in r.case or "global" in r.case:
+            continue
+        n = int(r.case.split("N=")[1].split()[0])
+        kind = "causal" if "causal" in r.case else ("window ±128" if r.group == "window" else "full")
+        series.setdefault(f"ours {kind}", []).append((n, r.ours_ms))
+        if r.torch_ms is not None:
+            series.setdefault(f"torch {kind}", []).append((n, r.torch_ms))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        style = "-o" if label.startswith("ours") else "--s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N (B=1, H=8, D=64, fp32)")
+    ax.set_ylabel("time (ms)")
+    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, short budgets")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    _native.set_num_threads(THREADS)
+    info = machine()
+    print("machine:", info, flush=True)
+    rows: list[Row] = []
+    if args.quick:
+        bench_exact(rows, [256, 512], 0.5)
+        bench_shapes(rows, 256, 0.5)
+        bench_windows(rows, [1024, 2048], 4096, 0.5)
+        bench_threads(rows, 512, 0.5)
+        bench_memory(rows, 4096)
+    else:
+        bench_exact(rows, [512, 2048, 8192], 4.0)
+        bench_shapes(rows, 2048, 3.0)
+        bench_windows(rows, [2048, 8192], 32768, 4.0)
+        bench_threads(rows, 2048, 3.0)
+        bench_memory(rows, 32768)
+    bench_heatmap(rows, 2.0)
+    write_results(rows, info)
+    missed = [r for r in rows if r.passed is False]
+    print(f"\n{len(rows) - len(missed)} goals met or informational, {len(missed)} missed")
+    for r in missed:
+        print("  missed:", _fmt(r))
+    print(f"wrote {RESULTS}/bench.json, bench.md, bench.png")
+
+
+if __name__ == "__main__":
+    main()
