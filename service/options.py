@@ -131,3 +131,42 @@ class AttentionOptions(MaskingOptions):
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
 
+
+class MultiheadWeights(BaseModel):
+    """Projection weights of multi-head attention, in torch's (out_features, in_features) layout.
+
+    With E = embed_dim, H query heads, Hkv kv heads and head_dim = E / H: q_proj (E, E),
+    k_proj (Hkv*head_dim, kdim), v_proj (Hkv*head_dim, vdim), out_proj (E, E). With
+    grouped-query heads (Hkv < H) the k/v projections are smaller than torch's.
+    A missing bias means no bias.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    q_proj: Tensor
+    k_proj: Tensor
+    v_proj: Tensor
+    out_proj: Tensor
+    q_bias: Tensor | None = None
+    k_bias: Tensor | None = None
+    v_bias: Tensor | None = None
+    out_bias: Tensor | None = None
+
+
+class MultiheadOptions(MaskingOptions):
+    """Options of multi-head attention (the Python API and /v1/multihead)."""
+
+    num_heads: int = Field(..., ge=1, description="Query heads H; embed_dim must divide by it.")
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention); null = num_heads."
+    )
+    weights: MultiheadWeights | None = Field(
+        None, description="Projection weights; null = Xavier-uniform from `seed`, zero biases."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the Xavier-uniform init when no weights.")
+    average_weights: bool = Field(
+        True, description="Average the returned weights over heads (like torch)."
+    )
+    need_weights: bool = Field(
+        False, description="Also return the weights and the per-head row log-sum-exp."
+    )
