@@ -130,6 +130,28 @@ class AttentionOptions(MaskingOptions):
     return_weights: bool = Field(
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
+    # Linear-time approximations (service/approx.py). Method parameters default to null so
+    # that one given to a method that does not use it is reported rather than ignored.
+    method: Literal["exact", "linear", "performer", "linformer"] = Field(
+        "exact",
+        description='"linear" = elu(x)+1 features (Katharopoulos et al.); "performer" = FAVOR+ '
+        'positive orthogonal random features; "linformer" = keys and values projected along the '
+        "sequence. Each supports a subset of the options (an unsupported one is an error).",
+    )
+    num_features: int | None = Field(
+        None, ge=1, le=16384, description="performer: random features; null = ceil(D ln D)."
+    )
+    seed: int | None = Field(
+        None, ge=0, description="performer/linformer: seed of the random features; null = 0."
+    )
+    linformer_k: int | None = Field(
+        None, ge=1, le=16384, description="linformer: projected length; null = min(Lk, 256)."
+    )
+    compare: bool = Field(
+        False,
+        description="Also run exact attention on the same input and report the approximation's "
+        "error and its implied attention map (pooled when long).",
+    )
 
 
 class MultiheadWeights(BaseModel):
