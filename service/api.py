@@ -32,7 +32,9 @@ from service.weights import checked_arrays, head_layout, init_multihead_weights,
 ArrayLike = Any
 
 _CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
-# Field names that may appear in a pydantic error location; anything else there is a union tag.
+# pydantic puts union tags ("bool", "list[float]", "literal[...]") into error locations; these
+# are dropped so that a loc names fields only.
+_TYPE_TAGS = frozenset({"bool", "int", "float", "str", "none"})
 _FIELD_NAMES = frozenset(
     set(MultiheadOptions.model_fields)
     | set(AttentionOptions.model_fields)
@@ -52,6 +54,8 @@ class AttentionResult:
     lse: (.., Hq, Lq) natural-log sum of exp(scores) over allowed keys, both only when
     return_weights. elapsed_ms: native compute time. flops: 2*B*Hq*Lq*Lk*(D + Dv), the dense
     count of the two matrix products (masked-out tiles the kernel skips are still counted).
+    method: "exact", or the approximation used (service/approx.py, which also fills
+    `comparison` when asked to compare with exact attention).
     """
 
     output: ArrayLike
@@ -60,6 +64,7 @@ class AttentionResult:
     elapsed_ms: float
     flops: int
     method: str = "exact"
+    comparison: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,10 +181,15 @@ def _input_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> In
     """The first pydantic error as an InputError; union tags are dropped from its loc."""
     errors = exc.errors(include_url=False)
 
-    def clean(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
-        return tuple(
-            p for i, p in enumerate(loc) if i == 0 or isinstance(p, int) or p in _FIELD_NAMES
+    def is_tag(part: str | int) -> bool:
+        return (
+            isinstance(part, str)
+            and part not in _FIELD_NAMES
+            and ("[" in part or part in _TYPE_TAGS)
         )
+
+    def clean(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+        return tuple(p for i, p in enumerate(loc) if i == 0 or not is_tag(p))
 
     loc = clean(errors[0]["loc"])
     msgs = dict.fromkeys(e["msg"] for e in errors if clean(e["loc"]) == loc)
@@ -329,6 +339,11 @@ def attention(
     b, hq, lq, d = q4.shape
     lk, dv = k4.shape[2], v4.shape[3]
     kw = _native_masking(opts, (b, hq, lq, lk))
+    from service import approx  # the approximations live there; imported late, as they use us
+
+    approx.check_options(opts)  # options the chosen method does not support are errors
+    if opts.method != "exact":
+        return approx.attention_result(q, q4, k4, v4, opts)
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(d)
     (out, lse, weights), elapsed = _call_native(
         _native.attention,

@@ -21,7 +21,9 @@ class Reference:
 
 
 def f64(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).double()
+    if isinstance(x, torch.Tensor):
+        return x.detach().double()
+    return torch.from_numpy(np.array(x, dtype=np.float64))  # a copy: any strides are fine
 
 
 def standard_alibi_slopes(num_heads: int) -> list[float]:
@@ -102,7 +104,7 @@ def reference_attention(
         s = s - torch.tensor(alibi_slopes, dtype=torch.float64)[:, None, None] * dist
     bool_mask = None
     if mask is not None:
-        m = torch.as_tensor(np.asarray(mask)) if not isinstance(mask, torch.Tensor) else mask
+        m = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.array(mask))
         if m.dtype == torch.bool:
             bool_mask = ~m if mask_convention == "ignore" else m
         else:
