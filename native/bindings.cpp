@@ -1,8 +1,206 @@
+// Python bindings of service._native: numpy arrays in, numpy arrays out. Arrays are read in
+// place (no copies, any strides the checks accept); the GIL is released while computing.
+// std::invalid_argument from the checks surfaces as ValueError.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "api.h"
 
 namespace py = pybind11;
 
+namespace {
+
+attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
+  attn::ArrayRef r;
+  if (obj.is_none()) {
+    if (optional) return r;
+    throw std::invalid_argument(std::string(name) + ": expected a numpy array, got None");
+  }
+  if (!py::isinstance<py::array>(obj))
+    throw std::invalid_argument(std::string(name) + ": expected a numpy array, got " +
+                                std::string(py::str(py::type::of(obj).attr("__name__"))));
+  const auto a = py::reinterpret_borrow<py::array>(obj);
+  r.given = true;
+  r.data = a.data();
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    r.shape.push_back(int64_t(a.shape(d)));
+    r.strides.push_back(int64_t(a.strides(d)));
+  }
+  const py::dtype dt = a.dtype();
+  const char kind = dt.kind();
+  const char order = dt.byteorder();
+  const bool native = order == '=' || order == '|' || order == '<';  // x86-64 only
+  r.dtype_name = std::string(py::str(dt));
+  if (native && kind == 'f' && dt.itemsize() == 4)
+    r.dtype = attn::DType::f32;
+  else if (native && kind == 'i' && dt.itemsize() == 8)
+    r.dtype = attn::DType::i64;
+  else if (kind == 'b' && dt.itemsize() == 1)
+    r.dtype = attn::DType::b8;
+  return r;
+}
+
+attn::MaskOptions mask_options(int causal, const py::object& mask, const py::object& key_lengths,
+                               int64_t window_left, int64_t window_right, int64_t dilation,
+                               const py::object& global_tokens, const py::object& alibi_slopes,
+                               double softcap) {
+  attn::MaskOptions o;
+  o.causal = causal;
+  o.mask = to_ref(mask, "mask", true);
+  o.key_lengths = to_ref(key_lengths, "key_lengths", true);
+  o.window_left = window_left;
+  o.window_right = window_right;
+  o.dilation = dilation;
+  o.global_tokens = to_ref(global_tokens, "global_tokens", true);
+  o.alibi_slopes = to_ref(alibi_slopes, "alibi_slopes", true);
+  o.softcap = softcap;
+  return o;
+}
+
+py::array_t<float> empty_f32(const std::vector<int64_t>& shape) {
+  return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+py::tuple attention(const py::object& q, const py::object& k, const py::object& v, double scale,
+                    int causal, const py::object& mask, const py::object& key_lengths,
+                    int64_t window_left, int64_t window_right, int64_t dilation,
+                    const py::object& global_tokens, const py::object& alibi_slopes,
+                    double softcap, bool return_weights, int num_threads) {
+  const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
+                                              window_right, dilation, global_tokens,
+                                              alibi_slopes, softcap);
+  attn::AttentionPlan plan =
+      attn::plan_attention(to_ref(q, "q", false), to_ref(k, "k", false), to_ref(v, "v", false),
+                           scale, opts, return_weights, num_threads);
+  auto out = empty_f32(plan.out_shape);
+  auto lse = empty_f32(plan.lse_shape);
+  py::object weights = py::none();
+  float* wp = nullptr;
+  if (return_weights) {
+    auto w = empty_f32(plan.weights_shape);
+    wp = w.mutable_data();
+    weights = std::move(w);
+  }
+  float* op = out.mutable_data();
+  float* lp = lse.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    attn::run_attention(plan, op, lp, wp);
+  }
+  return py::make_tuple(out, lse, weights);
+}
+
+py::tuple multihead(const py::object& query, const py::object& key, const py::object& value,
+                    const py::object& q_weight, const py::object& k_weight,
+                    const py::object& v_weight, const py::object& out_weight,
+                    const py::object& q_bias, const py::object& k_bias, const py::object& v_bias,
+                    const py::object& out_bias, int64_t num_heads, int64_t num_kv_heads,
+                    double scale, int causal, const py::object& mask,
+                    const py::object& key_lengths, int64_t window_left, int64_t window_right,
+                    int64_t dilation, const py::object& global_tokens,
+                    const py::object& alibi_slopes, double softcap, bool return_weights,
+                    int num_threads) {
+  attn::MultiheadInputs in;
+  in.query = to_ref(query, "query", false);
+  in.key = to_ref(key, "key", false);
+  in.value = to_ref(value, "value", false);
+  in.q_weight = to_ref(q_weight, "q_weight", false);
+  in.k_weight = to_ref(k_weight, "k_weight", false);
+  in.v_weight = to_ref(v_weight, "v_weight", false);
+  in.out_weight = to_ref(out_weight, "out_weight", false);
+  in.q_bias = to_ref(q_bias, "q_bias", true);
+  in.k_bias = to_ref(k_bias, "k_bias", true);
+  in.v_bias = to_ref(v_bias, "v_bias", true);
+  in.out_bias = to_ref(out_bias, "out_bias", true);
+  in.num_heads = num_heads;
+  in.num_kv_heads = num_kv_heads;
+  const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
+                                              window_right, dilation, global_tokens,
+                                              alibi_slopes, softcap);
+  attn::MultiheadPlan plan = attn::plan_multihead(in, scale, opts, return_weights, num_threads);
+  auto out = empty_f32(plan.out_shape);
+  auto lse = empty_f32(plan.attn.lse_shape);
+  py::object weights = py::none();
+  float* wp = nullptr;
+  if (return_weights) {
+    auto w = empty_f32(plan.attn.weights_shape);
+    wp = w.mutable_data();
+    weights = std::move(w);
+  }
+  float* op = out.mutable_data();
+  float* lp = lse.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    attn::run_multihead(plan, op, lp, wp);
+  }
+  return py::make_tuple(out, lse, weights);
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("n: must be >= 1, got " + std::to_string(n));
+  attn::set_default_num_threads(n);
+}
+
+void warn(const std::string& msg) {
+  if (PyErr_WarnEx(PyExc_RuntimeWarning, msg.c_str(), 1) < 0) throw py::error_already_set();
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "Fused attention kernels";
-  m.def("version", [] { return "0.1.0"; });
+  m.doc() = "Fused attention kernels (tiled online-softmax attention, projections, dispatch).";
+  m.def("version", [] { return "0.2.0"; });
+
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
+        py::arg("scale"), py::arg("causal") = 0, py::arg("mask") = py::none(),
+        py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("dilation") = 1,
+        py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
+        py::arg("softcap") = 0.0, py::arg("return_weights") = false,
+        py::arg("num_threads") = 0,
+        "Exact attention. Returns (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or "
+        "None).");
+
+  m.def("multihead", &multihead, py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("q_weight"), py::arg("k_weight"), py::arg("v_weight"), py::arg("out_weight"),
+        py::arg("q_bias") = py::none(), py::arg("k_bias") = py::none(),
+        py::arg("v_bias") = py::none(), py::arg("out_bias") = py::none(), py::kw_only(),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"),
+        py::arg("causal") = 0, py::arg("mask") = py::none(),
+        py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("dilation") = 1,
+        py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
+        py::arg("softcap") = 0.0, py::arg("return_weights") = false,
+        py::arg("num_threads") = 0,
+        "torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads. Returns "
+        "(out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None).");
+
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "Default number of threads for calls with num_threads=0.");
+  m.def("get_num_threads", &attn::default_num_threads);
+  m.def("isa", &attn::current_isa, "Instruction set in use: baseline, avx2 or avx512.");
+  m.def("available_isas", &attn::available_isas,
+        "Instruction sets this CPU supports and this build contains.");
+  m.def("set_isa", &attn::set_isa, py::arg("name"), "Force an instruction set.");
+
+  if (const char* isa = std::getenv("ATTN_ISA"); isa != nullptr && *isa != '\0') {
+    try {
+      attn::set_isa(isa);
+    } catch (const std::invalid_argument& e) {
+      warn(std::string("ATTN_ISA ignored: ") + e.what() + "; using " + attn::current_isa());
+    }
+  }
+  if (const char* nt = std::getenv("ATTN_NUM_THREADS"); nt != nullptr && *nt != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(nt, &end, 10);
+    if (*end != '\0' || n < 1)
+      warn(std::string("ATTN_NUM_THREADS ignored: expected an integer >= 1, got '") + nt + "'");
+  }
 }

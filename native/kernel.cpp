@@ -1,0 +1,688 @@
+// The attention kernel and the projection GEMM. This file is compiled once per instruction set
+// (CMake passes -DATTN_ISA_NS=isa_xxx plus that ISA's -m flags), so everything lives in a
+// per-ISA namespace, mostly an anonymous one: no inline function or template instance may be
+// shared with another TU (the linker could otherwise keep an AVX copy for baseline callers).
+//
+// Algorithm (FlashAttention with an online softmax, laid out like ggml's tiled CPU kernel):
+// a work item is one (batch, head, tile of BR query rows). The query tile is packed transposed
+// and pre-scaled (Qt[d][lane]); the score tile is computed transposed, St[key][lane], so that
+// the softmax statistics of a query row live in one SIMD lane: the row max, the rescale factor
+// and the row sum are plain vertical vector ops, and the accumulator Ot[dv][lane] is updated by
+// broadcasting V[key][dv] against P rows. K and V are read in their natural layout.
+// Per tile of BC keys:
+//   St   = K_tile . Qt                      (register-blocked RJ x RI-vector micro-kernel)
+//   St   = softcap / ALiBi / float mask / -inf for disallowed keys (boundary tiles only)
+//   m'   = max(m, max_j St[j])              (row max)
+//   a    = exp(m - m'),  P = exp(St - m')   (vectorised exp, exp(-inf) = 0)
+//   l    = a * l + sum_j P[j]               (row sum)
+//   Ot   = a * Ot + V_tile^T . P            (rescale folded into the P.V micro-kernel)
+// and at the end out = Ot / l, lse = m + log l. Tiles the mask rules out entirely are never
+// visited, so a window of width W costs O(L * W). Extra memory is O(tile) per thread.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#include "attention.h"
+
+#ifndef ATTN_ISA_NS
+#error "compile with -DATTN_ISA_NS=isa_<name> -DATTN_ISA_NAME=<name>"
+#endif
+#define ATTN_STR2(x) #x
+#define ATTN_STR(x) ATTN_STR2(x)
+
+namespace attn {
+namespace ATTN_ISA_NS {
+namespace {
+
+#include "simd.h"
+
+using simd::VL;
+using simd::vf;
+
+#if defined(__AVX512F__)
+constexpr int RJ = 8;   // micro-tile rows: keys (Q.K) or value columns (P.V)
+constexpr int RI = 3;   // micro-tile width in vectors of query lanes
+constexpr int GR = 12;  // GEMM micro-tile rows
+constexpr int GC = 2;   // GEMM micro-tile width in vectors
+#else
+constexpr int RJ = 4;
+constexpr int RI = 3;
+constexpr int GR = 6;
+constexpr int GC = 2;
+#endif
+constexpr int BR = 96;  // query rows per tile (a multiple of RI * VL for every ISA)
+constexpr int BC = 64;  // keys per tile
+static_assert(BR % (RI * VL) == 0, "BR must be a multiple of the micro-tile width");
+
+constexpr float NEG_INF = -INFINITY;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Grow-only, 64-byte aligned buffer (kept per thread between calls).
+template <class T>
+struct Buf {
+  T* p = nullptr;
+  size_t cap = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  T* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      p = nullptr;
+      cap = 0;
+      size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      cap = n;
+    }
+    return p;
+  }
+};
+
+// ----------------------------------------------------------------------------------------
+// Micro-kernels
+
+// out[r][lanes] = sum_d k[r][d] * qt[d][lanes] for R keys and C vectors of query lanes.
+template <int R, int C>
+void qk_micro(const float* k, int64_t ldk, const float* qt, int64_t D, float* out) {
+  vf acc[R][C];
+  const float* kr[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    kr[r] = k + r * ldk;
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = simd::zero();
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    vf qv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) qv[c] = simd::load(qt + d * BR + c * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      vf kv = simd::set1(kr[r][d]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(kv, qv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) simd::store(out + r * BR + c * VL, acc[r][c]);
+}
+
+// ot[r][lanes] = alpha[lanes] * ot[r][lanes] + sum_j v[j][r] * pt[j][lanes]
+// for R value columns and C vectors of query lanes.
+template <int R, int C>
+void pv_micro(const float* v, int64_t ldv, const float* pt, int jn, float* ot,
+              const float* alpha) {
+  vf acc[R][C];
+  vf al[C];
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) al[c] = simd::load(alpha + c * VL);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = simd::mul(simd::load(ot + r * BR + c * VL), al[c]);
+  for (int j = 0; j < jn; ++j) {
+    vf pv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) pv[c] = simd::load(pt + j * BR + c * VL);
+    const float* vr = v + j * ldv;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      vf vb = simd::set1(vr[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(vb, pv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) simd::store(ot + r * BR + c * VL, acc[r][c]);
+}
+
+using QkFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+using PvFn = void (*)(const float*, int64_t, const float*, int, float*, const float*);
+
+// Tables of every (R, C) instance, for the ragged edges of a tile.
+template <size_t... I>
+struct MicroTables {
+  static constexpr QkFn qk[] = {&qk_micro<int(I) / RI + 1, int(I) % RI + 1>...};
+  static constexpr PvFn pv[] = {&pv_micro<int(I) / RI + 1, int(I) % RI + 1>...};
+};
+template <size_t... I>
+MicroTables<I...> make_tables(std::index_sequence<I...>);
+using Tables = decltype(make_tables(std::make_index_sequence<RJ * RI>{}));
+
+// ----------------------------------------------------------------------------------------
+// Attention
+
+struct Tile {
+  int64_t j0;
+  int32_t jn;
+  bool boundary;  // some element of the tile may be disallowed: check each one
+};
+
+// Per-call constants shared by all work items.
+struct Ctx {
+  const AttnArgs* a;
+  int64_t group;  // query heads per kv head
+  int64_t coff;   // causal: key j allowed iff j <= i + coff
+  int64_t off;    // aligned key position of query row i: c = i + off
+  bool window;
+  int64_t wl, wr, dil;       // window, clamped so products cannot overflow
+  const uint8_t* is_global;  // (Lk,) or null when there is no window or no global token
+  const int64_t* gtiles;     // key tiles holding a global token
+  int64_t n_gtiles;
+  int64_t n_qt;          // query tiles per (batch, head)
+  const int64_t* order;  // (batch, query tile) pairs, most work first
+};
+
+struct Scratch {
+  Buf<float> qt, st, ot, m, l, alpha, cpos, lsev;
+  Buf<int64_t> rows, grows;
+  Buf<Tile> tiles;
+};
+thread_local Scratch tls_scratch;
+
+// The key tiles a set of query rows [imin, imax] must visit, with their boundary flags.
+size_t plan_tiles(const Ctx& c, int64_t b, int64_t imin, int64_t imax, bool ignore_window,
+                  Tile* out) {
+  const AttnArgs& a = *c.a;
+  int64_t jend = a.Lk;
+  if (a.key_lengths) jend = min64(jend, a.key_lengths[b]);
+  if (a.causal) jend = min64(jend, imax + c.coff + 1);
+  if (jend <= 0) return 0;
+  const bool win = c.window && !ignore_window;
+  int64_t lo = 0, hi = jend - 1;
+  if (win) {
+    if (c.wl >= 0) lo = max64(lo, imin + c.off - c.wl * c.dil);
+    if (c.wr >= 0) hi = min64(hi, imax + c.off + c.wr * c.dil);
+  }
+  size_t n = 0;
+  auto add = [&](int64_t t) {
+    Tile& T = out[n++];
+    T.j0 = t * BC;
+    T.jn = int32_t(min64(BC, jend - T.j0));
+    const int64_t jlast = T.j0 + T.jn - 1;
+    bool bnd = a.bool_mask != nullptr;
+    if (a.causal && jlast > imin + c.coff) bnd = true;
+    if (win) {
+      if (c.dil > 1) bnd = true;
+      if (c.wl >= 0 && T.j0 < imax + c.off - c.wl * c.dil) bnd = true;
+      if (c.wr >= 0 && jlast > imin + c.off + c.wr * c.dil) bnd = true;
+    }
+    T.boundary = bnd;
+  };
+  int64_t t0 = 0, t1 = -1;
+  if (lo <= hi) {
+    t0 = lo / BC;
+    t1 = hi / BC;
+  }
+  for (int64_t t = t0; t <= t1; ++t) add(t);
+  // Global keys are visible from every row: visit their tiles even outside the band.
+  if (win)
+    for (int64_t g = 0; g < c.n_gtiles; ++g) {
+      const int64_t t = c.gtiles[g];
+      if ((t < t0 || t > t1) && t * BC < jend) add(t);
+    }
+  return n;
+}
+
+struct RowSet {
+  const int64_t* rows;  // query row of each lane
+  int n;                // valid lanes
+  int nvec;             // vectors covering the valid lanes
+  bool ignore_window;   // global query rows see every key
+};
+
+// St[j][lane] for the keys of tile t: scores with every modifier and constraint applied.
+void scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b, int64_t h,
+            const float* kb) {
+  const AttnArgs& a = *c.a;
+  const int64_t ldk = a.sk[2];
+  float* st = s.st.p;
+  const float* qt = s.qt.p;
+  for (int iv = 0; iv < rs.nvec; iv += RI) {
+    const int C = int(min64(RI, rs.nvec - iv));
+    int jj = 0;
+    if (C == RI)
+      for (; jj + RJ <= t.jn; jj += RJ)
+        qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt + iv * VL, a.D, st + jj * BR + iv * VL);
+    for (; jj < t.jn; jj += RJ) {
+      const int R = int(min64(RJ, t.jn - jj));
+      Tables::qk[(R - 1) * RI + (C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt + iv * VL, a.D,
+                                         st + jj * BR + iv * VL);
+    }
+  }
+  if (a.softcap > 0.0f) {
+    const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
+    for (int jj = 0; jj < t.jn; ++jj)
+      for (int v = 0; v < rs.nvec; ++v) {
+        float* p = st + jj * BR + v * VL;
+        simd::store(p, simd::mul(cap, simd::tanh(simd::mul(simd::load(p), inv))));
+      }
+  }
+  if (a.alibi) {
+    const vf slope = simd::set1(-a.alibi[h]);
+    for (int jj = 0; jj < t.jn; ++jj) {
+      const vf jf = simd::set1(float(t.j0 + jj));
+      for (int v = 0; v < rs.nvec; ++v) {
+        float* p = st + jj * BR + v * VL;
+        const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + v * VL), jf));
+        simd::store(p, simd::fma(slope, dist, simd::load(p)));
+      }
+    }
+  }
+  const int64_t* ms = a.mask_strides;
+  if (a.float_mask) {
+    const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
+    for (int jj = 0; jj < t.jn; ++jj) {
+      float* row = st + jj * BR;
+      const float* fmj = fm + jj * ms[3];
+      for (int l = 0; l < rs.n; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
+    }
+  }
+  if (t.boundary) {
+    const uint8_t* bm =
+        a.bool_mask ? a.bool_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3] : nullptr;
+    const bool win = c.window && !rs.ignore_window;
+    const int64_t lo = c.wl >= 0 ? -c.wl * c.dil : INT64_MIN;
+    const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
+    for (int jj = 0; jj < t.jn; ++jj) {
+      const int64_t j = t.j0 + jj;
+      float* row = st + jj * BR;
+      const bool check_win = win && !(c.is_global && c.is_global[j]);
+      for (int l = 0; l < rs.n; ++l) {
+        const int64_t i = rs.rows[l];
+        bool ok = true;
+        if (bm) ok = bm[i * ms[2] + jj * ms[3]] != 0;
+        if (a.causal && j > i + c.coff) ok = false;
+        if (check_win) {
+          const int64_t delta = j - (i + c.off);
+          if (delta < lo || delta > hi || delta % c.dil != 0) ok = false;
+        }
+        if (!ok) row[l] = NEG_INF;
+      }
+    }
+  }
+}
+
+// Online-softmax update for one tile: turns St into P in place, updates m and l, and leaves
+// the accumulator rescale factor in alpha.
+void softmax_update(Scratch& s, const RowSet& rs, int jn) {
+  float* st = s.st.p;
+  const vf ninf = simd::set1(NEG_INF);
+  for (int v = 0; v < rs.nvec; ++v) {
+    vf mt = ninf;
+    for (int jj = 0; jj < jn; ++jj) mt = simd::max(mt, simd::load(st + jj * BR + v * VL));
+    const vf mo = simd::load(s.m.p + v * VL);
+    const vf mn = simd::max(mo, mt);
+    // Rows with nothing allowed yet keep m = -inf; shift by 0 there so that exp(-inf) = 0
+    // instead of exp(-inf - -inf) = NaN.
+    const vf mu = simd::select(simd::eq(mn, ninf), simd::zero(), mn);
+    const vf al = simd::exp(simd::sub(mo, mu));
+    vf sum = simd::zero();
+    for (int jj = 0; jj < jn; ++jj) {
+      float* p = st + jj * BR + v * VL;
+      const vf e = simd::exp(simd::sub(simd::load(p), mu));
+      simd::store(p, e);
+      sum = simd::add(sum, e);
+    }
+    simd::store(s.l.p + v * VL, simd::fma(simd::load(s.l.p + v * VL), al, sum));
+    simd::store(s.m.p + v * VL, mn);
+    simd::store(s.alpha.p + v * VL, al);
+  }
+}
+
+void pv_update(const AttnArgs& a, Scratch& s, const RowSet& rs, const Tile& t,
+               const float* vb) {
+  const int64_t ldv = a.sv[2];
+  const float* vt = vb + t.j0 * ldv;
+  for (int iv = 0; iv < rs.nvec; iv += RI) {
+    const int C = int(min64(RI, rs.nvec - iv));
+    const float* pt = s.st.p + iv * VL;
+    const float* al = s.alpha.p + iv * VL;
+    int64_t dv = 0;
+    if (C == RI)
+      for (; dv + RJ <= a.Dv; dv += RJ)
+        pv_micro<RJ, RI>(vt + dv, ldv, pt, t.jn, s.ot.p + dv * BR + iv * VL, al);
+    for (; dv < a.Dv; dv += RJ) {
+      const int R = int(min64(RJ, a.Dv - dv));
+      Tables::pv[(R - 1) * RI + (C - 1)](vt + dv, ldv, pt, t.jn, s.ot.p + dv * BR + iv * VL,
+                                         al);
+    }
+  }
+}
+
+// Attention for one set of query rows (one lane each) of batch b, head h.
+void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& rs) {
+  const AttnArgs& a = *c.a;
+  const int64_t hk = h / c.group;
+  const float* qb = a.q + b * a.sq[0] + h * a.sq[1];
+  const float* kb = a.k + b * a.sk[0] + hk * a.sk[1];
+  const float* vb = a.v + b * a.sv[0] + hk * a.sv[1];
+  const int lanes = rs.nvec * VL;
+
+  // Pack the query rows transposed and pre-scaled; padding lanes are zero.
+  float* qt = s.qt.p;
+  for (int64_t d = 0; d < a.D; ++d)
+    for (int l = rs.n; l < lanes; ++l) qt[d * BR + l] = 0.0f;
+  for (int l = 0; l < rs.n; ++l) {
+    const float* qr = qb + rs.rows[l] * a.sq[2];
+    for (int64_t d = 0; d < a.D; ++d) qt[d * BR + l] = qr[d] * a.scale;
+  }
+  int64_t imin = rs.rows[0], imax = rs.rows[0];
+  for (int l = 0; l < lanes; ++l) {
+    const int64_t i = l < rs.n ? rs.rows[l] : rs.rows[0];
+    if (l < rs.n) {
+      imin = min64(imin, i);
+      imax = max64(imax, i);
+    }
+    s.cpos.p[l] = float(i + c.off);
+    s.m.p[l] = NEG_INF;
+    s.l.p[l] = 0.0f;
+  }
+  std::memset(s.ot.p, 0, sizeof(float) * size_t(a.Dv) * BR);
+
+  const size_t nt = plan_tiles(c, b, imin, imax, rs.ignore_window, s.tiles.p);
+  for (size_t ti = 0; ti < nt; ++ti) {
+    const Tile& t = s.tiles.p[ti];
+    scores(c, s, rs, t, b, h, kb);
+    softmax_update(s, rs, t.jn);
+    pv_update(a, s, rs, t, vb);
+  }
+
+  // out = Ot / l; lse = m + log(l). Rows with no allowed key get 0 and -inf.
+  float* ob = a.out + b * a.so[0] + h * a.so[1];
+  float* lb = a.lse + (b * a.Hq + h) * a.Lq;
+  for (int l = 0; l < rs.n; ++l) {
+    const float L = s.l.p[l];
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    float* orow = ob + rs.rows[l] * a.so[2];
+    for (int64_t dv = 0; dv < a.Dv; ++dv) orow[dv] = s.ot.p[dv * BR + l] * inv;
+    const float lse = L > 0.0f ? s.m.p[l] + std::log(L) : NEG_INF;
+    lb[rs.rows[l]] = lse;
+    // Shift for the weights pass: +inf makes every weight of an empty row exp(-inf) = 0.
+    s.lsev.p[l] = L > 0.0f ? lse : INFINITY;
+  }
+  for (int l = rs.n; l < lanes; ++l) s.lsev.p[l] = INFINITY;
+
+  if (!a.weights) return;
+  // Second pass: recompute each visited tile and write exp(s - lse) with the final lse.
+  float* wb = a.weights + (b * a.Hq + h) * a.Lq * a.Lk;
+  for (int l = 0; l < rs.n; ++l)
+    std::memset(wb + rs.rows[l] * a.Lk, 0, sizeof(float) * size_t(a.Lk));
+  for (size_t ti = 0; ti < nt; ++ti) {
+    const Tile& t = s.tiles.p[ti];
+    scores(c, s, rs, t, b, h, kb);
+    float* st = s.st.p;
+    for (int v = 0; v < rs.nvec; ++v) {
+      const vf shift = simd::load(s.lsev.p + v * VL);
+      for (int jj = 0; jj < t.jn; ++jj) {
+        float* p = st + jj * BR + v * VL;
+        simd::store(p, simd::exp(simd::sub(simd::load(p), shift)));
+      }
+    }
+    for (int l = 0; l < rs.n; ++l) {
+      float* wrow = wb + rs.rows[l] * a.Lk + t.j0;
+      for (int jj = 0; jj < t.jn; ++jj) wrow[jj] = st[jj * BR + l];
+    }
+  }
+}
+
+void attention_item(void* p, int64_t item) {
+  const Ctx& c = *static_cast<const Ctx*>(p);
+  const AttnArgs& a = *c.a;
+  const int64_t k = item / a.Hq, h = item % a.Hq;
+  const int64_t bq = c.order[k];
+  const int64_t b = bq / c.n_qt, qtile = bq % c.n_qt;
+
+  Scratch& s = tls_scratch;
+  s.qt.get(size_t(a.D) * BR);
+  s.st.get(size_t(BC) * BR);
+  s.ot.get(size_t(a.Dv > 0 ? a.Dv : 1) * BR);
+  s.m.get(BR);
+  s.l.get(BR);
+  s.alpha.get(BR);
+  s.cpos.get(BR);
+  s.lsev.get(BR);
+  int64_t* rows = s.rows.get(BR);
+  int64_t* grows = s.grows.get(BR);
+  s.tiles.get(size_t((a.Lk + BC - 1) / BC + c.n_gtiles + 1));
+
+  const int64_t i0 = qtile * BR;
+  const int n = int(min64(BR, a.Lq - i0));
+  for (int l = 0; l < n; ++l) rows[l] = i0 + l;
+  process_rows(c, s, b, h, RowSet{rows, n, (n + VL - 1) / VL, false});
+
+  // Query rows aligned to a global token ignore the window: redo them over all keys (same
+  // thread, so the overwrite cannot race).
+  if (c.is_global) {
+    int ng = 0;
+    for (int l = 0; l < n; ++l) {
+      const int64_t pos = rows[l] + c.off;
+      if (pos >= 0 && pos < a.Lk && c.is_global[pos]) grows[ng++] = rows[l];
+    }
+    if (ng > 0) process_rows(c, s, b, h, RowSet{grows, ng, (ng + VL - 1) / VL, true});
+  }
+}
+
+void attention_impl(const AttnArgs& a) {
+  if (a.B == 0 || a.Hq == 0 || a.Lq == 0) return;
+  Ctx c{};
+  c.a = &a;
+  c.group = a.Hq / a.Hkv;
+  c.off = a.Lk - a.Lq;
+  c.coff = a.causal == 2 ? c.off : 0;
+  c.window = a.window_left >= 0 || a.window_right >= 0 || a.dilation > 1;
+  // Beyond Lq + Lk the window bounds no longer change anything; clamping keeps products small.
+  const int64_t lim = a.Lq + a.Lk + 1;
+  c.wl = a.window_left < 0 ? -1 : min64(a.window_left, lim);
+  c.wr = a.window_right < 0 ? -1 : min64(a.window_right, lim);
+  c.dil = min64(max64(a.dilation, 1), lim);
+
+  Buf<uint8_t> is_global;
+  Buf<int64_t> gtiles;
+  if (c.window && a.n_global > 0 && a.Lk > 0) {
+    uint8_t* g = is_global.get(size_t(a.Lk));
+    std::memset(g, 0, size_t(a.Lk));
+    int64_t* gt = gtiles.get(size_t(a.n_global));
+    int64_t ng = 0;
+    for (int64_t i = 0; i < a.n_global; ++i) {
+      const int64_t pos = a.global_tokens[i];
+      g[pos] = 1;
+      const int64_t t = pos / BC;
+      if (ng == 0 || gt[ng - 1] != t) gt[ng++] = t;  // positions are sorted
+    }
+    c.is_global = g;
+    c.gtiles = gt;
+    c.n_gtiles = ng;
+  }
+
+  // Hand out the (batch, query tile) pairs with the most keys to visit first (causal and
+  // key_lengths make the work uneven); a counting sort on a coarse cost keeps this O(n).
+  c.n_qt = (a.Lq + BR - 1) / BR;
+  const int64_t nbq = a.B * c.n_qt;
+  Buf<int64_t> cost, order;
+  int64_t* cs = cost.get(size_t(nbq));
+  int64_t* od = order.get(size_t(nbq));
+  {
+    Buf<Tile> tiles;
+    Tile* tp = tiles.get(size_t((a.Lk + BC - 1) / BC + c.n_gtiles + 1));
+    int64_t maxc = 0;
+    for (int64_t bq = 0; bq < nbq; ++bq) {
+      const int64_t b = bq / c.n_qt, i0 = (bq % c.n_qt) * BR;
+      const int64_t i1 = min64(a.Lq, i0 + BR) - 1;
+      const size_t nt = plan_tiles(c, b, i0, i1, false, tp);
+      int64_t keys = 0;
+      for (size_t t = 0; t < nt; ++t) keys += tp[t].jn;
+      cs[bq] = keys;
+      maxc = max64(maxc, keys);
+    }
+    constexpr int NB = 256;
+    int64_t count[NB + 1] = {0};
+    for (int64_t bq = 0; bq < nbq; ++bq) {
+      cs[bq] = maxc > 0 ? (NB - 1) - cs[bq] * (NB - 1) / maxc : 0;  // bucket, largest first
+      ++count[cs[bq] + 1];
+    }
+    for (int i = 0; i < NB; ++i) count[i + 1] += count[i];
+    for (int64_t bq = 0; bq < nbq; ++bq) od[count[cs[bq]]++] = bq;
+  }
+  c.order = od;
+
+  parallel_for(nbq * a.Hq, a.num_threads, &attention_item, &c);
+}
+
+// ----------------------------------------------------------------------------------------
+// GEMM for the projections: Y = X . W^T + bias. W^T is packed once per call into panels of
+// GW columns (k-major); the micro-kernel broadcasts X and streams the packed panel.
+
+constexpr int GW = GC * VL;
+constexpr int64_t KC = 256;      // k-block: a packed panel slice stays in L1
+constexpr int64_t GMB = GR * 8;  // rows per work item
+constexpr int64_t GNP = 4;       // panels per work item
+
+template <int R>
+void gemm_micro(const float* const* xr, const float* wp, int64_t kc, float* y, int64_t ldy,
+                int ncols, const float* bias, bool first) {
+  vf acc[R][GC];
+  alignas(64) float tmp[R][GW];
+  const bool full = ncols == GW;
+  if (first) {
+#pragma GCC unroll 4
+    for (int c = 0; c < GC; ++c) {
+      const vf bv = bias ? simd::load(bias + c * VL) : simd::zero();
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r][c] = bv;
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* src = y + r * ldy;
+      if (!full) {
+        for (int cc = 0; cc < GW; ++cc) tmp[r][cc] = cc < ncols ? y[r * ldy + cc] : 0.0f;
+        src = tmp[r];
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < GC; ++c) acc[r][c] = simd::load(src + c * VL);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    vf wv[GC];
+#pragma GCC unroll 4
+    for (int c = 0; c < GC; ++c) wv[c] = simd::load(wp + k * GW + c * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const vf xb = simd::set1(xr[r][k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < GC; ++c) acc[r][c] = simd::fma(xb, wv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (full) {
+#pragma GCC unroll 4
+      for (int c = 0; c < GC; ++c) simd::store(y + r * ldy + c * VL, acc[r][c]);
+    } else {
+#pragma GCC unroll 4
+      for (int c = 0; c < GC; ++c) simd::store(tmp[r] + c * VL, acc[r][c]);
+      for (int cc = 0; cc < ncols; ++cc) y[r * ldy + cc] = tmp[r][cc];
+    }
+  }
+}
+
+using GemmFn = void (*)(const float* const*, const float*, int64_t, float*, int64_t, int,
+                        const float*, bool);
+template <size_t... I>
+struct GemmTable {
+  static constexpr GemmFn fns[] = {&gemm_micro<int(I) + 1>...};
+};
+template <size_t... I>
+GemmTable<I...> make_gemm_table(std::index_sequence<I...>);
+using GemmTables = decltype(make_gemm_table(std::make_index_sequence<GR>{}));
+
+struct GemmCtx {
+  const GemmArgs* g;
+  float* wp;    // packed W^T: panel p, row k at wp[(p * K + k) * GW]
+  float* bias;  // padded bias (n_panels * GW) or null
+  int64_t n_panels, n_mb, n_nb;
+};
+
+void gemm_pack(void* p, int64_t panel) {
+  const GemmCtx& c = *static_cast<const GemmCtx*>(p);
+  const GemmArgs& g = *c.g;
+  float* dst = c.wp + panel * g.K * GW;
+  for (int col = 0; col < GW; ++col) {
+    const int64_t n = panel * GW + col;
+    if (n < g.N) {
+      const float* src = g.w + n * g.sw_n;
+      for (int64_t k = 0; k < g.K; ++k) dst[k * GW + col] = src[k * g.sw_k];
+    } else {
+      for (int64_t k = 0; k < g.K; ++k) dst[k * GW + col] = 0.0f;
+    }
+  }
+}
+
+void gemm_item(void* p, int64_t item) {
+  const GemmCtx& c = *static_cast<const GemmCtx*>(p);
+  const GemmArgs& g = *c.g;
+  const int64_t mb = item / c.n_nb, nb = item % c.n_nb;
+  const int64_t m0 = mb * GMB, m1 = min64(g.M, m0 + GMB);
+  const int64_t p0 = nb * GNP, p1 = min64(c.n_panels, p0 + GNP);
+  const float* xr[GR];
+  for (int64_t k0 = 0; k0 == 0 || k0 < g.K; k0 += KC) {
+    const int64_t kc = min64(KC, g.K - k0);
+    for (int64_t pn = p0; pn < p1; ++pn) {
+      const int ncols = int(min64(GW, g.N - pn * GW));
+      const float* wp = c.wp + (pn * g.K + k0) * GW;
+      const float* bias = c.bias ? c.bias + pn * GW : nullptr;
+      for (int64_t m = m0; m < m1; m += GR) {
+        const int R = int(min64(GR, m1 - m));
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = m + r;
+          xr[r] = g.x + (row / g.rows_per_batch) * g.sx_batch +
+                  (row % g.rows_per_batch) * g.sx_row + k0;
+        }
+        float* y = g.y + m * g.ldy + pn * GW;
+        if (R == GR)
+          gemm_micro<GR>(xr, wp, kc, y, g.ldy, ncols, bias, k0 == 0);
+        else
+          GemmTables::fns[R - 1](xr, wp, kc, y, g.ldy, ncols, bias, k0 == 0);
+      }
+    }
+  }
+}
+
+void gemm_impl(const GemmArgs& g) {
+  if (g.M == 0 || g.N == 0) return;
+  GemmCtx c{};
+  c.g = &g;
+  c.n_panels = (g.N + GW - 1) / GW;
+  Buf<float> wp, bias;
+  c.wp = wp.get(size_t(c.n_panels * (g.K > 0 ? g.K : 1) * GW));
+  if (g.bias) {
+    c.bias = bias.get(size_t(c.n_panels * GW));
+    for (int64_t n = 0; n < c.n_panels * GW; ++n) c.bias[n] = n < g.N ? g.bias[n * g.sbias] : 0.f;
+  }
+  parallel_for(c.n_panels, g.num_threads, &gemm_pack, &c);
+  c.n_mb = (g.M + GMB - 1) / GMB;
+  c.n_nb = (c.n_panels + GNP - 1) / GNP;
+  parallel_for(c.n_mb * c.n_nb, g.num_threads, &gemm_item, &c);
+}
+
+}  // namespace
+
+extern const KernelTable table;
+const KernelTable table = {ATTN_STR(ATTN_ISA_NAME), &attention_impl, &gemm_impl};
+
+}  // namespace ATTN_ISA_NS
+}  // namespace attn
