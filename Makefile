@@ -47,3 +47,9 @@ bench: $(VENV)/.testdeps build
 
 clean:
 	rm -rf $(VENV) build dist build.lock
+
+# Container smoke test: builds the image (docker, else buildah), runs it as docker-compose.yml
+# does, exercises it over its published port, removes what it started. Installs what it needs.
+.PHONY: container-test
+container-test:
+	$(PYTHON) tests/container/smoke.py

@@ -1,0 +1,72 @@
+# syntax=docker/dockerfile:1
+# Two stages: `builder` compiles the wheel (C++ extension included) and collects the wheels of
+# every run-time dependency; the runtime stage installs only those wheels into a venv, offline.
+# Only `python3 -m venv` and paths inside the venv are used, so any Debian-based Python image
+# works as the base (the official image or Debian's own python3).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS builder
+# The system CA bundle instead of pip's own, so a bundle mounted at build time is honoured.
+ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+ARG PIP_INDEX_URL
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    DEBIAN_FRONTEND=noninteractive
+# A C++ compiler; Python's headers only when the base lacks them (Debian's python3 does).
+RUN apt-get update \
+ && pkgs="g++" \
+ && if ! python3 -c 'import os, sys, sysconfig; \
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; \
+    then pkgs="$pkgs python3-dev"; fi \
+ && apt-get install -y --no-install-recommends $pkgs \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY native/ native/
+COPY service/ service/
+# The wheel of the service, built from these sources, and the wheels of its run-time
+# dependencies (anything without a binary wheel is compiled here, never in the runtime stage).
+# The cache mount keeps downloads between builds without putting them in a layer.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/build/bin/pip wheel --wheel-dir /wheels . \
+ && ls -l /wheels
+
+FROM ${BASE_IMAGE} AS runtime
+ARG APP_UID=10001
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+RUN groupadd --system --gid "${APP_UID}" app \
+ && useradd --system --uid "${APP_UID}" --gid app --home-dir /nonexistent \
+            --no-create-home --shell /usr/sbin/nologin app \
+ && mkdir -p /var/lib/attention/heatmaps \
+ && chown -R app:app /var/lib/attention
+# Offline install from the builder's wheels (bind-mounted, so they never become a layer).
+# pip, setuptools and the dependencies' own test suites leave the venv afterwards: nothing
+# installs at run time. Byte-code is compiled here, once, so a read-only container starts
+# fast without writing any.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels \
+        --disable-pip-version-check attention-service \
+ && /opt/venv/bin/pip uninstall -y --disable-pip-version-check pip setuptools \
+ && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
+ && /opt/venv/bin/python -c "import service._native"
+
+# Settings are ATTN_* variables (see service/settings.py); these are the container defaults.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    ATTN_HOST=0.0.0.0 \
+    ATTN_PORT=8000 \
+    ATTN_WORKERS=1 \
+    ATTN_HEATMAP_DIR=/var/lib/attention/heatmaps
+# Heatmaps outlive the container and can be shared by replicas.
+VOLUME ["/var/lib/attention/heatmaps"]
+EXPOSE 8000
+USER ${APP_UID}:${APP_UID}
+WORKDIR /var/lib/attention
+# Ready = native module loaded and heatmap store writable; python's urllib, so no curl needed.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('ATTN_PORT', '8000'), timeout=2)"]
+CMD ["attention-service"]

@@ -1,0 +1,719 @@
+#!/usr/bin/env python3
+"""Container smoke test: build the image, run it as docker-compose.yml does, use it, clean up.
+
+Run by `make container-test`. Standard library only, so it runs on the host's python3.
+
+Engines: `docker` when its daemon answers; otherwise buildah (build, `--isolation chroot`) plus
+podman (run), installed with apt-get when missing. When the base image is absent and no daemon
+can pull it, ../shared/tools/make-base-image builds a stand-in from Debian's packages.
+
+Checks: the container becomes ready, a real attention request (checked against a pure-Python
+reference) returns a heatmap whose PNG is fetched through the published port, from this
+replica and from a second one sharing the heatmap volume; the image's own HEALTHCHECK passes;
+no process runs as root; the root filesystem is read-only; the image holds no compiler, no
+torch, no pip and no sources or tests; every ATTN_ variable in docker-compose.yml is a real
+setting. Then `docker compose up` / `podman-compose up` runs the compose file itself (when a
+compose tool is available), and the README's curl is run against it.
+Prints image size, size over the base image, build time and time from start to ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+MAKE_BASE_IMAGE = REPO.parent / "shared" / "tools" / "make-base-image"
+DEFAULT_BASE = "python:3.11-slim-bookworm"
+DEFAULT_TAG = "attention-service:latest"
+HEATMAP_DIR = "/var/lib/attention/heatmaps"
+VENV_PY = "/opt/venv/bin/python"
+READY_TIMEOUT_S = 90.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class SmokeError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[container-test] {msg}", flush=True)
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    check: bool = True,
+    quiet: bool = False,
+    timeout: float = 1800,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    if not quiet:
+        log("$ " + " ".join(cmd))
+    proc = subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    if check and proc.returncode != 0:
+        raise SmokeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def apt_install(packages: list[str]) -> None:
+    missing = [p for p in packages if not have(p)]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not have("apt-get"):
+        raise SmokeError(f"{', '.join(missing)} missing; cannot install (not root, or no apt-get)")
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", *missing], env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(
+    method: str, url: str, body: Any = None, timeout: float = 30
+) -> tuple[int, dict[str, str], bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: one interface over docker and buildah+podman.
+
+
+class Engine:
+    name = ""
+    cli: list[str] = []
+
+    def __init__(self) -> None:
+        self.containers: list[str] = []
+        self.volumes: list[str] = []
+
+    def c(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return run([*self.cli, *args], **kw)
+
+    def image_exists(self, ref: str) -> bool:
+        return self.c("image", "inspect", ref, check=False, quiet=True).returncode == 0
+
+    def image_id(self, ref: str) -> str | None:
+        p = self.c("image", "inspect", "--format", "{{.Id}}", ref, check=False, quiet=True)
+        return p.stdout.strip() or None if p.returncode == 0 else None
+
+    def image_size(self, ref: str) -> int:
+        return int(self.c("image", "inspect", "--format", "{{.Size}}", ref, quiet=True).stdout)
+
+    def image_config(self, ref: str) -> dict[str, Any]:
+        out = self.c("image", "inspect", ref, quiet=True).stdout
+        data = json.loads(out)[0]
+        return data.get("Config") or data.get("config") or {}
+
+    def ensure_base(self, base: str) -> None:
+        raise NotImplementedError
+
+    def build(self, tag: str, base: str, no_cache: bool) -> None:
+        raise NotImplementedError
+
+    def run_args(self) -> list[str]:
+        return []
+
+    def start(self, name: str, image: str, port: int, volume: str, env: dict[str, str]) -> str:
+        # The same container settings as docker-compose.yml: read-only root, tmpfs /tmp,
+        # the heatmap volume, resource limits, an init process.
+        args = [
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--init",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "-v",
+            f"{volume}:{HEATMAP_DIR}",
+            "-p",
+            f"127.0.0.1:{port}:8000",
+            "--memory",
+            "1g",
+            "--cpus",
+            "2",
+            *self.run_args(),
+        ]
+        for k, v in env.items():
+            args += ["-e", f"{k}={v}"]
+        self.containers.append(name)
+        self.c(*args, image)
+        return name
+
+    def healthcheck(self, name: str) -> None:
+        raise NotImplementedError
+
+    def exec_py(self, name: str, code: str) -> str:
+        return self.c("exec", name, VENV_PY, "-c", code, quiet=True).stdout
+
+    def logs(self, name: str) -> str:
+        p = self.c("logs", name, check=False, quiet=True)
+        return p.stdout + p.stderr
+
+    def running(self, name: str) -> bool:
+        p = self.c("inspect", "--format", "{{.State.Running}}", name, check=False, quiet=True)
+        return p.stdout.strip() == "true"
+
+    def cleanup(self) -> None:
+        for name in reversed(self.containers):
+            self.c("rm", "-f", name, check=False, quiet=True)
+        for vol in self.volumes:
+            self.c("volume", "rm", "-f", vol, check=False, quiet=True)
+        self.containers.clear()
+        self.volumes.clear()
+
+    def compose_cmd(self) -> list[str] | None:
+        return None
+
+
+class Docker(Engine):
+    name = "docker"
+    cli = ["docker"]
+
+    @staticmethod
+    def available() -> bool:
+        return have("docker") and run(["docker", "info"], check=False, quiet=True).returncode == 0
+
+    def ensure_base(self, base: str) -> None:
+        if not self.image_exists(base):
+            self.c("pull", base)
+
+    def build(self, tag: str, base: str, no_cache: bool) -> None:
+        env = dict(os.environ, DOCKER_BUILDKIT="1")  # RUN --mount needs BuildKit
+        self.c(
+            "build",
+            *(["--no-cache"] if no_cache else []),
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "-t",
+            tag,
+            str(REPO),
+            env=env,
+        )
+
+    def healthcheck(self, name: str) -> None:
+        # Docker runs the image's HEALTHCHECK itself; wait for its verdict.
+        deadline = time.monotonic() + 60
+        status = ""
+        while time.monotonic() < deadline:
+            status = self.c(
+                "inspect", "--format", "{{.State.Health.Status}}", name, quiet=True
+            ).stdout.strip()
+            if status == "healthy":
+                return
+            if status == "unhealthy":
+                break
+            time.sleep(0.5)
+        raise SmokeError(f"docker reports the container {status or 'without health'}")
+
+    def compose_cmd(self) -> list[str] | None:
+        if run(["docker", "compose", "version"], check=False, quiet=True).returncode == 0:
+            return ["docker", "compose"]
+        return None
+
+
+class Podman(Engine):
+    """buildah builds, podman runs (both share containers/storage)."""
+
+    name = "buildah+podman"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cli = ["podman"]
+        self.env: dict[str, str] | None = None
+        self._conf_dir: str | None = None
+
+    def c(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("env", self.env)
+        return run([*self.cli, *args], **kw)
+
+    def ensure_base(self, base: str) -> None:
+        if self.image_exists(base):
+            return
+        if not MAKE_BASE_IMAGE.exists():
+            raise SmokeError(f"{base} is not present and {MAKE_BASE_IMAGE} is missing")
+        log(f"{base} not present: building a stand-in with {MAKE_BASE_IMAGE}")
+        tag = base if "/" in base.split(":")[0] else f"docker.io/library/{base}"
+        run([str(MAKE_BASE_IMAGE), tag], timeout=1800)
+
+    def configure(self, base: str) -> None:
+        """Find podman settings under which a container starts on this machine.
+
+        Sandboxes often lack CAP_SYS_RESOURCE (podman's default rlimits cannot be set) or
+        mount cgroups in hybrid mode (crun refuses it; runc copes). Defaults are tried first.
+        """
+        probe = ["run", "--rm", "--network", "none", base, "true"]
+        first = self.c(*probe, check=False, quiet=True)
+        if first.returncode == 0:
+            return
+        import resource
+
+        nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536)
+        self._conf_dir = tempfile.mkdtemp(prefix="attention-smoke-")
+        conf = Path(self._conf_dir) / "containers.conf"
+        lines = [
+            "[containers]",
+            f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc=4096:4096"]',
+            "[engine]",
+            'cgroup_manager = "cgroupfs"',
+            'events_logger = "file"',
+        ]
+        if have("runc"):
+            lines.append('runtime = "runc"')
+        conf.write_text("\n".join(lines) + "\n")
+        self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
+        second = self.c(*probe, check=False, quiet=True)
+        if second.returncode != 0:
+            raise SmokeError(
+                "podman cannot start a container here:\n"
+                f"defaults: {first.stderr.strip()}\n"
+                f"with {conf}: {second.stderr.strip()}"
+            )
+        log(f"podman needs {conf} here: {first.stderr.strip().splitlines()[-1]}")
+        log("  " + " | ".join(lines))
+
+    def build(self, tag: str, base: str, no_cache: bool) -> None:
+        cmd = [
+            "buildah",
+            "bud",
+            "--isolation",
+            "chroot",
+            "--pull=never",
+            "--format",
+            "docker",
+            "--layers",
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "-t",
+            tag,
+        ]
+        if no_cache:
+            cmd.append("--no-cache")
+        if Path("/etc/ssl/certs").is_dir():
+            # Behind a TLS-intercepting proxy, RUN steps need the host's CA bundle.
+            cmd += ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
+        run([*cmd, str(REPO)], env=self.env)
+
+    def healthcheck(self, name: str) -> None:
+        # Runs the image's HEALTHCHECK command once (podman has no timer without systemd).
+        p = self.c("healthcheck", "run", name, check=False, quiet=True)
+        if p.returncode != 0:
+            raise SmokeError(f"podman healthcheck run: {p.returncode} {p.stdout}{p.stderr}")
+
+    def compose_cmd(self) -> list[str] | None:
+        try:
+            apt_install(["podman-compose"])
+        except SmokeError as e:
+            log(f"no compose tool: {e}")
+            return None
+        return ["podman-compose"]
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self._conf_dir:
+            shutil.rmtree(self._conf_dir, ignore_errors=True)
+
+
+def pick_engine(base: str) -> Engine:
+    if Docker.available():
+        engine: Engine = Docker()
+    else:
+        apt_install(["buildah", "podman", "runc"])
+        engine = Podman()
+    log(f"engine: {engine.name}")
+    engine.ensure_base(base)
+    if isinstance(engine, Podman):
+        engine.configure(base)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# What the service must do.
+
+
+def reference_attention(
+    q: list[list[float]], k: list[list[float]], v: list[list[float]]
+) -> list[list[float]]:
+    """softmax(q k^T / sqrt(d)) v in plain float64 Python: independent of numpy and the kernel."""
+    scale = 1.0 / math.sqrt(len(q[0]))
+    out = []
+    for qi in q:
+        s = [scale * sum(a * b for a, b in zip(qi, kj, strict=True)) for kj in k]
+        m = max(s)
+        w = [math.exp(x - m) for x in s]
+        z = sum(w)
+        out.append([sum(w[j] * v[j][c] for j in range(len(v))) / z for c in range(len(v[0]))])
+    return out
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    if not data.startswith(PNG_MAGIC) or data[12:16] != b"IHDR":
+        raise SmokeError(f"not a PNG: {data[:16]!r}")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def wait_ready(engine: Engine, name: str, port: int, t0: float) -> float:
+    """Seconds from t0 until GET /readyz answers 200 through the published port."""
+    url = f"http://127.0.0.1:{port}/readyz"
+    deadline = t0 + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            status, _, _ = http("GET", url, timeout=1)
+            if status == 200:
+                return time.monotonic() - t0
+        except (OSError, urllib.error.URLError):
+            pass
+        if not engine.running(name):
+            raise SmokeError(f"container {name} exited:\n{engine.logs(name)}")
+        time.sleep(0.05)
+    raise SmokeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s:\n{engine.logs(name)}")
+
+
+def attention_request(base_url: str) -> tuple[str, bytes]:
+    """POST a real request with a heatmap; check the numbers; return the PNG's URL and bytes."""
+    rng = random.Random(5)
+
+    def mat(rows: int, cols: int) -> list[list[float]]:
+        return [[round(rng.uniform(-1, 1), 4) for _ in range(cols)] for _ in range(rows)]
+
+    q, k, v = mat(5, 8), mat(7, 8), mat(7, 4)
+    status, headers, body = http(
+        "POST", f"{base_url}/v1/attention", {"q": q, "k": k, "v": v, "heatmap": True}
+    )
+    if status != 200:
+        raise SmokeError(f"POST /v1/attention -> {status}: {body[:2000]!r}")
+    resp = json.loads(body)
+    want = reference_attention(q, k, v)
+    got = resp["output"]
+    err = max(
+        abs(g - w) for gr, wr in zip(got, want, strict=True) for g, w in zip(gr, wr, strict=True)
+    )
+    if len(got) != len(want) or err > 1e-4:
+        raise SmokeError(f"output differs from the reference by {err}")
+    heatmaps = resp.get("heatmaps") or []
+    if not heatmaps or not heatmaps[0].get("url"):
+        raise SmokeError(f"no heatmap in the response: {resp.get('heatmaps')!r}")
+    url = urllib.request.urljoin(base_url + "/", heatmaps[0]["url"])
+    status, headers, png = http("GET", url)
+    if status != 200 or headers.get("content-type", "").split(";")[0] != "image/png":
+        raise SmokeError(f"GET {url} -> {status} {headers.get('content-type')}")
+    w, h = png_size(png)
+    log(
+        f"ok: attention output matches the reference (max error {err:.1e}); "
+        f"heatmap {heatmaps[0]['id']} is a {w}x{h} PNG of {len(png)} bytes"
+    )
+    return heatmaps[0]["url"], png
+
+
+IMAGE_AUDIT = r"""
+import importlib.util, json, os, shutil
+print(json.dumps({
+    "tools": [t for t in ("gcc", "cc", "g++", "c++", "clang", "cpp", "make", "cmake", "ninja", "ld")
+              if shutil.which(t)],
+    "torch": importlib.util.find_spec("torch") is not None,
+    "pip": os.path.exists("/opt/venv/bin/pip"),
+    "sources": [p for p in ("/src", "/wheels", "/opt/build", "/tests") if os.path.exists(p)],
+    "native": importlib.util.find_spec("service._native") is not None,
+}))
+"""
+
+PROC_UIDS = r"""
+import json, os
+uids = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except OSError:
+        continue
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    uids[fields["Name"].strip() + "/" + pid] = [int(x) for x in fields["Uid"].split()]
+print(json.dumps(uids))
+"""
+
+READ_ONLY = r"""
+import errno
+for path in ("/opt/venv/probe", "/probe"):
+    try:
+        open(path, "w").close()
+        raise SystemExit(f"{path} is writable")
+    except OSError as e:
+        assert e.errno in (errno.EROFS, errno.EACCES), e
+print("read-only")
+"""
+
+SETTINGS_FIELDS = "from service.settings import Settings; print(' '.join(Settings.model_fields))"
+
+
+def check_container(engine: Engine, name: str, image: str) -> None:
+    cfg = engine.image_config(image)
+    user = cfg.get("User") or ""
+    if user.split(":")[0] in ("", "0", "root"):
+        raise SmokeError(f"image runs as {user or 'root (no USER)'}")
+    uids = json.loads(engine.exec_py(name, PROC_UIDS))
+    rooted = {p: u for p, u in uids.items() if 0 in u}
+    if rooted:
+        raise SmokeError(f"processes running as root: {rooted}")
+    log(f"ok: no process runs as root (image USER {user}; {', '.join(sorted(uids))})")
+
+    audit = json.loads(engine.exec_py(name, IMAGE_AUDIT))
+    if audit["tools"] or audit["torch"] or audit["pip"] or audit["sources"] or not audit["native"]:
+        raise SmokeError(
+            f"runtime image holds what it should not (or lacks the extension): {audit}"
+        )
+    log(
+        "ok: no compiler or build tool, no torch, no pip, no sources in the image; "
+        "service._native present"
+    )
+
+    if engine.exec_py(name, READ_ONLY).strip() != "read-only":
+        raise SmokeError("root filesystem is writable")
+    log("ok: root filesystem is read-only; the service writes only to its volume and /tmp")
+
+    engine.healthcheck(name)
+    log("ok: the image's HEALTHCHECK passes inside the container")
+
+    fields = set(engine.exec_py(name, SETTINGS_FIELDS).split())
+    compose_vars = set(
+        re.findall(r"^\s+ATTN_([A-Z0-9_]+):", (REPO / "docker-compose.yml").read_text(), re.M)
+    )
+    unknown = sorted(v for v in compose_vars if v.lower() not in fields)
+    if unknown:
+        raise SmokeError(
+            f"docker-compose.yml sets ATTN_ variables the service does not read: {unknown}"
+        )
+    log(f"ok: all {len(compose_vars)} ATTN_ variables of docker-compose.yml are settings")
+
+
+def compose_phase(engine: Engine, tag: str) -> None:
+    """Runs docker-compose.yml itself and the README's curl against it."""
+    compose = engine.compose_cmd()
+    if compose is None:
+        log("SKIP compose phase: neither `docker compose` nor podman-compose is available")
+        return
+    port = free_port()
+    project = f"attnsmoke{os.getpid()}"
+    env = dict(
+        engine.env if isinstance(engine, Podman) and engine.env else os.environ,
+        ATTENTION_PUBLISH=f"127.0.0.1:{port}",
+        COMPOSE_PROJECT_NAME=project,
+    )
+    base = [*compose, "-p", project, "-f", str(REPO / "docker-compose.yml")]
+    try:
+        t0 = time.monotonic()
+        run([*base, "up", "-d", "--no-build"], env=env, timeout=600)
+        names = run(
+            [
+                *engine.cli,
+                "ps",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+                "--format",
+                "{{.Names}}",
+            ],
+            env=env,
+            quiet=True,
+        ).stdout.split()
+        if not names:
+            raise SmokeError("compose started no container")
+        ready = wait_ready(engine, names[0], port, t0)
+        log(f"compose: {names[0]} ready {ready:.2f} s after `up`")
+        # The README's curl, verbatim apart from the port.
+        curl = [
+            "curl",
+            "-sS",
+            "-f",
+            f"http://127.0.0.1:{port}/v1/attention",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"q": [[1, 0], [0, 1]], "k": [[1, 0], [0, 1]], "v": [[1, 2], [3, 4]],'
+            ' "heatmap": true}',
+        ]
+        if have("curl"):
+            resp = json.loads(run(curl, quiet=True).stdout)
+            url = resp["heatmaps"][0]["url"]
+            png = run(
+                [
+                    "curl",
+                    "-sS",
+                    "-f",
+                    "-o",
+                    "-",
+                    urllib.request.urljoin(f"http://127.0.0.1:{port}/", url),
+                ],
+                quiet=True,
+            ).stdout
+            log(
+                f"ok: compose service answered the README's curl; heatmap at {url} ({len(png)} "
+                "chars)"
+            )
+        else:
+            attention_request(f"http://127.0.0.1:{port}")
+        engine.healthcheck(names[0])
+        log("ok: compose service healthy by its own HEALTHCHECK")
+    except BaseException:
+        for name in run(
+            [
+                *engine.cli,
+                "ps",
+                "-a",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+                "--format",
+                "{{.Names}}",
+            ],
+            env=env,
+            quiet=True,
+            check=False,
+        ).stdout.split():
+            log(f"--- logs of {name}:\n{engine.logs(name)}")
+        raise
+    finally:
+        run([*base, "down", "-v", "-t", "3"], env=env, check=False, timeout=300)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-image", default=os.environ.get("BASE_IMAGE", DEFAULT_BASE))
+    ap.add_argument("--tag", default=DEFAULT_TAG)
+    ap.add_argument("--no-cache", action="store_true", help="build without the layer cache")
+    ap.add_argument("--no-compose", action="store_true", help="skip running docker-compose.yml")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=REPO / "artifacts" / "container-smoke.json",
+        help="where to write the measured numbers",
+    )
+    args = ap.parse_args()
+
+    if not (Docker.available() or have("buildah") or (os.geteuid() == 0 and have("apt-get"))):
+        print("SKIP: container test: no docker daemon, no buildah, and cannot install buildah")
+        return 0
+
+    # SIGTERM (CI timeout, Ctrl-C in make) still removes what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    engine: Engine | None = None
+    passed = 0
+    try:
+        engine = pick_engine(args.base_image)
+        old_id = engine.image_id(args.tag)
+
+        t0 = time.monotonic()
+        engine.build(args.tag, args.base_image, args.no_cache)
+        build_s = time.monotonic() - t0
+        new_id = engine.image_id(args.tag)
+        if old_id and old_id != new_id:
+            # The previous build of this tag is now dangling: do not let them pile up.
+            engine.c("rmi", old_id, check=False, quiet=True)
+        size, base_size = engine.image_size(args.tag), engine.image_size(args.base_image)
+        log(f"built {args.tag} in {build_s:.1f} s")
+        passed += 1
+
+        volume = f"attention-smoke-{os.getpid()}"
+        engine.volumes.append(volume)
+        engine.c("volume", "create", volume, quiet=True)
+        env = {"ATTN_LOG_LEVEL": "warning"}
+        port_a, port_b = free_port(), free_port()
+        t0 = time.monotonic()
+        a = engine.start(f"{volume}-a", args.tag, port_a, volume, env)
+        started_s = time.monotonic() - t0
+        ready_s = wait_ready(engine, a, port_a, t0)
+        log(f"ok: ready {ready_s:.2f} s after `run` ({started_s:.2f} s of that in `run` itself)")
+        passed += 1
+
+        url, png = attention_request(f"http://127.0.0.1:{port_a}")
+        passed += 1
+        check_container(engine, a, args.tag)
+        passed += 4
+
+        # A second replica on the same volume serves the first one's heatmap.
+        b = engine.start(f"{volume}-b", args.tag, port_b, volume, env)
+        wait_ready(engine, b, port_b, time.monotonic())
+        status, _, png_b = http("GET", urllib.request.urljoin(f"http://127.0.0.1:{port_b}/", url))
+        if status != 200 or png_b != png:
+            raise SmokeError(f"replica b: GET {url} -> {status} ({len(png_b)} bytes)")
+        log("ok: a second replica on the shared volume serves the same heatmap")
+        passed += 1
+        engine.cleanup()
+
+        if not args.no_compose:
+            compose_phase(engine, args.tag)
+            passed += 1
+
+        numbers = {
+            "engine": engine.name,
+            "base_image": args.base_image,
+            "image_bytes": size,
+            "base_image_bytes": base_size,
+            "added_bytes": size - base_size,
+            "build_s": round(build_s, 1),
+            "build_cache": not args.no_cache,
+            "start_to_ready_s": round(ready_s, 2),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n")
+        mb = 1e6
+        print(f"image size:          {size / mb:.0f} MB ({args.tag})")
+        print(f"base image:          {base_size / mb:.0f} MB ({args.base_image})")
+        print(f"added over the base: {(size - base_size) / mb:.0f} MB (goal < 250 MB)")
+        cache = "no cache" if args.no_cache else "layer cache allowed"
+        print(f"build time:          {build_s:.1f} s ({cache})")
+        print(f"start to ready:      {ready_s:.2f} s (goal < 5 s)")
+        print(f"container: {passed} passed, 0 failed")
+        return 0
+    except (SmokeError, subprocess.TimeoutExpired) as e:
+        print(f"[container-test] FAILED: {e}", file=sys.stderr, flush=True)
+        if engine:
+            for name in engine.containers:
+                print(f"--- logs of {name}:\n{engine.logs(name)}", file=sys.stderr)
+        print(f"container: {passed} passed, 1 failed")
+        return 1
+    finally:
+        if engine:
+            engine.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
