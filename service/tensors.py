@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema
+from pydantic_core import PydanticCustomError, core_schema
 
 DTypeName = Literal["float32", "float64", "float16", "bfloat16", "bool", "int32", "int64"]
 Encoding = Literal["list", "b64"]
@@ -35,12 +35,20 @@ _WIRE_DTYPES: dict[str, np.dtype] = {
     "int64": np.dtype("<i8"),
 }
 
+# The pydantic error type of a tensor over the element limit (validation context
+# {"max_elements": n}); the HTTP service answers it with 413.
+LIMIT_ERROR_TYPE = "tensor_too_large"
+
 # No real tensor has more dimensions; the bound stops absurd shapes early.
 MAX_NDIM = 8
 
 
 class TensorError(ValueError):
     """A tensor could not be decoded; the message says why."""
+
+
+class TensorLimitError(TensorError):
+    """A tensor is larger than the configured element limit (HTTP answers 413)."""
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -67,7 +75,9 @@ def _num_elements(shape: tuple[int, ...]) -> int:
 def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
     unknown = set(obj) - {"dtype", "shape", "data", "b64"}
     if unknown:
-        raise TensorError(f"unknown tensor keys {sorted(unknown)}; expected dtype, shape, data or b64")
+        raise TensorError(
+            f"unknown tensor keys {sorted(unknown)}; expected dtype, shape, data or b64"
+        )
     dtype_name = obj.get("dtype", "float32")
     if dtype_name not in _WIRE_DTYPES:
         raise TensorError(
@@ -78,7 +88,7 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
     shape = _check_shape(obj["shape"])
     n = _num_elements(shape)
     if max_elements is not None and n > max_elements:
-        raise TensorError(f"shape {list(shape)} has {n} elements; the limit is {max_elements}")
+        raise TensorLimitError(f"shape {list(shape)} has {n} elements; the limit is {max_elements}")
     has_data, has_b64 = "data" in obj, "b64" in obj
     if has_data == has_b64:
         raise TensorError("a tensor object needs exactly one of 'data' or 'b64'")
@@ -101,9 +111,7 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
         if not isinstance(data, list):
             raise TensorError("'data' must be a flat list of numbers")
         if len(data) != n:
-            raise TensorError(
-                f"'data' has {len(data)} values but shape {list(shape)} needs {n}"
-            )
+            raise TensorError(f"'data' has {len(data)} values but shape {list(shape)} needs {n}")
         flat = _array_from_list(data)
         if flat.ndim != 1:
             raise TensorError("'data' must be a flat list of numbers")
@@ -129,12 +137,14 @@ def _array_from_list(data: list[Any]) -> np.ndarray:
 
 
 def _cast_checked(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind == "b" and arr.dtype.kind != "b":
-        if not np.isin(arr, (0, 1)).all():
-            raise TensorError("a bool tensor holds only true/false (or 0/1)")
-    if dtype.kind in "iu" and arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise TensorError(f"a {dtype.name} tensor holds only whole numbers")
+    if dtype.kind == "b" and arr.dtype.kind != "b" and not np.isin(arr, (0, 1)).all():
+        raise TensorError("a bool tensor holds only true/false (or 0/1)")
+    if (
+        dtype.kind in "iu"
+        and arr.dtype.kind == "f"
+        and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
+    ):
+        raise TensorError(f"a {dtype.name} tensor holds only whole numbers")
     return arr.astype(dtype)
 
 
@@ -164,7 +174,7 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise TensorError(f"unsupported dtype {arr.dtype}")
     if max_elements is not None and arr.size > max_elements:
-        raise TensorError(f"tensor has {arr.size} elements; the limit is {max_elements}")
+        raise TensorLimitError(f"tensor has {arr.size} elements; the limit is {max_elements}")
     return arr
 
 
@@ -218,13 +228,17 @@ class _TensorAnnotation:
     def __get_pydantic_core_schema__(
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        def validate(value: Any) -> np.ndarray:
+        def validate(value: Any, info: core_schema.ValidationInfo) -> np.ndarray:
+            # The HTTP service passes its element limit as validation context.
+            context = info.context or {}
             try:
-                return decode_tensor(value)
+                return decode_tensor(value, context.get("max_elements"))
+            except TensorLimitError as exc:
+                raise PydanticCustomError(LIMIT_ERROR_TYPE, str(exc)) from None
             except TensorError as exc:
                 raise ValueError(str(exc)) from None
 
-        return core_schema.no_info_plain_validator_function(
+        return core_schema.with_info_plain_validator_function(
             validate,
             serialization=core_schema.plain_serializer_function_ser_schema(
                 lambda a: a.tolist() if isinstance(a, np.ndarray) else a

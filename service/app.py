@@ -1,0 +1,159 @@
+"""The FastAPI app: create_app(settings) wires settings, compute core, store, metrics and routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.compute import ComputeCore
+from service.heatmaps import render_map
+from service.limits import Limits
+from service.metrics import Metrics, MetricsMiddleware
+from service.problems import BodyTooLarge, Problem, install_problem_handlers, problem_response
+from service.routes import ROUTERS
+from service.schemas import REQUEST_MODELS, add_component_schemas
+from service.settings import Settings
+from service.state import AppState
+from service.store import HeatmapStore
+
+log = logging.getLogger("service")
+
+_DESCRIPTION = """\
+Exact fused attention (a C++ kernel) over HTTP, with PNG heatmaps of the attention weights.
+
+Tensors are nested lists of numbers, `{"dtype", "shape", "data": [flat]}` or
+`{"dtype", "shape", "b64": base64 of little-endian C-order bytes}` (dtype float32, float64,
+float16, bfloat16 or bool). Every error is RFC 9457 `application/problem+json`.
+"""
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over max_bytes, before they are read whole.
+
+    A declared Content-Length over the limit is refused without reading a byte; a body without
+    one (chunked) is counted as it streams and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, what: str) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"the request body {what} the limit of {self.max_bytes} bytes (ATTN_MAX_BODY_BYTES)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length < 0:
+                await self._refuse(scope, send, 400, "Content-Length is not a valid length")
+                return
+            if length > self.max_bytes:
+                exc = self._too_large(f"declares {length} bytes, over")
+                await self._refuse(scope, send, 413, exc.detail)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the route's body read; the problem handler answers 413.
+                    raise self._too_large("exceeds")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
+        slug = "body-too-large" if status == 413 else "malformed-body"
+        title = "Request body too large" if status == 413 else "Malformed request body"
+        response = problem_response(
+            status,
+            detail,
+            title=title,
+            slug=slug,
+            instance=scope.get("path"),
+            headers={"Connection": "close"},
+        )
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - a plain Response never reads
+    return {"type": "http.disconnect"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings` (default: from the ATTN_ environment)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    core = ComputeCore(
+        settings.max_concurrency, settings.queue_size, settings.retry_after_s, observer=metrics
+    )
+    metrics.track_core(lambda: core.running, lambda: core.queued)
+    store = HeatmapStore(
+        settings.heatmap_dir,
+        settings.heatmap_max_bytes,
+        settings.heatmap_max_count,
+        settings.heatmap_ttl_s,
+    )
+    state = AppState(settings, Limits.from_settings(settings), core, store, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            store.open()
+        except OSError as exc:  # /readyz reports it; the API still computes without images
+            log.warning("heatmap store %s unusable: %s", store.directory, exc)
+        # Load fonts and matplotlib's caches once, in a worker, before the first request.
+        await core.run("warmup", partial(render_map, np.eye(2, dtype=np.float32), title="warm-up"))
+        yield
+        core.close()
+
+    app = FastAPI(
+        title="Attention service",
+        version="0.1.0",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.services = state
+    install_problem_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    # The last added is the outermost: metrics see every answer, 413s included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    def openapi() -> dict[str, Any]:
+        # Routes parse their bodies themselves (orjson + numpy); their schemas are added here.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            add_component_schemas(schema, (*REQUEST_MODELS, Problem))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,92 @@
+"""POST /v1/tokens: token sequence -> embeddings -> positional encoding -> self-attention."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service import heatmaps, wire
+from service.problems import PROBLEM_RESPONSES
+from service.schemas import TokensRequest, TokensResponse, request_body
+from service.state import AppState, app_state
+from service.tokens import self_attention
+from service.weights import head_layout
+
+router = APIRouter(tags=["attention"])
+
+
+@router.post(
+    "/v1/tokens",
+    response_model=TokensResponse,
+    responses=PROBLEM_RESPONSES,
+    openapi_extra=request_body(TokensRequest),
+    summary="Self-attention over a token sequence",
+)
+async def post_tokens(request: Request) -> Response:
+    """The same token always gets the same embedding for a seed; heatmaps are token-labelled."""
+    state = app_state(request)
+    return await state.core.run("tokens", _job, state, await request.body())
+
+
+def _job(state: AppState, body: bytes) -> Response:
+    req = wire.validate(TokensRequest, wire.parse_json(body), state.settings.max_elements)
+    tokens = req.token_list()
+    n, d, h = len(tokens), req.d_model, req.num_heads
+    spec = req.heatmap
+    # Everything this request would allocate is checked before embedding a single token.
+    limits = state.limits
+    hkv, head_dim = head_layout(d, h, req.num_kv_heads)
+    limits.weight_elements(
+        "d_model", 2 * d * d + 2 * hkv * head_dim * d + 2 * d + 2 * hkv * head_dim
+    )
+    limits.elements("tokens", (n, d), "the embeddings")
+    limits.elements("tokens", (h, n, n), "the weights")
+    if spec is not None:
+        if spec.tokens is None:
+            spec = spec.model_copy(update={"tokens": tokens})
+        heatmaps.check_spec(spec, (1, h, n, n), limits)
+    result = self_attention(
+        tokens,
+        d_model=d,
+        num_heads=h,
+        num_kv_heads=req.num_kv_heads,
+        positional=req.positional,
+        seed=req.seed,
+        weights=req.weights,
+        masking=req,
+        num_threads=state.num_threads,
+    )
+    drawn: list[dict] = []
+    picture = None
+    if spec is not None:
+        drawn = heatmaps.draw(result.weights[None], spec, state.store, title="tokens")
+        if result.positional is not None:
+            png = heatmaps.render_map(
+                result.positional,
+                title=f"{req.positional} positional encoding",
+                xlabel="cos | sin of the rotation angles"
+                if req.positional == "rope"
+                else "dimension",
+                ylabel="position",
+                ylabels=tokens if n <= 1024 else None,
+                diverging=True,
+            )
+            picture = heatmaps.publish_one(png, state.store, spec.inline)
+    weights = result.weights.mean(axis=0) if req.average_weights else result.weights
+    enc = req.encoding
+    content: dict = {"tokens": tokens, "output": wire.encode(result.output, enc)}
+    if req.need_weights:
+        content["weights"] = wire.encode(weights, enc)
+    content["heatmaps"] = drawn
+    content["positional_encoding"] = picture
+    content["meta"] = {
+        "shape": list(result.output.shape),
+        "elapsed_ms": result.elapsed_ms,
+        "flops": result.flops,
+        "method": "exact",
+        "param_count": result.param_count,
+        "positional": req.positional,
+        "d_model": d,
+        "num_heads": h,
+    }
+    return wire.json_response(content)

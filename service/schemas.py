@@ -1,0 +1,433 @@
+"""Request and response models of the /v1 HTTP API, each documented with an example.
+
+Request models extend the shared options models (service.options), so every option keeps its
+name, default and validation; they only add the tensors, the heatmap request and the response
+encoding. Tensors are validated by the Tensor type (numpy in bulk).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.options import AttentionOptions, MultiheadOptions
+from service.tensors import Encoding, Tensor, encoding_of
+
+_ENCODING_DOC = (
+    'How result tensors are encoded: "list" (nested lists; NaN/Inf become null) or "b64" '
+    "({dtype, shape, b64}); default: as the request encoded its first tensor."
+)
+
+# ---------------------------------------------------------------------------------------------
+# Heatmaps
+
+
+class HeatmapSpec(BaseModel):
+    """Which attention maps to draw. `"heatmap": true` means all defaults."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"batch": 0, "heads": [0, 1], "inline": False}]},
+    )
+
+    batch: int = Field(0, ge=0, description="Batch item to draw.")
+    heads: list[int] | Literal["all", "mean"] = Field(
+        "all",
+        description='"all": every head, plus the head mean and one grid image when there are '
+        'several; "mean": the head mean only; a list: those heads (plus a grid if several).',
+    )
+    tokens: list[str] | None = Field(
+        None,
+        description="Tick labels of the key axis (one per key), also used for the query axis "
+        "when Lq == Lk.",
+    )
+    inline: bool = Field(
+        False, description="Return the PNGs base64-encoded in the response instead of storing."
+    )
+
+    @field_validator("heads")
+    @classmethod
+    def _nonnegative(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("heads must not be empty")
+            if any(h < 0 for h in v):
+                raise ValueError("head indices must be >= 0")
+        return v
+
+
+_HEATMAP_DOC = (
+    'true, or {"batch", "heads": [int] | "all" | "mean", "tokens": [str], "inline": bool}. '
+    "Draws PNG heatmaps of the attention weights (at most ATTN_HEATMAP_MAX_SIDE positions "
+    "per side)."
+)
+
+
+class _WithHeatmap(BaseModel):
+    """Adds `heatmap`: true (every default), false/null (none) or a HeatmapSpec object."""
+
+    heatmap: HeatmapSpec | None = Field(None, description=_HEATMAP_DOC)
+
+    @field_validator("heatmap", mode="before")
+    @classmethod
+    def _heatmap_spec(cls, value: Any) -> Any:
+        if value is True:
+            return HeatmapSpec()
+        if value is False:
+            return None
+        if value is not None and not isinstance(value, (dict, HeatmapSpec)):
+            raise ValueError("expected true, false or an object {batch, heads, tokens, inline}")
+        return value
+
+
+class ImageRef(BaseModel):
+    """An image: stored (id and url) or inline (png)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "UG9zaXRpb25hbC1FeGFtcGxl",
+                    "url": "/v1/heatmaps/UG9zaXRpb25hbC1FeGFtcGxl.png",
+                }
+            ]
+        }
+    )
+
+    id: str | None = Field(None, description="Store id (absent when inline).")
+    url: str | None = Field(None, description="Path of the PNG, relative to the service.")
+    png: str | None = Field(None, description="Base64 PNG (only when inline).")
+
+
+class HeatmapRef(ImageRef):
+    """One heatmap image: stored (id and url) or inline (png), and what it shows."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "Qm9vZ3VzLUV4YW1wbGUtSUQ",
+                    "url": "/v1/heatmaps/Qm9vZ3VzLUV4YW1wbGUtSUQ.png",
+                    "batch": 0,
+                    "head": 0,
+                }
+            ]
+        }
+    )
+
+    batch: int
+    head: int | Literal["mean", "all"] = Field(
+        description='Head index, "mean" (head average) or "all" (grid of the heads).'
+    )
+
+
+class _Encoded(BaseModel):
+    """Adds the response encoding, defaulting to that of the request's first tensor."""
+
+    encoding: Encoding | None = Field(None, description=_ENCODING_DOC)
+
+    @classmethod
+    def _first_tensor_field(cls) -> str:
+        raise NotImplementedError
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_encoding(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("encoding") is None:
+            data = {**data, "encoding": encoding_of(data.get(cls._first_tensor_field()))}
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/attention
+
+_QKV_EXAMPLE = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 1.2]]
+
+
+class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
+    """Scaled dot-product attention. q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k and v alike."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "q": _QKV_EXAMPLE,
+                    "k": _QKV_EXAMPLE,
+                    "v": _QKV_EXAMPLE,
+                    "causal": True,
+                    "return_weights": True,
+                    "heatmap": {"tokens": ["a", "b", "c"], "inline": False},
+                }
+            ]
+        }
+    )
+
+    q: Tensor = Field(description="Queries (.., Hq, Lq, D).")
+    k: Tensor = Field(description="Keys (.., Hkv, Lk, D); Hq must be a multiple of Hkv.")
+    v: Tensor = Field(description="Values (.., Hkv, Lk, Dv).")
+
+    @classmethod
+    def _first_tensor_field(cls) -> str:
+        return "q"
+
+
+class Meta(BaseModel):
+    shape: list[int] = Field(description="Shape of the output.")
+    elapsed_ms: float = Field(description="Native compute time in milliseconds.")
+    flops: int = Field(description="Floating-point operations of the computation (dense count).")
+    method: str = Field(description='"exact" or the approximation used.')
+
+
+class AttentionResponse(BaseModel):
+    """Attention output; weights and lse only when return_weights."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "output": [[0.1, 0.2, 0.3, 0.4], [0.33, 0.43, 0.53, 0.63]],
+                    "weights": [[1.0, 0.0], [0.45, 0.55]],
+                    "lse": [0.03, 0.85],
+                    "heatmaps": [
+                        {
+                            "id": "Qm9vZ3VzLUV4YW1wbGUtSUQ",
+                            "url": "/v1/heatmaps/Qm9vZ3VzLUV4YW1wbGUtSUQ.png",
+                            "batch": 0,
+                            "head": 0,
+                        }
+                    ],
+                    "meta": {"shape": [2, 4], "elapsed_ms": 0.02, "flops": 64, "method": "exact"},
+                }
+            ]
+        }
+    )
+
+    output: Tensor = Field(description="(.., Hq, Lq, Dv), q's rank.")
+    weights: Tensor | None = Field(None, description="(.., Hq, Lq, Lk) probabilities.")
+    lse: Tensor | None = Field(None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key).")
+    heatmaps: list[HeatmapRef] = Field(default_factory=list)
+    meta: Meta
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/multihead
+
+_X_EXAMPLE = [[[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 1.2]]]
+
+
+class MultiheadRequest(_WithHeatmap, _Encoded, MultiheadOptions):
+    """torch.nn.MultiheadAttention(batch_first=True), with grouped-query heads."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"query": _X_EXAMPLE, "num_heads": 2, "seed": 0, "need_weights": True},
+            ]
+        }
+    )
+
+    query: Tensor = Field(description="(B, Lq, E) or (Lq, E).")
+    key: Tensor | None = Field(None, description="(B, Lk, kdim); default: query.")
+    value: Tensor | None = Field(None, description="(B, Lk, vdim); default: key.")
+
+    @classmethod
+    def _first_tensor_field(cls) -> str:
+        return "query"
+
+
+class MultiheadMeta(Meta):
+    param_count: int = Field(description="Elements of every weight and bias used.")
+
+
+class MultiheadResponse(BaseModel):
+    """Multi-head output; weights only when need_weights (averaged over heads by default)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "output": [[[0.1, -0.2, 0.3, 0.0], [0.1, -0.2, 0.3, 0.1]]],
+                    "weights": [[[0.5, 0.5], [0.4, 0.6]]],
+                    "heatmaps": [],
+                    "meta": {
+                        "shape": [1, 2, 4],
+                        "elapsed_ms": 0.05,
+                        "flops": 512,
+                        "method": "exact",
+                        "param_count": 40,
+                    },
+                }
+            ]
+        }
+    )
+
+    output: Tensor = Field(description="(B, Lq, E), query's rank.")
+    weights: Tensor | None = Field(
+        None, description="(B, Lq, Lk) head average, or (B, H, Lq, Lk) if not average_weights."
+    )
+    lse: Tensor | None = Field(None, description="(B, H, Lq) row log-sum-exp per head.")
+    heatmaps: list[HeatmapRef] = Field(default_factory=list)
+    meta: MultiheadMeta
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/tokens
+
+Positional = Literal["sinusoidal", "learned", "rope", "none"]
+
+
+class TokensRequest(_WithHeatmap, MultiheadOptions):
+    """Token sequence -> embeddings -> positional encoding -> multi-head self-attention."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "text": "the cat sat on the mat",
+                    "d_model": 32,
+                    "num_heads": 4,
+                    "positional": "sinusoidal",
+                    "seed": 0,
+                    "causal": True,
+                }
+            ]
+        }
+    )
+
+    tokens: list[str] | None = Field(None, description="The tokens; or give `text`.")
+    text: str | None = Field(None, description="Text split on whitespace into tokens.")
+    d_model: int = Field(64, ge=1, description="Embedding width (divisible by num_heads).")
+    num_heads: int = Field(8, ge=1, description="Attention heads.")
+    positional: Positional = Field(
+        "sinusoidal",
+        description='"sinusoidal" (Vaswani et al.), "learned" (a table drawn from the seed), '
+        '"rope" (rotary, applied to q and k in every head) or "none".',
+    )
+    seed: int = Field(
+        0, ge=0, description="Seed of the embeddings, the learned positions and the projections."
+    )
+    need_weights: bool = Field(True, description="Return the attention weights.")
+    average_weights: bool = Field(False, description="Average the returned weights over heads.")
+    heatmap: HeatmapSpec | None = Field(
+        HeatmapSpec(), description=_HEATMAP_DOC + " Default: every head, token-labelled."
+    )
+    encoding: Encoding = Field("list", description="Encoding of result tensors.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokensRequest:
+        if (self.tokens is None) == (self.text is None):
+            raise ValueError("give exactly one of `tokens` or `text`")
+        if not self.token_list():
+            raise ValueError("no tokens: `tokens` is empty or `text` is blank")
+        return self
+
+    def token_list(self) -> list[str]:
+        return self.tokens if self.tokens is not None else (self.text or "").split()
+
+
+class TokensMeta(MultiheadMeta):
+    positional: Positional
+    d_model: int
+    num_heads: int
+
+
+class TokensResponse(BaseModel):
+    """The self-attention of a token sequence, its weights, heatmaps and positional picture."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "tokens": ["the", "cat"],
+                    "output": [[0.1, -0.3, 0.2, 0.4], [0.0, 0.2, -0.1, 0.3]],
+                    "weights": [[[1.0, 0.0], [0.4, 0.6]], [[1.0, 0.0], [0.7, 0.3]]],
+                    "heatmaps": [
+                        {
+                            "id": "Qm9vZ3VzLUV4YW1wbGUtSUQ",
+                            "url": "/v1/heatmaps/Qm9vZ3VzLUV4YW1wbGUtSUQ.png",
+                            "batch": 0,
+                            "head": 0,
+                        }
+                    ],
+                    "positional_encoding": {
+                        "id": "UG9zaXRpb25hbC1FeGFtcGxl",
+                        "url": "/v1/heatmaps/UG9zaXRpb25hbC1FeGFtcGxl.png",
+                    },
+                    "meta": {
+                        "shape": [2, 4],
+                        "elapsed_ms": 0.05,
+                        "flops": 512,
+                        "method": "exact",
+                        "param_count": 64,
+                        "positional": "sinusoidal",
+                        "d_model": 4,
+                        "num_heads": 2,
+                    },
+                }
+            ]
+        }
+    )
+
+    tokens: list[str]
+    output: Tensor = Field(description="(L, d_model).")
+    weights: Tensor | None = Field(None, description="(H, L, L) per head, or (L, L) averaged.")
+    heatmaps: list[HeatmapRef] = Field(default_factory=list)
+    positional_encoding: ImageRef | None = Field(
+        None, description="A picture of the positional encoding added (or rotation applied)."
+    )
+    meta: TokensMeta
+
+
+# ---------------------------------------------------------------------------------------------
+# Health
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "native": {"version": "0.1.0", "isa": "avx2", "threads_per_computation": 1},
+                    "store": {"directory": "/tmp/attention-service-heatmaps", "writable": True},
+                }
+            ]
+        }
+    )
+
+    status: Literal["ready"]
+    native: dict[str, Any]
+    store: dict[str, Any]
+
+
+# Request models whose JSON schema the routes reference (they parse bodies themselves).
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (AttentionRequest, MultiheadRequest, TokensRequest)
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra documenting a JSON body of `model` (components added by the app)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
+
+
+def add_component_schemas(openapi: dict[str, Any], models: tuple[type[BaseModel], ...]) -> None:
+    """Put `models` and the models they use into the OpenAPI components."""
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = schema
