@@ -26,7 +26,13 @@ from service.options import (
     MultiheadWeights,
     Window,
 )
-from service.weights import checked_arrays, head_layout, init_multihead_weights, parameter_count
+from service.weights import (
+    check_seed,
+    checked_arrays,
+    head_layout,
+    init_multihead_weights,
+    parameter_count,
+)
 
 # A numpy array or a torch tensor (torch is not a dependency, so no stricter annotation).
 ArrayLike = Any
@@ -99,7 +105,10 @@ def _as_float32(name: str, x: Any) -> np.ndarray:
     if _is_torch(x):
         if x.is_complex() or not x.is_floating_point():
             raise InputError(name, f"unsupported dtype {x.dtype}; expected a floating-point tensor")
-        arr = x.detach().cpu().float().contiguous().numpy()
+        try:
+            arr = x.detach().cpu().float().contiguous().numpy()
+        except (RuntimeError, TypeError) as exc:  # e.g. sparse or meta tensors
+            raise InputError(name, f"cannot read this tensor: {exc}") from None
     else:
         try:
             arr = np.asarray(x)
@@ -428,6 +437,7 @@ def multihead_attention(
         if dim == 0:
             raise InputError(name, "feature dimension is 0 (empty tensor)")
     hkv, head_dim = head_layout(e, num_heads, num_kv_heads)
+    check_seed(seed)
     used = _weights_model(weights) or init_multihead_weights(e, num_heads, hkv, kdim, vdim, seed)
     w = checked_arrays(used, e, hkv * head_dim, kdim, vdim)
     kw = _native_masking(opts, (b, num_heads, lq, lk))

@@ -35,6 +35,11 @@ def head_layout(embed_dim: int, num_heads: int, num_kv_heads: int | None) -> tup
     return num_kv_heads, embed_dim // num_heads
 
 
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError("seed", f"must be an integer >= 0, got {seed!r}")
+
+
 def expected_shapes(
     embed_dim: int, kv_dim: int, kdim: int, vdim: int
 ) -> dict[str, tuple[int, ...]]:
@@ -69,8 +74,7 @@ def init_multihead_weights(
     for name, dim in (("kdim", kdim), ("vdim", vdim)):
         if dim < 1:
             raise InputError(name, f"must be >= 1, got {dim}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError("seed", f"must be an integer >= 0, got {seed!r}")
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     shapes = expected_shapes(embed_dim, num_kv_heads * head_dim, kdim, vdim)
     arrays: dict[str, np.ndarray] = {}

@@ -440,6 +440,7 @@ BAD_INPUTS: dict[str, tuple[dict, dict, tuple]] = {
     "string q": (_with(q="hello"), {}, ("q",)),
     "torch int q": (_with(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)), {}, ("q",)),
     "torch complex v": (_with(v=torch.ones(2, 2, 6, 8, dtype=torch.complex64)), {}, ("v",)),
+    "torch sparse q": (_with(q=torch.ones(2, 4, 5, 8).to_sparse()), {}, ("q",)),
     "mask bad shape": (_qkv(), {"mask": np.ones((5, 7), bool)}, ("mask",)),
     "mask too many dims": (_qkv(), {"mask": np.ones((1, 2, 4, 5, 6), bool)}, ("mask",)),
     "mask int": (_qkv(), {"mask": np.ones((5, 6), np.int64)}, ("mask",)),

@@ -1,4 +1,4 @@
-"""service.multihead_attention against torch.nn.MultiheadAttention and a plain float64 computation."""
+"""service.multihead_attention against torch.nn.MultiheadAttention and plain float64 math."""
 
 from __future__ import annotations
 
@@ -349,6 +349,7 @@ BAD: dict[str, tuple[tuple, dict, tuple]] = {
     "query NaN": ((np.full((2, 3, 16), np.nan, np.float32),), {}, ("query",)),
     "key int": ((_x(2, 3, 16), _x(2, 3, 16, dtype=np.int64)), {}, ("key",)),
     "seed negative": ((_x(2, 3, 16),), {"seed": -1}, ("seed",)),
+    "seed text, weights given": ((_x(2, 3, 16),), {"seed": "x", "weights": W16}, ("seed",)),
     "weights wrong type": ((_x(2, 3, 16),), {"weights": [1, 2]}, ("weights",)),
     "weights missing": (
         (_x(2, 3, 16),),
