@@ -5,8 +5,9 @@ Semantics (see README "Semantics"):
   constraints (bool mask, causal, window, key_lengths) set -inf.
 - Query row i is aligned to key position c = i + Lk - Lq ("bottom right") for the window,
   ALiBi and global tokens; `causal=True` means torch SDPA's "top_left" (j <= i).
-- A row with no allowed key gives output 0 and weights 0 (`empty_rows="zero"`); torch gives
-  NaN there, available as `empty_rows="nan"`.
+- A row with no allowed key gives output 0 and weights 0 (`empty_rows="zero"`, as torch 2.13's
+  scaled_dot_product_attention); torch.nn.MultiheadAttention gives NaN there, available as
+  `empty_rows="nan"` (in multi-head attention a row empty in any head is NaN, like torch).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class MaskingOptions(BaseModel):
     )
     empty_rows: Literal["zero", "nan"] = Field(
         "zero",
-        description='A row with no allowed key: "zero" gives output 0 and weights 0; "nan" '
-        "gives NaN like torch.",
+        description='A row with no allowed key: "zero" gives output 0 and weights 0 (like torch '
+        'SDPA); "nan" gives NaN (like torch.nn.MultiheadAttention).',
     )
 
     @field_validator("scale")
