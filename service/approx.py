@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from service.errors import InputError, LimitError
 from service.options import AttentionOptions
@@ -81,6 +82,7 @@ MAP_SIDE = 256  # implied maps are pooled to at most MAP_SIDE x MAP_SIDE bins
 EXACT_MAP_MAX_CELLS = 1 << 24  # compare: the exact map is pooled from dense weights up to this
 MAX_FEATURE_ELEMENTS = 1 << 28  # feature matrices held at once (1 GiB in float32)
 _ROW_BLOCK = 4096  # query rows per block when pooling implied maps
+_BLAS = ThreadpoolController()  # inspects the loaded BLAS once, at import
 
 
 @dataclass(frozen=True)
@@ -172,12 +174,18 @@ def performer_features(dim: int, num_features: int, seed: int = 0) -> np.ndarray
 
 
 def linformer_projections(seq_len: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Linformer's E (for keys) and F (for values), each (k, seq_len) float32, N(0, 1/k)."""
+    """Linformer's E (for keys) and F (for values), each (k, seq_len) float32.
+
+    Entries +-1/sqrt(k) with random signs (Rademacher): the same Johnson-Lindenstrauss
+    guarantee as Gaussian entries of variance 1/k, and random bytes are far cheaper to draw
+    than normals (k * Lk of them per call).
+    """
+    n = 2 * k * seq_len
     rng = np.random.default_rng(seed)
-    scale = np.float32(1.0 / math.sqrt(k))
-    e = rng.standard_normal((k, seq_len), dtype=np.float32) * scale
-    f = rng.standard_normal((k, seq_len), dtype=np.float32) * scale
-    return e, f
+    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-n // 8)), dtype=np.uint8), count=n)
+    signs = np.float32(2.0 / math.sqrt(k)) * bits.astype(np.float32)
+    signs -= np.float32(1.0 / math.sqrt(k))
+    return signs[: n // 2].reshape(k, seq_len), signs[n // 2 :].reshape(k, seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +193,10 @@ def linformer_projections(seq_len: int, k: int, seed: int = 0) -> tuple[np.ndarr
 
 
 def _elu1(x: np.ndarray) -> np.ndarray:
-    """elu(x) + 1: x + 1 above 0, exp(x) below (positive everywhere)."""
-    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+    """elu(x) + 1 = exp(min(x, 0)) + max(x, 0): x + 1 above 0, exp(x) below (always > 0)."""
+    out = np.exp(np.minimum(x, 0))
+    out += np.maximum(x, 0)
+    return out
 
 
 def _performer_phi(
@@ -200,20 +210,23 @@ def _performer_phi(
     (B, H, 1) for keys.
     """
     z = x @ w.T.astype(x.dtype)
-    z -= 0.5 * np.einsum("...d,...d->...", x, x)[..., None]
+    half_sq = 0.5 * np.einsum("...d,...d->...", x, x)  # (..., L)
+    row_max = z.max(axis=-1)  # the max of z - half_sq over a row is row_max - half_sq
     if is_query:
-        shift = z.max(axis=-1, keepdims=True)
-    elif key_valid is None:
-        shift = z.max(axis=(-2, -1), keepdims=True)
+        z -= row_max[..., None]
+        shift = row_max - half_sq
     else:
-        shift = np.where(key_valid[..., None], z, -np.inf).max(axis=(-2, -1), keepdims=True)
+        top = row_max - half_sq
+        if key_valid is not None:
+            top = np.where(key_valid, top, -np.inf)
+        shift = top.max(axis=-1, keepdims=True)  # (B, H, 1)
         shift = np.where(np.isfinite(shift), shift, 0)  # no valid key: features are zeroed
-    z -= shift
+        z -= (half_sq + shift)[..., None]
     np.exp(z, out=z)
     if key_valid is not None:
         z *= key_valid[..., None]
     half_log_m = 0.5 * math.log(w.shape[0])
-    return z, (shift[..., 0] - half_log_m).astype(x.dtype)
+    return z, (shift - half_log_m).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,35 +247,49 @@ def _feature_attention(
     """Numerator (B, Hkv, G, Lq, Dv) and denominator (B, Hkv, G, Lq) of feature attention.
 
     phiq (B, Hkv, G, Lq, F); phik (B, Hkv, Lk, F) with padded keys zeroed; v (B, Hkv, Lk, Dv).
+    v gets a column of ones, so every product yields the denominator as its last column.
     """
+    ones = np.ones((*v.shape[:-1], 1), dtype=v.dtype)
+    v1 = np.concatenate([v, ones], axis=-1)[:, :, None]  # (B, Hkv, 1, Lk, Dv + 1)
+    phik = phik[:, :, None]  # (B, Hkv, 1, Lk, F)
     if last is None:
-        state = (phik.swapaxes(-1, -2) @ v)[:, :, None]  # (B, Hkv, 1, F, Dv)
-        zsum = phik.sum(axis=-2)[:, :, None, :, None]  # (B, Hkv, 1, F, 1)
-        return phiq @ state, (phiq @ zsum)[..., 0]
-    *lead, lq, _ = phiq.shape
-    lk, dv = v.shape[-2:]
-    num = np.zeros((*lead, lq, dv), dtype=phiq.dtype)
-    den = np.zeros((*lead, lq), dtype=phiq.dtype)
-    state = np.zeros((*lead[:2], 1, phik.shape[-1], dv), dtype=phiq.dtype)
-    zsum = np.zeros((*lead[:2], 1, phik.shape[-1], 1), dtype=phiq.dtype)
+        nd = phiq @ (phik.swapaxes(-1, -2) @ v1)
+        return nd[..., :-1], nd[..., -1]
+    nd = np.zeros((*phiq.shape[:-1], v1.shape[-1]), dtype=phiq.dtype)
+    state = np.zeros((*phik.shape[:3], phik.shape[-1], v1.shape[-1]), dtype=phiq.dtype)
+    # The products here are small: BLAS threads only add hand-offs, which on a busy machine
+    # cost more than the products themselves (measured 3-8x slower with 2 threads under load).
+    with _BLAS.limit(limits=1, user_api="blas"):
+        _chunk_loop(phiq, phik, v1, last, chunk, nd, state)
+    return nd[..., :-1], nd[..., -1]
+
+
+def _chunk_loop(
+    phiq: np.ndarray,
+    phik: np.ndarray,
+    v1: np.ndarray,
+    last: np.ndarray,
+    chunk: int,
+    nd: np.ndarray,
+    state: np.ndarray,
+) -> None:
+    """The causal scan of `_feature_attention`, filling nd in place."""
+    lk = v1.shape[-2]
     # `last` is non-decreasing, so the queries whose last key lies in chunk c are contiguous.
     owner = np.where(last >= 0, last // chunk, -1)
-    folded = 0  # keys [0, folded) are summed into state / zsum
+    folded = 0  # keys [0, folded) are summed into state
     for c in range(-(-lk // chunk)):
         i0, i1 = np.searchsorted(owner, [c, c + 1])
         if i0 == i1:
             continue
         s, e = c * chunk, min((c + 1) * chunk, lk)
         if s > folded:
-            state += (phik[..., folded:s, :].swapaxes(-1, -2) @ v[..., folded:s, :])[:, :, None]
-            zsum += phik[..., folded:s, :].sum(axis=-2)[:, :, None, :, None]
+            state += phik[..., folded:s, :].swapaxes(-1, -2) @ v1[..., folded:s, :]
             folded = s
         pq = phiq[..., i0:i1, :]
-        a = pq @ phik[:, :, None, s:e, :].swapaxes(-1, -2)  # (B, Hkv, G, n, e - s)
+        a = pq @ phik[..., s:e, :].swapaxes(-1, -2)  # (B, Hkv, G, n, e - s)
         a *= np.arange(s, e) <= last[i0:i1, None]
-        num[..., i0:i1, :] = pq @ state + a @ v[:, :, None, s:e, :]
-        den[..., i0:i1] = (pq @ zsum)[..., 0] + a.sum(axis=-1)
-    return num, den
+        nd[..., i0:i1, :] = pq @ state + a @ v1[..., s:e, :]
 
 
 def _row_counts(b: int, lq: int, lk: int, opts: AttentionOptions) -> np.ndarray:
