@@ -71,12 +71,15 @@ OPTIONS: dict[str, OptionMaker] = {
         "window": {"left": 1, "right": 1},
         "global_tokens": _globals(s, r),
     },
+    "global_tokens_no_window": lambda s, r: {"global_tokens": _globals(s, r)},  # no effect
     "key_lengths": lambda s, r: {"key_lengths": _key_lengths(s, r)},
     "bool_mask_full": lambda s, r: {"mask": _bool_mask(s, r)},
     "bool_mask_2d": lambda s, r: {"mask": _bool_mask(s[2:], r)},
     "bool_mask_key_padding": lambda s, r: {"mask": _bool_mask((s[0], 1, 1, s[3]), r)},
     "bool_mask_ignore": lambda s, r: {"mask": _bool_mask(s, r), "mask_convention": "ignore"},
     "float_mask": lambda s, r: {"mask": _float_mask((s[0], 1, s[2], s[3]), r)},
+    "float_mask_per_row": lambda s, r: {"mask": _float_mask((s[2], 1), r)},  # stride 0 on Lk
+    "bool_mask_per_head_row": lambda s, r: {"mask": _bool_mask((1, s[1], s[2], 1), r)},
     "float16_mask": lambda s, r: {"mask": _float_mask(s[2:], r).astype(np.float16)},
     "alibi_standard": lambda s, r: {"alibi_slopes": True},
     "alibi_list": lambda s, r: {"alibi_slopes": r.uniform(0.01, 0.5, size=s[1]).tolist()},
