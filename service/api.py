@@ -48,6 +48,9 @@ _FIELD_NAMES = frozenset(
     | set(MultiheadWeights.model_fields)
 )
 _MAX_THREADS = 1024
+# Bound on |scores| (and projections) that the float32 kernel can form without overflowing to
+# inf, where inf - inf would give NaN; a little headroom below float32's max of 3.4e38.
+_F32_SAFE = 1e37
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -151,6 +154,18 @@ def _num_threads(num_threads: int | None) -> int:
     return n
 
 
+def _absmax(a: np.ndarray | None) -> float:
+    """max |a| without a temporary array (0 for None or empty)."""
+    return 0.0 if a is None or a.size == 0 else float(max(-a.min(), a.max()))
+
+
+def _check_magnitude(loc: str | tuple[str | int, ...], bound: float, what: str) -> None:
+    if not bound <= _F32_SAFE:
+        raise InputError(
+            loc, f"values too large: {what} could reach {bound:.3g}, beyond float32's range"
+        )
+
+
 def _as_4d(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
     """(Lq, D) / (Hq, Lq, D) / (B, Hq, Lq, D) -> 4-D views, with every shape rule checked."""
     if q.ndim not in (2, 3, 4):
@@ -205,9 +220,12 @@ def _input_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> In
     return InputError(prefix + loc or ("options",), "; ".join(msgs))
 
 
-def _plain(value: Any) -> Any:
-    """numpy arrays and torch tensors given for list options (key_lengths, ...) -> lists."""
-    if isinstance(value, np.ndarray) or _is_torch(value):
+_LIST_FIELDS = frozenset({"key_lengths", "global_tokens", "alibi_slopes"})
+
+
+def _plain(name: str, value: Any) -> Any:
+    """numpy arrays and torch tensors given for the list options (key_lengths, ...) -> lists."""
+    if name in _LIST_FIELDS and (isinstance(value, np.ndarray) or _is_torch(value)):
         return value.tolist()
     return value
 
@@ -224,7 +242,7 @@ def _parse_options(
         base = dict(options)
     else:
         raise InputError("options", f"expected {model.__name__} or a dict, got {type(options)}")
-    data = {**base, **{name: _plain(v) for name, v in overrides.items()}}
+    data = {**base, **{name: _plain(name, v) for name, v in overrides.items()}}
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -241,8 +259,12 @@ def _mask_4d(mask: np.ndarray, convention: str, shape: tuple[int, int, int, int]
             m = mask.astype(np.float32, copy=False)
         if np.isnan(m).any():
             raise InputError("mask", "float mask contains NaN")
-        if np.isposinf(m).any():
-            raise InputError("mask", "float mask contains +inf; use -inf to exclude a key")
+        if m.size and m.max() > _F32_SAFE:  # +inf, or near it: scores would overflow
+            raise InputError(
+                "mask",
+                f"float mask holds {m.max():.3g}; values above {_F32_SAFE:.0e} overflow "
+                "the scores (use -inf to exclude a key)",
+            )
     elif kind in "iu":
         raise InputError(
             "mask",
@@ -265,6 +287,8 @@ def _mask_4d(mask: np.ndarray, convention: str, shape: tuple[int, int, int, int]
 def _native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> dict[str, Any]:
     """Keyword arguments of the native kernels for the masking options, checked against shape."""
     b, h, lq, lk = shape
+    for name in ("scale", "softcap"):
+        _check_magnitude(name, abs(getattr(opts, name) or 0.0), name)
     kw: dict[str, Any] = {
         "causal": _CAUSAL_CODES[opts.causal_mode],
         "softcap": float(opts.softcap or 0.0),
@@ -304,6 +328,8 @@ def _native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> d
             raise InputError(
                 "alibi_slopes", f"has {len(slopes)} slopes; expected one per head ({h})"
             )
+        for i, slope in enumerate(slopes):
+            _check_magnitude(("alibi_slopes", i), abs(slope) * max(lq, lk), "the ALiBi bias")
         kw["alibi_slopes"] = np.asarray(slopes, dtype=np.float32)
     return kw
 
@@ -354,6 +380,7 @@ def attention(
     if opts.method != "exact":
         return approx.attention_result(q, q4, k4, v4, opts)
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(d)
+    _check_magnitude("q", abs(scale) * d * _absmax(q4) * _absmax(k4), "scale * q.k")
     (out, lse, weights), elapsed = _call_native(
         _native.attention,
         q4,
@@ -442,6 +469,13 @@ def multihead_attention(
     w = checked_arrays(used, e, hkv * head_dim, kdim, vdim)
     kw = _native_masking(opts, (b, num_heads, lq, lk))
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(head_dim)
+    # Bounds of the projections and scores, from the largest magnitudes involved.
+    q_max = e * _absmax(x) * _absmax(w["q_proj"]) + _absmax(w["q_bias"])
+    k_max = kdim * _absmax(kx) * _absmax(w["k_proj"]) + _absmax(w["k_bias"])
+    v_max = vdim * _absmax(vx) * _absmax(w["v_proj"]) + _absmax(w["v_bias"])
+    out_max = e * v_max * _absmax(w["out_proj"]) + _absmax(w["out_bias"])
+    bound = max(q_max, k_max, v_max, out_max, abs(scale) * head_dim * q_max * k_max)
+    _check_magnitude("query", bound, "the projections or scale * q.k")
     (out, lse, probs), elapsed = _call_native(
         _native.multihead,
         x,

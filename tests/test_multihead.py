@@ -349,6 +349,8 @@ BAD: dict[str, tuple[tuple, dict, tuple]] = {
     "query NaN": ((np.full((2, 3, 16), np.nan, np.float32),), {}, ("query",)),
     "key int": ((_x(2, 3, 16), _x(2, 3, 16, dtype=np.int64)), {}, ("key",)),
     "seed negative": ((_x(2, 3, 16),), {"seed": -1}, ("seed",)),
+    "projection overflow": ((_x(2, 3, 16) * 1e36,), {}, ("query",)),
+    "scores overflow": ((_x(2, 3, 16) * 1e19,), {"weights": W16}, ("query",)),
     "seed text, weights given": ((_x(2, 3, 16),), {"seed": "x", "weights": W16}, ("seed",)),
     "weights wrong type": ((_x(2, 3, 16),), {"weights": [1, 2]}, ("weights",)),
     "weights missing": (
