@@ -45,6 +45,11 @@ lint: $(VENV)/.testdeps
 bench: $(VENV)/.testdeps build
 	$(BIN)/python tests/benchmarks/bench_kernel.py $(if $(QUICK),--quick)
 
+# Approximate methods against exact: time and error vs L (1k..64k); QUICK=1 stops at 4k.
+.PHONY: bench-approx
+bench-approx: $(VENV)/.testdeps build
+	$(BIN)/python tests/benchmarks/bench_approx.py $(if $(QUICK),--quick)
+
 clean:
 	rm -rf $(VENV) build dist build.lock
 
