@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.options import AttentionOptions, MultiheadOptions
@@ -145,6 +146,13 @@ class _Encoded(BaseModel):
 _QKV_EXAMPLE = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 1.2]]
 
 
+def _json_numbers_as_float(value: Any) -> Any:
+    # JSON writes 1.0 as 1 as often as not: integer arrays from JSON are float data.
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+        return value.astype(np.float64)
+    return value
+
+
 class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
     """Scaled dot-product attention. q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k and v alike."""
 
@@ -166,6 +174,8 @@ class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
     q: Tensor = Field(description="Queries (.., Hq, Lq, D).")
     k: Tensor = Field(description="Keys (.., Hkv, Lk, D); Hq must be a multiple of Hkv.")
     v: Tensor = Field(description="Values (.., Hkv, Lk, Dv).")
+
+    _floats = field_validator("q", "k", "v")(_json_numbers_as_float)
 
     @classmethod
     def _first_tensor_field(cls) -> str:
@@ -230,6 +240,17 @@ class MultiheadRequest(_WithHeatmap, _Encoded, MultiheadOptions):
     query: Tensor = Field(description="(B, Lq, E) or (Lq, E).")
     key: Tensor | None = Field(None, description="(B, Lk, kdim); default: query.")
     value: Tensor | None = Field(None, description="(B, Lk, vdim); default: key.")
+
+    _floats = field_validator("query", "key", "value")(_json_numbers_as_float)
+
+    @model_validator(mode="after")
+    def _float_weights(self) -> MultiheadRequest:
+        if self.weights is not None:
+            for name in type(self.weights).model_fields:
+                value = getattr(self.weights, name)
+                if value is not None:
+                    setattr(self.weights, name, _json_numbers_as_float(value))
+        return self
 
     @classmethod
     def _first_tensor_field(cls) -> str:

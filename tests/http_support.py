@@ -1,0 +1,97 @@
+"""Helpers of the HTTP tests: an in-process app with test settings, tensor encoders."""
+
+from __future__ import annotations
+
+import base64
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.exceptions import StarletteDeprecationWarning
+
+from service.app import create_app
+from service.settings import Settings
+
+with warnings.catch_warnings():
+    # Starlette prefers httpx2 for its TestClient; httpx still works.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+PROBLEM = "application/problem+json"
+
+
+def settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(heatmap_dir=tmp_path / "heatmaps", **overrides)
+
+
+@contextmanager
+def client(tmp_path: Path, **overrides: Any) -> Iterator[TestClient]:
+    """A TestClient on a fresh app (lifespan run) whose heatmaps live under tmp_path."""
+    with TestClient(create_app(settings(tmp_path, **overrides))) as c:
+        yield c
+
+
+def b64(arr: np.ndarray, dtype: str | None = None) -> dict[str, Any]:
+    """{dtype, shape, b64} of arr (bfloat16: the top 16 bits of float32, truncated)."""
+    if dtype == "bfloat16":
+        bits = (np.ascontiguousarray(arr, dtype="<f4").view("<u4") >> 16).astype("<u2")
+        raw = bits.tobytes()
+    else:
+        raw = np.ascontiguousarray(arr, dtype=np.dtype(dtype or arr.dtype.name).newbyteorder("<"))
+        raw = raw.tobytes()
+    return {
+        "dtype": dtype or arr.dtype.name,
+        "shape": list(arr.shape),
+        "b64": base64.b64encode(raw).decode(),
+    }
+
+
+def data(arr: np.ndarray, dtype: str | None = None) -> dict[str, Any]:
+    return {
+        "dtype": dtype or arr.dtype.name,
+        "shape": list(arr.shape),
+        "data": arr.ravel().tolist(),
+    }
+
+
+def bfloat16_round(arr: np.ndarray) -> np.ndarray:
+    """What a bfloat16 b64 tensor made by b64() decodes to (truncated float32)."""
+    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def decode(value: Any) -> np.ndarray:
+    """A response tensor: nested lists (null = NaN) or {dtype, shape, b64}."""
+    if isinstance(value, dict):
+        raw = base64.b64decode(value["b64"])
+        return np.frombuffer(raw, dtype=np.dtype(value["dtype"]).newbyteorder("<")).reshape(
+            value["shape"]
+        )
+    return np.array(value, dtype=np.float64)
+
+
+def post(c: TestClient, path: str, body: dict[str, Any]) -> Any:
+    """POST a body serialised by orjson (numpy arrays as nested lists)."""
+    return c.post(
+        path,
+        content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        headers={"content-type": "application/json"},
+    )
+
+
+def assert_problem(response: Any, status: int, loc: list[Any] | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status (and an error at loc)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["status"] == status
+    assert {"type", "title", "status", "detail"} <= set(body)
+    assert body["detail"]
+    if loc is not None:
+        locs = [e["loc"] for e in body["errors"]]
+        assert loc in locs, (loc, body)
+    return body
