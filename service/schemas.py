@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.errors import InputError
 from service.options import AttentionOptions, MultiheadOptions
 from service.tensors import Encoding, Tensor, encoding_of
 
@@ -335,16 +336,14 @@ class TokensRequest(_WithHeatmap, MultiheadOptions):
     )
     encoding: Encoding = Field("list", description="Encoding of result tensors.")
 
-    @model_validator(mode="after")
-    def _one_source(self) -> TokensRequest:
-        if (self.tokens is None) == (self.text is None):
-            raise ValueError("give exactly one of `tokens` or `text`")
-        if not self.token_list():
-            raise ValueError("no tokens: `tokens` is empty or `text` is blank")
-        return self
-
     def token_list(self) -> list[str]:
-        return self.tokens if self.tokens is not None else (self.text or "").split()
+        """The tokens, from `tokens` or from `text` split on whitespace (exactly one given)."""
+        if (self.tokens is None) == (self.text is None):
+            raise InputError("tokens", "give exactly one of `tokens` or `text`")
+        tokens = self.tokens if self.tokens is not None else (self.text or "").split()
+        if not tokens:
+            raise InputError("text" if self.tokens is None else "tokens", "there are no tokens")
+        return tokens
 
 
 class TokensMeta(MultiheadMeta):

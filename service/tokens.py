@@ -100,6 +100,15 @@ def self_attention(
     """Embed, add or apply positions, and run multi-head self-attention over the tokens."""
     length = len(tokens)
     hkv, head_dim = head_layout(d_model, num_heads, num_kv_heads)
+    # Only the masking fields: a request model also carries fields (seed, ...) that mean
+    # something else to attention().
+    masking = MaskingOptions.model_validate(
+        {
+            f: getattr(masking, f)
+            for f in masking.model_fields_set
+            if f in MaskingOptions.model_fields
+        }
+    )
     x = embed(tokens, d_model, seed)
     if positional == "rope":
         if head_dim % 2:
