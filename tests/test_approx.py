@@ -70,7 +70,7 @@ def reference_implied(
         a = (F.elu(qt) + 1) @ (F.elu(kt) + 1).transpose(-1, -2)
     else:
         m = num_features or math.ceil(d * math.log(d))
-        w = torch.from_numpy(approx.performer_features(d, m, seed))
+        w = torch.tensor(approx.performer_features(d, m, seed))  # a copy: the cache is read-only
 
         def phi(x: torch.Tensor) -> torch.Tensor:
             return torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(m)
