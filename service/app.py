@@ -15,10 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.compute import ComputeCore
 from service.heatmaps import render_map
+from service.inference_protocol import ProtocolErrorMiddleware
 from service.limits import Limits
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import BodyTooLarge, Problem, install_problem_handlers, problem_response
-from service.routes import ROUTERS
+from service.routes import ROUTERS, v2
 from service.schemas import REQUEST_MODELS, add_component_schemas
 from service.settings import Settings
 from service.state import AppState
@@ -138,8 +139,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(v2.router)  # the Open Inference Protocol (KServe v2 / Triton) front
     # The last added is the outermost: metrics see every answer, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # /v2 answers errors as {"error": ...}, the protocol's form, not problem+json.
+    app.add_middleware(ProtocolErrorMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:
