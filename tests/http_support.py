@@ -25,7 +25,7 @@ PROBLEM = "application/problem+json"
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(heatmap_dir=tmp_path / "heatmaps", **overrides)
+    return Settings(**{"heatmap_dir": tmp_path / "heatmaps", **overrides})
 
 
 @contextmanager
