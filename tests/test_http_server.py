@@ -1,0 +1,141 @@
+"""The real server: `attention-service` started on a free port, spoken to over the network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import service
+from service.client import AttentionClient, ServiceError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _console_script() -> str:
+    # The script installed next to this interpreter (the venv's), else whatever PATH has.
+    here = Path(sys.executable).with_name("attention-service")
+    found = str(here) if here.exists() else shutil.which("attention-service")
+    if not found:
+        pytest.fail("the attention-service console script is not installed (make build)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "ATTN_HEATMAP_DIR": str(tmp_path_factory.mktemp("server-heatmaps")),
+        "ATTN_MAX_BODY_BYTES": "1000000",
+        "ATTN_PORT": "1",  # the flag below must win over the environment
+    }
+    proc = subprocess.Popen(
+        [_console_script(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                pytest.fail(f"server exited with {proc.returncode}: {out}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not become ready within 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_client_round_trip_over_the_network(server: str) -> None:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 16, 8)).astype(np.float32)
+    with AttentionClient(server) as client:
+        res = client.attention(q, q, q, causal=True, return_weights=True, heatmap=True)
+        expected = service.attention(q, q, q, causal=True, return_weights=True)
+        np.testing.assert_array_equal(res.output, expected.output)
+        np.testing.assert_array_equal(res.weights, expected.weights)
+        np.testing.assert_array_equal(res.lse, expected.lse)
+        assert res.meta["shape"] == [2, 16, 8]
+        assert [h["head"] for h in res.heatmaps] == [0, 1, "mean", "all"]
+        png = client.heatmap(res.heatmaps[0]["id"])
+        assert png.startswith(b"\x89PNG") and png == client.heatmap(res.heatmaps[0]["url"])
+
+        x = rng.standard_normal((1, 5, 8)).astype(np.float32)
+        mh = client.multihead(x, num_heads=2, seed=4, need_weights=True)
+        api = service.multihead_attention(x, num_heads=2, seed=4, need_weights=True)
+        np.testing.assert_array_equal(mh.output, api.output)
+        np.testing.assert_array_equal(mh.weights, api.weights)
+        assert mh.meta["param_count"] == api.param_count
+
+        tok = client.tokens("the cat sat on the mat", d_model=16, num_heads=4, heatmap=False)
+        assert tok.raw["tokens"] == ["the", "cat", "sat", "on", "the", "mat"]
+        assert tok.output.shape == (6, 16) and tok.weights.shape == (4, 6, 6)
+
+
+def test_client_errors_carry_the_problem(server: str) -> None:
+    with AttentionClient(server) as client:
+        with pytest.raises(ServiceError) as info:
+            client.attention(np.ones((3, 4)), np.ones((3, 5)), np.ones((3, 5)))
+        err = info.value
+        assert err.status == 422 and err.errors[0]["loc"] == ["k"]
+        assert "k" in str(err) and err.title == "Invalid input"
+        with pytest.raises(ServiceError) as info:
+            client.heatmap("AAAAAAAAAAAAAAAAAAAAAA")
+        assert info.value.status == 404
+
+
+def test_limits_and_problems_over_the_network(server: str) -> None:
+    big = b"[" + b"1.0," * 400_000 + b"1.0]"
+    r = httpx.post(
+        server + "/v1/attention", content=big, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(200):
+            yield b" " * 10_000
+
+    r = httpx.post(server + "/v1/attention", content=chunks())
+    assert r.status_code == 413
+    r = httpx.get(server + "/v1/attention")
+    assert r.status_code == 405 and r.json()["status"] == 405
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    assert "attention_http_requests_total" in httpx.get(server + "/metrics").text
+    assert httpx.get(server + "/docs").status_code == 200
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run(
+        [_console_script(), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--host", "--port", "--workers", "ATTN_PORT"):
+        assert flag in out
