@@ -19,7 +19,7 @@ from service.inference_protocol import ProtocolErrorMiddleware
 from service.limits import Limits
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import BodyTooLarge, Problem, install_problem_handlers, problem_response
-from service.routes import ROUTERS, v2
+from service.routes import ROUTERS, v2, viewer
 from service.schemas import REQUEST_MODELS, add_component_schemas
 from service.settings import Settings
 from service.state import AppState
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(v2.router)  # the Open Inference Protocol (KServe v2 / Triton) front
+    app.include_router(viewer.router)  # the web viewer at / and its files under /static/
     # The last added is the outermost: metrics see every answer, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # /v2 answers errors as {"error": ...}, the protocol's form, not problem+json.
