@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.settings import Settings
 
@@ -41,7 +42,13 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    defaults = Settings()
+    try:
+        defaults = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"ATTN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise SystemExit(f"attention-service: invalid setting: {problems}") from None
     args = _parser(defaults).parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")

@@ -139,3 +139,9 @@ def test_console_script_help() -> None:
     ).stdout
     for flag in ("--host", "--port", "--workers", "ATTN_PORT"):
         assert flag in out
+
+
+def test_console_script_names_an_invalid_setting() -> None:
+    env = {**os.environ, "ATTN_MAX_CONCURRENCY": "0"}
+    run = subprocess.run([_console_script()], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "ATTN_MAX_CONCURRENCY" in run.stderr
