@@ -242,6 +242,8 @@ def render_weights(
 def check_spec(spec: HeatmapSpec, shape: tuple[int, int, int, int], limits: Limits) -> None:
     """Refuse (422, naming the field) what cannot be drawn for weights of shape (B, H, Lq, Lk)."""
     b, h, lq, lk = shape
+    if h == 0:
+        raise InputError("heatmap", "there are no heads to draw (0 heads)")
     if spec.batch >= b:
         raise InputError(("heatmap", "batch"), f"batch {spec.batch} is outside [0, {b})")
     if isinstance(spec.heads, list) and max(spec.heads) >= h:

@@ -236,3 +236,19 @@ def test_store_limits_hold_with_concurrent_writers_and_readers(tmp_path: Path) -
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) <= 10 and sum(p.stat().st_size for p in pngs) <= 50_000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_degenerate_shapes_draw_or_refuse_cleanly(c) -> None:
+    no_queries = np.ones((0, 4), np.float32)
+    keys = np.ones((3, 4), np.float32)
+    r = post(
+        c, "/v1/attention", {"q": b64(no_queries), "k": b64(keys), "v": b64(keys), "heatmap": True}
+    )
+    assert r.status_code == 200, r.text
+    assert c.get(r.json()["heatmaps"][0]["url"]).status_code == 200
+    no_heads = np.ones((1, 0, 3, 4), np.float32)
+    body = {"q": b64(no_heads), "k": b64(no_heads), "v": b64(no_heads)}
+    assert_problem(
+        post(c, "/v1/attention", {**body, "heatmap": {"heads": "mean"}}), 422, ["heatmap"]
+    )
+    assert post(c, "/v1/attention", body).status_code == 200
