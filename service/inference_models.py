@@ -222,6 +222,12 @@ def _attention(
     opts = _parse_options(AttentionOptions, params, options, _ATTENTION_PARAMETERS)
     assert isinstance(opts, AttentionOptions)
     spec = _heatmap_spec(params)
+    if spec is not None and opts.compare:
+        raise InputError(
+            ("parameters", "heatmap"),
+            "heatmaps of a comparison are drawn by /v1/attention only; on /v2, ask for compare "
+            "or for heatmap",
+        )
     wanted = _wanted(requested, opts.return_weights, ("weights", "lse"))
     want_weights = "weights" in wanted or "lse" in wanted or spec is not None
     q, k, v = tensors["q"], tensors["k"], tensors["v"]

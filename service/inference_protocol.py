@@ -399,6 +399,11 @@ def decode_inputs(
                 f"shape {list(shape)} has {n} elements; the limit (ATTN_MAX_ELEMENTS) is "
                 f"{max_elements}",
             )
+        if "shared_memory_region" in item.parameters:
+            raise ProtocolError(
+                f"input '{name}': the shared memory extension is not supported; send the data "
+                "in the body (JSON or binary)"
+            )
         size = item.parameters.get("binary_data_size")
         if size is not None:
             if item.data is not None:
