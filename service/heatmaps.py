@@ -116,9 +116,11 @@ class _MapCanvas:
         self.image.set_data(matrix)
         self.image.set_cmap("RdBu_r" if diverging else "viridis")
         self.image.set_clim(*_color_limits(matrix, diverging))
-        self.image.set_extent((-0.5, cols - 0.5, rows - 0.5, -0.5))
-        self.ax.set_xlim(-0.5, cols - 0.5)
-        self.ax.set_ylim(rows - 0.5, -0.5)
+        # An empty side still gets a one-cell frame (equal limits would be singular).
+        right, bottom = max(cols, 1) - 0.5, max(rows, 1) - 0.5
+        self.image.set_extent((-0.5, right, bottom, -0.5))
+        self.ax.set_xlim(-0.5, right)
+        self.ax.set_ylim(bottom, -0.5)
         xpos, xtext = _ticks(cols, xlabels)
         ypos, ytext = _ticks(rows, ylabels)
         self.ax.set_xticks(
