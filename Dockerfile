@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# Two stages: `builder` compiles the wheel (C++ extension included) and collects the wheels of
-# every run-time dependency; the runtime stage installs only those wheels into a venv, offline.
+# `builder` compiles the wheel (C++ extension included) and collects the wheels of every
+# run-time dependency; `venv` installs only those wheels into a virtual environment, offline;
+# the runtime stage is the bare base image plus that venv, a user and the settings.
 # Only `python3 -m venv` and paths inside the venv are used, so any Debian-based Python image
 # works as the base (the official image or Debian's own python3).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -32,29 +33,34 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/build/bin/pip wheel --wheel-dir /wheels . \
  && ls -l /wheels
 
-FROM ${BASE_IMAGE} AS runtime
-ARG APP_UID=10001
-ENV VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
-RUN groupadd --system --gid "${APP_UID}" app \
- && useradd --system --uid "${APP_UID}" --gid app --home-dir /nonexistent \
-            --no-create-home --shell /usr/sbin/nologin app \
- && mkdir -p /var/lib/attention/heatmaps \
- && chown -R app:app /var/lib/attention
-# Offline install from the builder's wheels (bind-mounted, so they never become a layer).
-# pip, setuptools and the dependencies' own test suites leave the venv afterwards: nothing
-# installs at run time. Byte-code is compiled here, once, so a read-only container starts
-# fast without writing any.
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python3 -m venv /opt/venv \
+# The virtual environment, made from the builder's wheels alone (offline) on the bare base
+# image, so it holds the service and its run-time dependencies and nothing else: pip,
+# setuptools and the dependencies' own test suites are removed. Byte-code is compiled here,
+# once, so a read-only container starts fast without writing any.
+FROM ${BASE_IMAGE} AS venv
+COPY --from=builder /wheels /wheels
+RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels \
         --disable-pip-version-check attention-service \
  && /opt/venv/bin/pip uninstall -y --disable-pip-version-check pip setuptools \
  && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
  && /opt/venv/bin/python -c "import service._native"
 
+FROM ${BASE_IMAGE} AS runtime
+ARG APP_UID=10001
+RUN groupadd --system --gid "${APP_UID}" app \
+ && useradd --system --uid "${APP_UID}" --gid app --home-dir /nonexistent \
+            --no-create-home --shell /usr/sbin/nologin app \
+ && mkdir -p /var/lib/attention/heatmaps \
+ && chown -R app:app /var/lib/attention
+# Root-owned and so read-only for the service's user. COPY (not a bind mount) so the layer
+# cache follows the venv's content.
+COPY --from=venv /opt/venv /opt/venv
+
 # Settings are ATTN_* variables (see service/settings.py); these are the container defaults.
-ENV PYTHONDONTWRITEBYTECODE=1 \
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     ATTN_HOST=0.0.0.0 \

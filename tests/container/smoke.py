@@ -148,8 +148,36 @@ class Engine:
     def ensure_base(self, base: str) -> None:
         raise NotImplementedError
 
-    def build(self, tag: str, base: str, no_cache: bool) -> None:
+    def build_cmd(self, tag: str, base: str, no_cache: bool) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
+
+    def all_images(self, *filters: str) -> set[str]:
+        args = ["images", "-a", "-q", "--no-trunc", *(f"--filter={f}" for f in filters)]
+        return set(self.c(*args, quiet=True).stdout.split())
+
+    def build(self, tag: str, base: str, no_cache: bool, log_path: Path) -> float:
+        """Builds the image; returns seconds. Removes what the build leaves dangling."""
+        before = self.all_images()
+        old_id = self.image_id(tag)
+        cmd, env = self.build_cmd(tag, base, no_cache)
+        log("$ " + " ".join(cmd) + f"  (output: {log_path})")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with open(log_path, "w") as out:
+            code = subprocess.call(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        seconds = time.monotonic() - t0
+        if code != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+            raise SmokeError(f"build exited {code}; last lines of {log_path}:\n{tail}")
+        # The previous build of the tag and this build's intermediate stages are now dangling
+        # (untagged, unused): remove them, with their parent layers, so images do not pile up.
+        # Images that existed before this build and are not ours are left alone.
+        stale = self.all_images("dangling=true") - (before - ({old_id} if old_id else set()))
+        for image in stale:
+            self.c("rmi", image, check=False, quiet=True)
+        return seconds
 
     def run_args(self) -> list[str]:
         return []
@@ -220,18 +248,12 @@ class Docker(Engine):
         if not self.image_exists(base):
             self.c("pull", base)
 
-    def build(self, tag: str, base: str, no_cache: bool) -> None:
+    def build_cmd(self, tag: str, base: str, no_cache: bool) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ, DOCKER_BUILDKIT="1")  # RUN --mount needs BuildKit
-        self.c(
-            "build",
-            *(["--no-cache"] if no_cache else []),
-            "--build-arg",
-            f"BASE_IMAGE={base}",
-            "-t",
-            tag,
-            str(REPO),
-            env=env,
-        )
+        cmd = ["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag]
+        if no_cache:
+            cmd.append("--no-cache")
+        return [*cmd, str(REPO)], env
 
     def healthcheck(self, name: str) -> None:
         # Docker runs the image's HEALTHCHECK itself; wait for its verdict.
@@ -314,7 +336,7 @@ class Podman(Engine):
         log(f"podman needs {conf} here: {first.stderr.strip().splitlines()[-1]}")
         log("  " + " | ".join(lines))
 
-    def build(self, tag: str, base: str, no_cache: bool) -> None:
+    def build_cmd(self, tag: str, base: str, no_cache: bool) -> tuple[list[str], dict[str, str]]:
         cmd = [
             "buildah",
             "bud",
@@ -334,7 +356,7 @@ class Podman(Engine):
         if Path("/etc/ssl/certs").is_dir():
             # Behind a TLS-intercepting proxy, RUN steps need the host's CA bundle.
             cmd += ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
-        run([*cmd, str(REPO)], env=self.env)
+        return [*cmd, str(REPO)], self.env or dict(os.environ)
 
     def healthcheck(self, name: str) -> None:
         # Runs the image's HEALTHCHECK command once (podman has no timer without systemd).
@@ -406,9 +428,9 @@ def wait_ready(engine: Engine, name: str, port: int, t0: float) -> float:
         except (OSError, urllib.error.URLError):
             pass
         if not engine.running(name):
-            raise SmokeError(f"container {name} exited:\n{engine.logs(name)}")
+            raise SmokeError(f"container {name} exited before it was ready")
         time.sleep(0.05)
-    raise SmokeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s:\n{engine.logs(name)}")
+    raise SmokeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s")
 
 
 def attention_request(base_url: str) -> tuple[str, bytes]:
@@ -626,6 +648,12 @@ def main() -> int:
         default=REPO / "artifacts" / "container-smoke.json",
         help="where to write the measured numbers",
     )
+    ap.add_argument(
+        "--build-log",
+        type=Path,
+        default=REPO / "artifacts" / "container-build.log",
+        help="where the build's output goes",
+    )
     args = ap.parse_args()
 
     if not (Docker.available() or have("buildah") or (os.geteuid() == 0 and have("apt-get"))):
@@ -638,15 +666,7 @@ def main() -> int:
     passed = 0
     try:
         engine = pick_engine(args.base_image)
-        old_id = engine.image_id(args.tag)
-
-        t0 = time.monotonic()
-        engine.build(args.tag, args.base_image, args.no_cache)
-        build_s = time.monotonic() - t0
-        new_id = engine.image_id(args.tag)
-        if old_id and old_id != new_id:
-            # The previous build of this tag is now dangling: do not let them pile up.
-            engine.c("rmi", old_id, check=False, quiet=True)
+        build_s = engine.build(args.tag, args.base_image, args.no_cache, args.build_log)
         size, base_size = engine.image_size(args.tag), engine.image_size(args.base_image)
         log(f"built {args.tag} in {build_s:.1f} s")
         passed += 1
