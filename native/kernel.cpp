@@ -242,7 +242,59 @@ struct RowSet {
   int n;                // valid lanes
   int nvec;             // vectors covering the valid lanes
   bool ignore_window;   // global query rows see every key
+  bool contiguous;      // rows[l] == rows[0] + l
 };
+
+// Sets St to -inf where the boolean constraints (bool mask, causal, window) disallow a key.
+// Called only for tiles that straddle a boundary; key_lengths is handled by tile truncation.
+void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b,
+                       int64_t h) {
+  const AttnArgs& a = *c.a;
+  const int64_t* ms = a.mask_strides;
+  float* st = s.st.p;
+  const bool win = c.window && !rs.ignore_window;
+  if (a.bool_mask == nullptr && rs.contiguous && (!win || c.dil == 1)) {
+    // Consecutive rows i = i0 + l: each constraint allows an interval of lanes for key j.
+    const int64_t i0 = rs.rows[0];
+    for (int jj = 0; jj < t.jn; ++jj) {
+      const int64_t j = t.j0 + jj;
+      int64_t lo = 0, hi = rs.n - 1;
+      if (a.causal) lo = max64(lo, j - c.coff - i0);  // j <= i + coff
+      if (win && !(c.is_global && c.is_global[j])) {
+        const int64_t d0 = j - c.off - i0;  // delta = d0 - l
+        if (c.wl >= 0) hi = min64(hi, d0 + c.wl);
+        if (c.wr >= 0) lo = max64(lo, d0 - c.wr);
+      }
+      float* row = st + jj * BR;
+      if (lo > hi) {
+        lo = rs.n;
+        hi = rs.n - 1;
+      }
+      for (int64_t l = 0; l < lo; ++l) row[l] = NEG_INF;
+      for (int64_t l = hi + 1; l < rs.n; ++l) row[l] = NEG_INF;
+    }
+    return;
+  }
+  const uint8_t* bm = a.bool_mask ? a.bool_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3] : nullptr;
+  const int64_t lo = c.wl >= 0 ? -c.wl * c.dil : INT64_MIN;
+  const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
+  for (int jj = 0; jj < t.jn; ++jj) {
+    const int64_t j = t.j0 + jj;
+    float* row = st + jj * BR;
+    const bool check_win = win && !(c.is_global && c.is_global[j]);
+    for (int l = 0; l < rs.n; ++l) {
+      const int64_t i = rs.rows[l];
+      bool ok = true;
+      if (bm) ok = bm[i * ms[2] + jj * ms[3]] != 0;
+      if (a.causal && j > i + c.coff) ok = false;
+      if (check_win) {
+        const int64_t delta = j - (i + c.off);
+        if (delta < lo || delta > hi || (c.dil > 1 && delta % c.dil != 0)) ok = false;
+      }
+      if (!ok) row[l] = NEG_INF;
+    }
+  }
+}
 
 // St[j][lane] for the keys of tile t: scores with every modifier and constraint applied.
 void scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b, int64_t h,
@@ -291,29 +343,7 @@ void scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b
       for (int l = 0; l < rs.n; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
     }
   }
-  if (t.boundary) {
-    const uint8_t* bm =
-        a.bool_mask ? a.bool_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3] : nullptr;
-    const bool win = c.window && !rs.ignore_window;
-    const int64_t lo = c.wl >= 0 ? -c.wl * c.dil : INT64_MIN;
-    const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
-    for (int jj = 0; jj < t.jn; ++jj) {
-      const int64_t j = t.j0 + jj;
-      float* row = st + jj * BR;
-      const bool check_win = win && !(c.is_global && c.is_global[j]);
-      for (int l = 0; l < rs.n; ++l) {
-        const int64_t i = rs.rows[l];
-        bool ok = true;
-        if (bm) ok = bm[i * ms[2] + jj * ms[3]] != 0;
-        if (a.causal && j > i + c.coff) ok = false;
-        if (check_win) {
-          const int64_t delta = j - (i + c.off);
-          if (delta < lo || delta > hi || delta % c.dil != 0) ok = false;
-        }
-        if (!ok) row[l] = NEG_INF;
-      }
-    }
-  }
+  if (t.boundary) apply_constraints(c, s, rs, t, b, h);
 }
 
 // Online-softmax update for one tile: turns St into P in place, updates m and l, and leaves
@@ -462,7 +492,7 @@ void attention_item(void* p, int64_t item) {
   const int64_t i0 = qtile * BR;
   const int n = int(min64(BR, a.Lq - i0));
   for (int l = 0; l < n; ++l) rows[l] = i0 + l;
-  process_rows(c, s, b, h, RowSet{rows, n, (n + VL - 1) / VL, false});
+  process_rows(c, s, b, h, RowSet{rows, n, (n + VL - 1) / VL, false, true});
 
   // Query rows aligned to a global token ignore the window: redo them over all keys (same
   // thread, so the overwrite cannot race).
@@ -472,7 +502,7 @@ void attention_item(void* p, int64_t item) {
       const int64_t pos = rows[l] + c.off;
       if (pos >= 0 && pos < a.Lk && c.is_global[pos]) grows[ng++] = rows[l];
     }
-    if (ng > 0) process_rows(c, s, b, h, RowSet{grows, ng, (ng + VL - 1) / VL, true});
+    if (ng > 0) process_rows(c, s, b, h, RowSet{grows, ng, (ng + VL - 1) / VL, true, false});
   }
 }
 
