@@ -55,7 +55,10 @@ def _png(canvas: FigureCanvasAgg) -> bytes:
 
 
 def _short(label: str) -> str:
-    return label if len(label) <= _LABEL_CHARS else label[: _LABEL_CHARS - 1] + "…"
+    """A tick label safe to draw: printable, lone surrogates replaced, at most a few chars."""
+    text = label.encode("utf-8", "replace").decode("utf-8")
+    text = "".join(ch if ch.isprintable() else "\N{REPLACEMENT CHARACTER}" for ch in text)
+    return text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
 
 
 def _ticks(n: int, labels: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -123,10 +126,15 @@ class _MapCanvas:
         self.ax.set_ylim(bottom, -0.5)
         xpos, xtext = _ticks(cols, xlabels)
         ypos, ytext = _ticks(rows, ylabels)
+        # parse_math=False: a token such as "$x" is text, not a (broken) TeX formula.
         self.ax.set_xticks(
-            xpos, xtext, rotation=90 if xlabels is not None else 0, fontsize=8 if xlabels else 10
+            xpos,
+            xtext,
+            rotation=90 if xlabels is not None else 0,
+            fontsize=8 if xlabels else 10,
+            parse_math=False,
         )
-        self.ax.set_yticks(ypos, ytext, fontsize=8 if ylabels else 10)
+        self.ax.set_yticks(ypos, ytext, fontsize=8 if ylabels else 10, parse_math=False)
         self.title.set_text(title)
         self.xlabel.set_text(xlabel)
         self.ylabel.set_text(ylabel)
@@ -150,15 +158,19 @@ def render_map(
     canvas: _MapCanvas | None = getattr(_local, "canvas", None)
     if canvas is None:
         canvas = _local.canvas = _MapCanvas()
-    return canvas.render(
-        np.asarray(matrix, dtype=np.float32),
-        title=title,
-        xlabel=xlabel,
-        ylabel=ylabel,
-        xlabels=xlabels,
-        ylabels=ylabels,
-        diverging=diverging,
-    )
+    try:
+        return canvas.render(
+            np.asarray(matrix, dtype=np.float32),
+            title=title,
+            xlabel=xlabel,
+            ylabel=ylabel,
+            xlabels=xlabels,
+            ylabels=ylabels,
+            diverging=diverging,
+        )
+    except BaseException:
+        _local.canvas = None  # never reuse a figure left half-updated
+        raise
 
 
 def render_grid(maps: np.ndarray, panel_titles: Sequence[str], *, title: str) -> bytes:

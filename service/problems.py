@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -112,9 +113,11 @@ def problem_response(
         body["instance"] = instance
     if errors is not None:
         body["errors"] = errors
-    return Response(
-        orjson.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
-    )
+    try:
+        content = orjson.dumps(body)
+    except TypeError:  # text orjson refuses (a lone surrogate from the input): escape it
+        content = json.dumps(body, ensure_ascii=True, default=str).encode()
+    return Response(content, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def _clean_msg(msg: str) -> str:

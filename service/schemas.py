@@ -190,6 +190,26 @@ class Meta(BaseModel):
     method: str = Field(description='"exact" or the approximation used.')
 
 
+class Comparison(BaseModel):
+    """An approximation measured against exact attention on the same input ("compare": true)."""
+
+    method: str
+    rel_error: float = Field(description="||approx - exact||_F / ||exact||_F over all heads.")
+    max_abs_error: float
+    rel_error_per_head: Tensor = Field(description="(.., Hq): the relative error per head.")
+    implied_map: Tensor = Field(
+        description="(.., Hq, Pq, Pk): bin means of the approximation's implied matrix M "
+        "(output = M v), pooled to at most 256 bins a side."
+    )
+    exact_map: Tensor | None = Field(
+        None, description="The exact weights in the same bins (null when too large to form)."
+    )
+    pooled: bool = Field(description="Whether a bin holds more than one (query, key) cell.")
+    map_kind: str
+    exact_elapsed_ms: float
+    approx_elapsed_ms: float
+
+
 class AttentionResponse(BaseModel):
     """Attention output; weights and lse only when return_weights."""
 
@@ -218,6 +238,7 @@ class AttentionResponse(BaseModel):
     weights: Tensor | None = Field(None, description="(.., Hq, Lq, Lk) probabilities.")
     lse: Tensor | None = Field(None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key).")
     heatmaps: list[HeatmapRef] = Field(default_factory=list)
+    comparison: Comparison | None = Field(None, description='Only with "compare": true.')
     meta: Meta
 
 
@@ -340,9 +361,16 @@ class TokensRequest(_WithHeatmap, MultiheadOptions):
         """The tokens, from `tokens` or from `text` split on whitespace (exactly one given)."""
         if (self.tokens is None) == (self.text is None):
             raise InputError("tokens", "give exactly one of `tokens` or `text`")
+        field = "tokens" if self.tokens is not None else "text"
         tokens = self.tokens if self.tokens is not None else (self.text or "").split()
         if not tokens:
-            raise InputError("text" if self.tokens is None else "tokens", "there are no tokens")
+            raise InputError(field, "there are no tokens")
+        for i, token in enumerate(tokens):
+            try:
+                token.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+                loc = (field, i) if field == "tokens" else field
+                raise InputError(loc, "is not valid Unicode (lone surrogate)") from None
         return tokens
 
 

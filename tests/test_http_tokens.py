@@ -264,3 +264,24 @@ def test_masking_options_apply(c) -> None:
         masking=masking,
     )
     np.testing.assert_array_equal(w, direct.weights)
+
+
+def test_any_token_text_is_drawn_or_refused_by_name(c) -> None:
+    # TeX-like, control, long, emoji and bidi tokens are labels, never formulas or crashes.
+    odd = ["$x$", "$\\frac", "\u0000", "a" * 10_000, "\U0001f600", "\n", "\u202e", "%s", "$$"]
+    r = post(
+        c,
+        "/v1/tokens",
+        {"tokens": odd, "d_model": 8, "num_heads": 2, "heatmap": {"heads": [0], "inline": True}},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == odd
+    lone = b'{"tokens": ["a", "\\ud800"], "d_model": 8, "num_heads": 2}'
+    r = c.post("/v1/tokens", content=lone, headers={"content-type": "application/json"})
+    assert_problem(r, 422, ["tokens", 1])
+    r = c.post(
+        "/v1/attention",
+        content=b'{"\\ud800": 1, "q": [[1.0]], "k": [[1.0]], "v": [[1.0]]}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
