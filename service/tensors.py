@@ -160,6 +160,10 @@ def _cast_checked(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
     ):
         raise TensorError(f"a {dtype.name} tensor holds only whole numbers")
+    if dtype.kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise TensorError(f"values outside the range of {dtype.name}")
     return arr.astype(dtype)
 
 
