@@ -1,6 +1,7 @@
 """`attention-service`: run the HTTP service with uvicorn.
 
-Flags override the ATTN_ environment (ATTN_HOST, ATTN_PORT, ATTN_WORKERS, ATTN_LOG_LEVEL);
+Flags override the ATTN_ environment (ATTN_HOST, ATTN_PORT, ATTN_WORKERS, ATTN_LOG_LEVEL,
+ATTN_ACCESS_LOG);
 every other setting comes from the environment only (see service.settings).
 """
 
@@ -38,6 +39,12 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help=f"default {defaults.log_level} (ATTN_LOG_LEVEL)",
     )
+    p.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.access_log,
+        help="one log line per request (ATTN_ACCESS_LOG)",
+    )
     return p
 
 
@@ -57,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["ATTN_PORT"] = str(args.port)
     os.environ["ATTN_WORKERS"] = str(args.workers)
     os.environ["ATTN_LOG_LEVEL"] = args.log_level
+    os.environ["ATTN_ACCESS_LOG"] = str(args.access_log).lower()
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -64,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        access_log=args.access_log,
         # The app answers every error itself; uvicorn's defaults suit the rest.
         server_header=False,
     )

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     workers: int = Field(1, ge=1, description="Worker processes (uvicorn --workers).")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    access_log: bool = Field(True, description="Log one line per request (uvicorn access log).")
 
     # Compute admission: at most max_concurrency computations run at once; up to queue_size
     # more wait; beyond that requests get 503 + Retry-After at once.
