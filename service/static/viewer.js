@@ -101,7 +101,7 @@
         leftovers.push(loc && loc.length ? `${[].concat(loc).join(".")}: ${msg}` : msg);
         continue;
       }
-      el.textContent = el.textContent ? `${el.textContent}; ${msg}` : capitalise(msg);
+      el.textContent = el.textContent ? `${el.textContent}; ${msg}` : msg;
       for (const c of controlsFor(el)) {
         c.classList.add("invalid");
         c.setAttribute("aria-invalid", "true");
@@ -111,8 +111,6 @@
     if (leftovers.length) showBanner(title || "The service could not compute this", leftovers);
     if (first && typeof first.focus === "function") first.focus({ preventScroll: false });
   }
-
-  const capitalise = (s) => (s ? s[0].toUpperCase() + s.slice(1) : s);
 
   // ------------------------------------------------------------------------------------------
   // Reading the form
@@ -674,7 +672,7 @@
       renderLabels(cell);
       const vmax = colourLimit(key);
       $("legend-min").textContent = "0";
-      $("legend-max").textContent = formatWeight(vmax);
+      $("legend-max").textContent = String(Number(vmax.toPrecision(3)));
     }
   }
 
