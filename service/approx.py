@@ -73,8 +73,8 @@ _WHY: dict[str, str] = {
     "global_tokens": "global tokens go with a window; use method 'exact'",
     "alibi_slopes": "a per-(query, key) bias does not factor through the features",
     "softcap": "capping acts on individual scores, which the method never forms",
-    "return_weights": "its weights are over projected rows, not keys (use compare for its "
-    "implied key-by-key map)",
+    "return_weights": "its weights are over projected rows, not keys; compare returns its "
+    "implied key-by-key map",
     "compare": "it is the reference the others are compared with",
 }
 
@@ -149,10 +149,8 @@ def check_options(opts: AttentionOptions) -> None:
         if name in supported:
             continue
         what = ".".join(map(str, loc))
-        users = sorted(m for m, s in SUPPORTED.items() if name in s)
-        why = _WHY.get(name) if users else None
-        if why is None:
-            why = f"'{what}' is only used by method {' / '.join(repr(m) for m in users)}"
+        users = " / ".join(repr(m) for m, s in SUPPORTED.items() if name in s)
+        why = _WHY.get(name) or f"'{what}' is only used by method {users}"
         allowed = ", ".join(sorted(supported)) or "none"
         raise InputError(
             loc,
@@ -573,7 +571,7 @@ def compare(
         q,
         k,
         v,
-        scale=opts.scale if opts.method != "linear" else None,
+        scale=opts.scale,
         causal=opts.causal,
         key_lengths=opts.key_lengths,
         empty_rows=opts.empty_rows,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import heatmaps, wire
+from service import compare_view, heatmaps, wire
 from service.api import attention
 from service.problems import PROBLEM_RESPONSES
 from service.schemas import AttentionRequest, AttentionResponse, request_body
@@ -34,7 +34,8 @@ async def post_attention(request: Request) -> Response:
 def _job(state: AppState, body: bytes) -> Response:
     req = wire.validate(AttentionRequest, wire.parse_json(body), state.settings.max_elements)
     spec = req.heatmap
-    want_weights = req.return_weights or spec is not None
+    # With "compare", the heatmaps show exact | approximation | difference instead of weights.
+    want_weights = req.return_weights or (spec is not None and not req.compare)
     q, k, v = req.q, req.k, req.v
     if 2 <= q.ndim <= 4 and k.ndim == q.ndim and v.ndim == q.ndim:
         # Outputs can be far larger than inputs within the limits: refuse before computing.
@@ -44,7 +45,8 @@ def _job(state: AppState, body: bytes) -> Response:
             state.limits.elements("k", rows + k.shape[-2:-1], "the weights")
         if spec is not None:
             shape4 = (1,) * (4 - q.ndim) + rows + k.shape[-2:-1]
-            heatmaps.check_spec(spec, shape4, state.limits)  # type: ignore[arg-type]
+            check = compare_view.check_spec if req.compare else heatmaps.check_spec
+            check(spec, shape4, state.limits)  # type: ignore[arg-type]
     result = attention(
         q,
         k,
@@ -54,7 +56,9 @@ def _job(state: AppState, body: bytes) -> Response:
         **({"return_weights": True} if want_weights else {}),
     )
     drawn: list[dict] = []
-    if spec is not None and result.weights is not None:
+    if spec is not None and result.comparison is not None:
+        drawn = compare_view.draw(result.comparison, spec, state.store)
+    elif spec is not None and result.weights is not None:
         w = result.weights
         drawn = heatmaps.draw(
             w.reshape((1,) * (4 - w.ndim) + w.shape), spec, state.store, title="attention"
@@ -64,6 +68,8 @@ def _job(state: AppState, body: bytes) -> Response:
     if req.return_weights:
         content["weights"] = wire.encode(result.weights, enc)
         content["lse"] = wire.encode(result.lse, enc)
+    if result.comparison is not None:
+        content["comparison"] = compare_view.to_json(result.comparison, enc)
     content["heatmaps"] = drawn
     content["meta"] = {
         "shape": list(result.output.shape),
