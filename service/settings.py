@@ -35,11 +35,16 @@ class Settings(BaseSettings):
 
     # Compute admission: at most max_concurrency computations run at once; up to queue_size
     # more wait; beyond that requests get 503 + Retry-After at once.
-    max_concurrency: int = Field(default_factory=_cores, ge=1)
+    # Per worker process: by default the cores are shared out among the workers.
+    max_concurrency: int = Field(
+        default_factory=lambda data: max(1, _cores() // data.get("workers", 1)), ge=1
+    )
     queue_size: int = Field(64, ge=0)
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with a 503.")
     threads_per_computation: int = Field(
-        0, ge=0, description="Native threads per computation; 0 = cores / max_concurrency."
+        0,
+        ge=0,
+        description="Native threads per computation; 0 = cores / (max_concurrency * workers).",
     )
 
     # Input limits.
@@ -66,4 +71,4 @@ class Settings(BaseSettings):
         """Threads one computation uses: the explicit setting, else a fair share of the cores."""
         if self.threads_per_computation:
             return self.threads_per_computation
-        return max(1, _cores() // self.max_concurrency)
+        return max(1, _cores() // (self.max_concurrency * self.workers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -305,3 +306,19 @@ def test_openapi_documents_every_model_with_examples(c) -> None:
     )
     docs = c.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import Settings
+
+    defaults = Settings()
+    assert defaults.max_body_bytes == 64 << 20 and defaults.heatmap_max_side == 1024
+    assert defaults.max_concurrency == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("ATTN_WORKERS", "2")
+    monkeypatch.setenv("ATTN_QUEUE_SIZE", "5")
+    monkeypatch.setenv("ATTN_HEATMAP_TTL_S", "9")
+    s = Settings()
+    assert (s.workers, s.queue_size, s.heatmap_ttl_s) == (2, 5, 9)
+    # Cores are shared out among worker processes, and among computations within one.
+    assert s.max_concurrency == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert s.max_concurrency * s.workers * s.native_threads <= max(2, os.cpu_count() or 1)
