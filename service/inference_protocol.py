@@ -527,7 +527,7 @@ def select_outputs(request: InferenceRequest, known: Iterable[str]) -> OutputSel
     default = _flag(
         request.parameters.get("binary_data_output", False), "parameter 'binary_data_output'"
     )
-    if request.outputs is None:
+    if not request.outputs:  # absent or empty: the model's default outputs
         return OutputSelection(None, {}, default)
     binary: dict[str, bool] = {}
     for out in request.outputs:
@@ -549,7 +549,11 @@ def select_outputs(request: InferenceRequest, known: Iterable[str]) -> OutputSel
 
 
 def _compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """Compress a response when the client asked for it (tritonclient's compression option)."""
+    """Compress a JSON response when the client accepts it (tritonclient's compression option).
+
+    Binary responses are left alone: float bytes barely compress, and generic clients (httpx,
+    browsers) accept gzip by default, so compressing them would only spend compute-slot time.
+    """
     accepted = {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
     if "gzip" in accepted:
         deflater = zlib.compressobj(1, zlib.DEFLATED, 31)
@@ -597,7 +601,7 @@ def infer_response(
         media_type = "application/octet-stream"
     else:
         body, media_type = header, "application/json"
-    body, encoding = _compress(body, accept_encoding)
-    if encoding:
-        headers["Content-Encoding"] = encoding
+        body, encoding = _compress(body, accept_encoding)
+        if encoding:
+            headers["Content-Encoding"] = encoding
     return Response(body, headers=headers, media_type=media_type)

@@ -461,17 +461,24 @@ def test_mixed_binary_and_json_outputs(http) -> None:
 def test_compressed_request_and_response(tc, http) -> None:
     x = qkv(10)
     inputs = [tensor(n, a) for n, a in x.items()]
-    outputs = [triton.InferRequestedOutput("output")]
     expected = v1_arrays(_v1_attention(http, x, {}))
     for algorithm in ("gzip", "deflate"):
-        result = tc.infer(
-            "attention",
-            inputs,
-            outputs=outputs,
-            request_compression_algorithm=algorithm,
-            response_compression_algorithm=algorithm,
-        )
-        np.testing.assert_array_equal(result.as_numpy("output"), expected["output"])
+        for binary in (False, True):
+            result = tc.infer(
+                "attention",
+                inputs,
+                outputs=[triton.InferRequestedOutput("output", binary_data=binary)],
+                request_compression_algorithm=algorithm,
+                response_compression_algorithm=algorithm,
+            )
+            np.testing.assert_array_equal(result.as_numpy("output"), expected["output"])
+    # JSON answers are compressed when accepted; binary ones (float bytes) are not.
+    doc = _doc(*(json_input(n, a) for n, a in x.items()))
+    r = http.post("/v2/models/attention/infer", json=doc, headers={"accept-encoding": "gzip"})
+    assert r.headers["content-encoding"] == "gzip" and r.json()["outputs"][0]["name"] == "output"
+    doc["parameters"] = {"binary_data_output": True}
+    r = http.post("/v2/models/attention/infer", json=doc, headers={"accept-encoding": "gzip"})
+    assert "content-encoding" not in r.headers and HEADER in r.headers
 
 
 def test_heatmap_urls_in_the_response_parameters(tc, http) -> None:
