@@ -23,6 +23,12 @@ float32); query heads are grouped onto key/value heads as (B, Hkv, G, Lq, .) for
 The "implied attention matrix" of a method is the (Lq, Lk) matrix M with output = M V: for
 linear and performer the normalised phi(Q) phi(K)^T (non-negative, rows sum to 1); for
 linformer softmax(scale * Q (E K)^T) F, a signed operator whose rows need not sum to 1.
+With return_weights, linear and performer return M itself and, as lse, the log of their row
+normaliser (performer: an estimate of the exact log-sum-exp). "compare" returns M pooled into
+at most MAP_SIDE x MAP_SIDE bins of cell means, computed from per-bin sums of phi(K) (and F),
+so it never forms Lq x Lk.
+
+BLAS runs on one thread here (see `_serial`), so `num_threads` of the API does not apply.
 """
 
 from __future__ import annotations

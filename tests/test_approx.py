@@ -356,3 +356,17 @@ def test_feature_memory_limit(monkeypatch) -> None:
     with pytest.raises(LimitError) as info:
         run(q, k, v, method="performer", num_features=64)
     assert info.value.loc == ("num_features",)
+
+
+def test_support_table_matches_the_issue() -> None:
+    """The documented limits: per-(query, key) options are exact-only; linformer is
+    non-causal and has no key-by-key weights; compare needs an approximation."""
+    per_cell = {"mask", "window", "global_tokens", "alibi_slopes", "softcap"}
+    for method in ("linear", "performer", "linformer"):
+        assert not per_cell & approx.SUPPORTED[method], method
+        assert {"key_lengths", "compare"} <= approx.SUPPORTED[method], method
+    assert {"causal", "return_weights"} <= approx.SUPPORTED["linear"] & approx.SUPPORTED[
+        "performer"
+    ]
+    assert not {"causal", "return_weights"} & approx.SUPPORTED["linformer"]
+    assert "compare" not in approx.SUPPORTED["exact"]
