@@ -168,7 +168,8 @@ using Tables = decltype(make_tables(std::make_index_sequence<RJ * RI>{}));
 struct Tile {
   int64_t j0;
   int32_t jn;
-  bool boundary;  // some element of the tile may be disallowed: check each one
+  bool boundary;    // some element of the tile may be disallowed: check each one
+  bool has_global;  // holds a global key (which ignores the window)
 };
 
 // Per-call constants shared by all work items.
@@ -186,8 +187,14 @@ struct Ctx {
   const int64_t* order;  // (batch, query tile) pairs, most work first
 };
 
+// Keys [js, je) of a tile (tile-relative) that some lane of a lane block may attend to.
+struct KeyRange {
+  int js, je;
+};
+
 struct Scratch {
   Buf<float> qt, st, ot, m, l, alpha, cpos, lsev;
+  Buf<KeyRange> ranges;  // per lane block of the current tile
   Buf<int64_t> rows, grows;
   Buf<Tile> tiles;
 };
@@ -221,6 +228,9 @@ size_t plan_tiles(const Ctx& c, int64_t b, int64_t imin, int64_t imax, bool igno
       if (c.wr >= 0 && jlast > imin + c.off + c.wr * c.dil) bnd = true;
     }
     T.boundary = bnd;
+    T.has_global = false;
+    if (c.is_global)
+      for (int64_t j = T.j0; j <= jlast && !T.has_global; ++j) T.has_global = c.is_global[j];
   };
   int64_t t0 = 0, t1 = -1;
   if (lo <= hi) {
@@ -296,54 +306,85 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
   }
 }
 
+// The keys of tile t that some lane of the lane block starting at vector iv (C vectors) may
+// attend to. Outside it the block's scores are -inf and its P rows zero, so Q.K and P.V skip
+// them: along a causal diagonal or a window edge this saves a large part of a boundary tile.
+KeyRange key_range(const Ctx& c, const RowSet& rs, const Tile& t, int iv, int C) {
+  const AttnArgs& a = *c.a;
+  if (!t.boundary || !rs.contiguous || a.bool_mask || t.has_global) return {0, t.jn};
+  const int64_t first = rs.rows[0] + iv * VL;
+  const int64_t last = rs.rows[0] + min64(rs.n, (iv + C) * VL) - 1;
+  int64_t lo = t.j0, hi = t.j0 + t.jn - 1;
+  if (a.causal) hi = min64(hi, last + c.coff);
+  if (c.window && !rs.ignore_window) {
+    if (c.wl >= 0) lo = max64(lo, first + c.off - c.wl * c.dil);
+    if (c.wr >= 0) hi = min64(hi, last + c.off + c.wr * c.dil);
+  }
+  if (hi < lo) return {0, 0};
+  return {int(lo - t.j0), int(hi - t.j0 + 1)};
+}
+
 // St[j][lane] for the keys of tile t: scores with every modifier and constraint applied.
 void scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b, int64_t h,
             const float* kb) {
   const AttnArgs& a = *c.a;
   const int64_t ldk = a.sk[2];
+  const int64_t* ms = a.mask_strides;
   float* st = s.st.p;
   const float* qt = s.qt.p;
   for (int iv = 0; iv < rs.nvec; iv += RI) {
     const int C = int(min64(RI, rs.nvec - iv));
-    int jj = 0;
+    const KeyRange kr = key_range(c, rs, t, iv, C);
+    s.ranges.p[iv / RI] = kr;
+    int jj = kr.js;
     if (C == RI)
-      for (; jj + RJ <= t.jn; jj += RJ)
+      for (; jj + RJ <= kr.je; jj += RJ)
         qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt + iv * VL, a.D, st + jj * BR + iv * VL);
-    for (; jj < t.jn; jj += RJ) {
-      const int R = int(min64(RJ, t.jn - jj));
+    for (; jj < kr.je; jj += RJ) {
+      const int R = int(min64(RJ, kr.je - jj));
       Tables::qk[(R - 1) * RI + (C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt + iv * VL, a.D,
                                          st + jj * BR + iv * VL);
     }
+    if (a.softcap > 0.0f) {
+      const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
+      for (jj = kr.js; jj < kr.je; ++jj)
+        for (int v = iv; v < iv + C; ++v) {
+          float* p = st + jj * BR + v * VL;
+          simd::store(p, simd::mul(cap, simd::tanh(simd::mul(simd::load(p), inv))));
+        }
+    }
+    if (a.alibi) {
+      const vf slope = simd::set1(-a.alibi[h]);
+      for (jj = kr.js; jj < kr.je; ++jj) {
+        const vf jf = simd::set1(float(t.j0 + jj));
+        for (int v = iv; v < iv + C; ++v) {
+          float* p = st + jj * BR + v * VL;
+          const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + v * VL), jf));
+          simd::store(p, simd::fma(slope, dist, simd::load(p)));
+        }
+      }
+    }
+    if (a.float_mask) {
+      const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
+      const int l1 = int(min64(rs.n, (iv + C) * VL));
+      for (jj = kr.js; jj < kr.je; ++jj) {
+        float* row = st + jj * BR;
+        const float* fmj = fm + jj * ms[3];
+        for (int l = iv * VL; l < l1; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
+      }
+    }
   }
-  if (a.softcap > 0.0f) {
-    const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
+  if (!t.boundary) return;
+  apply_constraints(c, s, rs, t, b, h);
+  // Keys outside a lane block's range were not computed: mark them disallowed.
+  const vf ninf = simd::set1(NEG_INF);
+  for (int iv = 0; iv < rs.nvec; iv += RI) {
+    const int C = int(min64(RI, rs.nvec - iv));
+    const KeyRange kr = s.ranges.p[iv / RI];
     for (int jj = 0; jj < t.jn; ++jj)
-      for (int v = 0; v < rs.nvec; ++v) {
-        float* p = st + jj * BR + v * VL;
-        simd::store(p, simd::mul(cap, simd::tanh(simd::mul(simd::load(p), inv))));
-      }
+      if (jj < kr.js || jj >= kr.je)
+        for (int v = iv; v < iv + C; ++v) simd::store(st + jj * BR + v * VL, ninf);
   }
-  if (a.alibi) {
-    const vf slope = simd::set1(-a.alibi[h]);
-    for (int jj = 0; jj < t.jn; ++jj) {
-      const vf jf = simd::set1(float(t.j0 + jj));
-      for (int v = 0; v < rs.nvec; ++v) {
-        float* p = st + jj * BR + v * VL;
-        const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + v * VL), jf));
-        simd::store(p, simd::fma(slope, dist, simd::load(p)));
-      }
-    }
-  }
-  const int64_t* ms = a.mask_strides;
-  if (a.float_mask) {
-    const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
-    for (int jj = 0; jj < t.jn; ++jj) {
-      float* row = st + jj * BR;
-      const float* fmj = fm + jj * ms[3];
-      for (int l = 0; l < rs.n; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
-    }
-  }
-  if (t.boundary) apply_constraints(c, s, rs, t, b, h);
 }
 
 // Online-softmax update for one tile: turns St into P in place, updates m and l, and leaves
@@ -376,19 +417,22 @@ void softmax_update(Scratch& s, const RowSet& rs, int jn) {
 void pv_update(const AttnArgs& a, Scratch& s, const RowSet& rs, const Tile& t,
                const float* vb) {
   const int64_t ldv = a.sv[2];
-  const float* vt = vb + t.j0 * ldv;
   for (int iv = 0; iv < rs.nvec; iv += RI) {
     const int C = int(min64(RI, rs.nvec - iv));
-    const float* pt = s.st.p + iv * VL;
+    // Skipping an empty range is exact: its lanes saw only -inf, so alpha is 1 (or Ot is 0).
+    const KeyRange kr = s.ranges.p[iv / RI];
+    if (kr.je <= kr.js) continue;
+    const float* vt = vb + (t.j0 + kr.js) * ldv;
+    const float* pt = s.st.p + kr.js * BR + iv * VL;
     const float* al = s.alpha.p + iv * VL;
+    const int jn = kr.je - kr.js;
     int64_t dv = 0;
     if (C == RI)
       for (; dv + RJ <= a.Dv; dv += RJ)
-        pv_micro<RJ, RI>(vt + dv, ldv, pt, t.jn, s.ot.p + dv * BR + iv * VL, al);
+        pv_micro<RJ, RI>(vt + dv, ldv, pt, jn, s.ot.p + dv * BR + iv * VL, al);
     for (; dv < a.Dv; dv += RJ) {
       const int R = int(min64(RJ, a.Dv - dv));
-      Tables::pv[(R - 1) * RI + (C - 1)](vt + dv, ldv, pt, t.jn, s.ot.p + dv * BR + iv * VL,
-                                         al);
+      Tables::pv[(R - 1) * RI + (C - 1)](vt + dv, ldv, pt, jn, s.ot.p + dv * BR + iv * VL, al);
     }
   }
 }
@@ -485,6 +529,7 @@ void attention_item(void* p, int64_t item) {
   s.alpha.get(BR);
   s.cpos.get(BR);
   s.lsev.get(BR);
+  s.ranges.get(BR / (RI * VL));
   int64_t* rows = s.rows.get(BR);
   int64_t* grows = s.grows.get(BR);
   s.tiles.get(size_t((a.Lk + BC - 1) / BC + c.n_gtiles + 1));
