@@ -8,6 +8,7 @@ configuration (body limit, a full compute queue) run in process.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import socket
@@ -31,6 +32,7 @@ from reference import reference_attention
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 import service
+from service import inference_models
 
 MAX_ELEMENTS = 200_000
 HEADER = "Inference-Header-Content-Length"
@@ -858,3 +860,16 @@ def test_overloaded_is_503_with_retry_after(tmp_path: Path) -> None:
             held.result(timeout=30)
         r = c.post("/v2/models/attention/infer", content=orjson.dumps(_small_request()))
         assert r.status_code == 200, r.text
+
+
+def test_a_bug_is_a_logged_500_in_the_protocol_form(tmp_path: Path, monkeypatch, caplog) -> None:
+    def boom(*args: Any) -> Any:
+        raise RuntimeError("internal detail")
+
+    model = inference_models.MODELS["attention"]
+    monkeypatch.setitem(inference_models.MODELS, "attention", dataclasses.replace(model, run=boom))
+    with client(tmp_path) as c:
+        r = c.post("/v2/models/attention/infer", content=orjson.dumps(_small_request()))
+    assert r.status_code == 500 and set(r.json()) == {"error"}
+    assert "internal detail" not in r.json()["error"]  # internals stay in the log
+    assert any("unhandled error" in rec.getMessage() for rec in caplog.records)
