@@ -23,6 +23,8 @@ from service.errors import InputError, LimitError
 from service.options import AttentionOptions
 
 CAUSAL = [False, "top_left", "bottom_right"]
+# (method, causal) pairs that exist: linformer is non-causal
+METHOD_CAUSAL = [(m, c) for m in ("linear", "performer") for c in CAUSAL] + [("linformer", False)]
 
 
 def rand(*shape: int, seed: int = 0) -> np.ndarray:
@@ -119,11 +121,8 @@ def test_feature_methods_match_reference(method, causal, shape, chunk) -> None:
     np.testing.assert_allclose(res.lse[finite], lse[finite], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["linear", "performer", "linformer"])
-@pytest.mark.parametrize("causal", [False, "top_left"])
+@pytest.mark.parametrize("method, causal", [mc for mc in METHOD_CAUSAL if mc[1] != "bottom_right"])
 def test_key_lengths_and_empty_rows(method, causal) -> None:
-    if method == "linformer" and causal:
-        pytest.skip("linformer is non-causal")
     q, k, v = qkv(3, 2, 2, 21, 21)
     lengths = [21, 9, 0]
     res = run(q, k, v, 6, method=method, causal=causal, key_lengths=lengths)
@@ -168,12 +167,9 @@ def pool(m: np.ndarray, pq: int, pk: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("method", ["linear", "performer", "linformer"])
-@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("method, causal", METHOD_CAUSAL)
 @pytest.mark.parametrize("side", [5, 12, 64])
 def test_pooled_implied_map(monkeypatch, method, causal, side) -> None:
-    if method == "linformer" and causal:
-        pytest.skip("linformer is non-causal")
     monkeypatch.setattr(approx, "MAP_SIDE", side)
     q, k, v = qkv(2, 2, 1, 29, 37)
     lengths = [37, 20]
