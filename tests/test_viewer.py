@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 from http_support import client
 from PIL import Image
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
 from reference import reference_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def test_page_and_static_files_are_served(tmp_path: Path) -> None:
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert c.head("/").status_code == 200
         # Everything the page loads comes from the service itself: no CDN.
-        refs = set(__import__("re").findall(r'(?:src|href)="([^"]+)"', page.text))
+        refs = set(re.findall(r'(?:src|href)="([^"]+)"', page.text))
         assert {"/static/viewer.js", "/static/viewer.css"} <= refs
         for ref in refs:
             assert ref.startswith("/"), ref
@@ -457,6 +458,18 @@ def test_api_key_stays_in_the_session_and_is_sent(
     viewer: Viewer, browser: Browser, server: str
 ) -> None:
     page = viewer.page
+    # The weights come from the server; the PNG request (the page's second) is answered here
+    # with no images, after noting its Authorization header: images are not this test's subject.
+    picture_auth: list[str | None] = []
+
+    def no_pictures(route: Route) -> None:
+        if (route.request.post_data_json or {}).get("heatmap") is False:
+            route.continue_()
+            return
+        picture_auth.append(route.request.headers.get("authorization"))
+        route.fulfill(status=200, content_type="application/json", body='{"heatmaps": []}')
+
+    page.route("**/v1/tokens", no_pictures)
     viewer.open()
     page.fill("#api-key", "s3cret")
     page.fill("#num_heads", "2")
@@ -465,6 +478,8 @@ def test_api_key_stays_in_the_session_and_is_sent(
         page.click("#submit")
     assert request.value.headers.get("authorization") == "Bearer s3cret"
     viewer.wait_for_heads(2)
+    expect(page.locator("#png-note")).to_have_text("The server drew no image of this view.")
+    assert picture_auth == ["Bearer s3cret"]
     assert page.evaluate(f"() => sessionStorage.getItem('{KEY_STORAGE}')") == "s3cret"
     assert page.evaluate("() => localStorage.length") == 0
     page.reload()
@@ -488,6 +503,7 @@ def test_api_key_stays_in_the_session_and_is_sent(
 
     # A service that wants a key: the message is shown at the key field.
     problem = {"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": "no key"}
+    page.unroute("**/v1/tokens")
     page.route(
         "**/v1/tokens",
         lambda route: route.fulfill(
