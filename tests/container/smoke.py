@@ -225,6 +225,10 @@ class Engine:
         return p.stdout.strip() == "true"
 
     def cleanup(self) -> None:
+        self.remove_started()
+
+    def remove_started(self) -> None:
+        """Removes the containers and volumes this run started."""
         for name in reversed(self.containers):
             self.c("rm", "-f", name, check=False, quiet=True)
         for vol in self.volumes:
@@ -581,38 +585,45 @@ def compose_phase(engine: Engine, tag: str) -> None:
             raise SmokeError("compose started no container")
         ready = wait_ready(engine, names[0], port, t0)
         log(f"compose: {names[0]} ready {ready:.2f} s after `up`")
-        # The README's curl, verbatim apart from the port.
-        curl = [
-            "curl",
-            "-sS",
-            "-f",
-            f"http://127.0.0.1:{port}/v1/attention",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            '{"q": [[1, 0], [0, 1]], "k": [[1, 0], [0, 1]], "v": [[1, 2], [3, 4]],'
-            ' "heatmap": true}',
-        ]
+        # The README's two curls, verbatim apart from the port.
+        base_url = f"http://127.0.0.1:{port}"
+        q, k, v = [[1, 0], [0, 1]], [[1, 0], [0, 1]], [[1, 2], [3, 4]]
+        body = json.dumps({"q": q, "k": k, "v": v, "heatmap": True})
         if have("curl"):
-            resp = json.loads(run(curl, quiet=True).stdout)
-            url = resp["heatmaps"][0]["url"]
-            png = run(
+            out = run(
                 [
                     "curl",
                     "-sS",
                     "-f",
-                    "-o",
-                    "-",
-                    urllib.request.urljoin(f"http://127.0.0.1:{port}/", url),
+                    f"{base_url}/v1/attention",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    body,
                 ],
                 quiet=True,
             ).stdout
-            log(
-                f"ok: compose service answered the README's curl; heatmap at {url} ({len(png)} "
-                "chars)"
-            )
+            resp = json.loads(out)
+            url = resp["heatmaps"][0]["url"]
+            with tempfile.TemporaryDirectory() as tmp:
+                png_path = Path(tmp) / "heatmap.png"
+                run(["curl", "-sS", "-f", "-o", str(png_path), f"{base_url}{url}"], quiet=True)
+                png = png_path.read_bytes()
         else:
-            attention_request(f"http://127.0.0.1:{port}")
+            status, _, raw = http("POST", f"{base_url}/v1/attention", json.loads(body))
+            resp = json.loads(raw)
+            url = resp["heatmaps"][0]["url"]
+            png = http("GET", f"{base_url}{url}")[2]
+        want = reference_attention(q, k, v)
+        err = max(
+            abs(g - w)
+            for gr, wr in zip(resp["output"], want, strict=True)
+            for g, w in zip(gr, wr, strict=True)
+        )
+        if err > 1e-5:
+            raise SmokeError(f"compose: README request answered {resp['output']}, want {want}")
+        w, h = png_size(png)
+        log(f"ok: the README's curls: output {resp['output']}; {url} is a {w}x{h} PNG")
         engine.healthcheck(names[0])
         log("ok: compose service healthy by its own HEALTHCHECK")
     except BaseException:
@@ -634,6 +645,9 @@ def compose_phase(engine: Engine, tag: str) -> None:
         raise
     finally:
         run([*base, "down", "-v", "-t", "3"], env=env, check=False, timeout=300)
+        # podman-compose leaves the project's network behind (docker compose removes it).
+        if isinstance(engine, Podman):
+            engine.c("network", "rm", "-f", f"{project}_default", check=False, quiet=True)
 
 
 def main() -> int:
@@ -696,7 +710,7 @@ def main() -> int:
             raise SmokeError(f"replica b: GET {url} -> {status} ({len(png_b)} bytes)")
         log("ok: a second replica on the shared volume serves the same heatmap")
         passed += 1
-        engine.cleanup()
+        engine.remove_started()
 
         if not args.no_compose:
             compose_phase(engine, args.tag)
