@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # `builder` compiles the wheel (C++ extension included) and collects the wheels of every
 # run-time dependency; `venv` installs only those wheels into a virtual environment, offline;
 # the runtime stage is the bare base image plus that venv, a user and the settings.

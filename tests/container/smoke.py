@@ -509,7 +509,15 @@ for path in ("/opt/venv/probe", "/probe"):
 print("read-only")
 """
 
-SETTINGS_FIELDS = "from service.settings import Settings; print(' '.join(Settings.model_fields))"
+SETTINGS_DEFAULTS = r"""
+import json
+from pydantic_core import PydanticUndefined
+from service.settings import Settings
+print(json.dumps({name: (None if f.default is PydanticUndefined else f.default)
+                  for name, f in Settings.model_fields.items()}, default=str))
+"""
+# Compose defaults that differ from the service's on purpose (see the comment in the file).
+COMPOSE_OWN_DEFAULTS = {"max_concurrency"}
 
 
 def check_container(engine: Engine, name: str, image: str) -> None:
@@ -540,16 +548,30 @@ def check_container(engine: Engine, name: str, image: str) -> None:
     engine.healthcheck(name)
     log("ok: the image's HEALTHCHECK passes inside the container")
 
-    fields = set(engine.exec_py(name, SETTINGS_FIELDS).split())
-    compose_vars = set(
-        re.findall(r"^\s+ATTN_([A-Z0-9_]+):", (REPO / "docker-compose.yml").read_text(), re.M)
-    )
-    unknown = sorted(v for v in compose_vars if v.lower() not in fields)
-    if unknown:
-        raise SmokeError(
-            f"docker-compose.yml sets ATTN_ variables the service does not read: {unknown}"
-        )
-    log(f"ok: all {len(compose_vars)} ATTN_ variables of docker-compose.yml are settings")
+    check_compose_settings(json.loads(engine.exec_py(name, SETTINGS_DEFAULTS)))
+
+
+def check_compose_settings(defaults: dict[str, Any]) -> None:
+    """docker-compose.yml sets only real settings, with the service's own defaults."""
+    text = (REPO / "docker-compose.yml").read_text()
+    values = dict(re.findall(r"^\s+ATTN_([A-Z0-9_]+):\s*(.+?)\s*$", text, re.M))
+    problems = []
+    for var, value in values.items():
+        name = var.lower()
+        if name not in defaults:
+            problems.append(f"ATTN_{var} is not a setting")
+            continue
+        m = re.fullmatch(r"\$\{ATTN_" + var + r":-(.*)\}", value)
+        want = defaults[name]
+        want_text = str(want).lower() if isinstance(want, bool) else str(want)
+        if m and want is not None and name not in COMPOSE_OWN_DEFAULTS and m[1] != want_text:
+            problems.append(f"ATTN_{var} defaults to {m[1]}, the service to {want}")
+    if problems:
+        raise SmokeError("docker-compose.yml: " + "; ".join(problems))
+    missing = sorted(f"ATTN_{n.upper()}" for n in defaults if n.upper() not in values)
+    log(f"ok: docker-compose.yml's {len(values)} ATTN_ variables are settings, with their defaults")
+    if missing:
+        log(f"note: settings not listed in docker-compose.yml: {', '.join(missing)}")
 
 
 def compose_phase(engine: Engine, tag: str) -> None:
@@ -697,6 +719,9 @@ def main() -> int:
         log(f"ok: ready {ready_s:.2f} s after `run` ({started_s:.2f} s of that in `run` itself)")
         passed += 1
 
+        status, _, _ = http("GET", f"http://127.0.0.1:{port_a}/healthz")
+        if status != 200:
+            raise SmokeError(f"GET /healthz -> {status}")
         url, png = attention_request(f"http://127.0.0.1:{port_a}")
         passed += 1
         check_container(engine, a, args.tag)
