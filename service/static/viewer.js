@@ -640,6 +640,7 @@
 
   function renderLabels(cell) {
     const show = cell >= 9;
+    $("matrix").classList.toggle("no-labels", !show);
     const make = (container, labels, kind) => {
       container.textContent = "";
       container.hidden = !show;
