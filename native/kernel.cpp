@@ -194,7 +194,6 @@ struct KeyRange {
 
 struct Scratch {
   Buf<float> qt, st, ot, m, l, alpha, cpos, lsev;
-  Buf<KeyRange> ranges;  // per lane block of the current tile
   Buf<int64_t> rows, grows;
   Buf<Tile> tiles;
 };
@@ -255,10 +254,36 @@ struct RowSet {
   bool contiguous;      // rows[l] == rows[0] + l
 };
 
-// Sets St to -inf where the boolean constraints (bool mask, causal, window) disallow a key.
-// Called only for tiles that straddle a boundary; key_lengths is handled by tile truncation.
+// A lane block: vectors [iv, iv + C) of the row set, i.e. one micro-tile width. Each tile is
+// processed block by block (scores, softmax, P.V) so that the block's slices of Qt, St and Ot
+// stay in L1 between the steps.
+struct Block {
+  int iv, C;
+  int l0, l1;  // valid lanes [l0, l1)
+};
+
+// The keys of tile t that some lane of block k may attend to. Outside this range the block's
+// scores are -inf and its P rows zero, so Q.K and P.V skip them: along a causal diagonal or a
+// window edge this saves a large part of a boundary tile.
+KeyRange key_range(const Ctx& c, const RowSet& rs, const Tile& t, const Block& k) {
+  const AttnArgs& a = *c.a;
+  if (!t.boundary || !rs.contiguous || a.bool_mask || t.has_global) return {0, t.jn};
+  const int64_t first = rs.rows[0] + k.l0, last = rs.rows[0] + k.l1 - 1;
+  int64_t lo = t.j0, hi = t.j0 + t.jn - 1;
+  if (a.causal) hi = min64(hi, last + c.coff);
+  if (c.window && !rs.ignore_window) {
+    if (c.wl >= 0) lo = max64(lo, first + c.off - c.wl * c.dil);
+    if (c.wr >= 0) hi = min64(hi, last + c.off + c.wr * c.dil);
+  }
+  if (hi < lo) return {0, 0};
+  return {int(lo - t.j0), int(hi - t.j0 + 1)};
+}
+
+// Sets St to -inf where the boolean constraints (bool mask, causal, window) disallow a key,
+// for keys [kr.js, kr.je) and the lanes of block k. Called only for tiles that straddle a
+// boundary; key_lengths is handled by tile truncation.
 void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b,
-                       int64_t h) {
+                       int64_t h, const Block& k, KeyRange kr) {
   const AttnArgs& a = *c.a;
   const int64_t* ms = a.mask_strides;
   float* st = s.st.p;
@@ -266,9 +291,9 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
   if (a.bool_mask == nullptr && rs.contiguous && (!win || c.dil == 1)) {
     // Consecutive rows i = i0 + l: each constraint allows an interval of lanes for key j.
     const int64_t i0 = rs.rows[0];
-    for (int jj = 0; jj < t.jn; ++jj) {
+    for (int jj = kr.js; jj < kr.je; ++jj) {
       const int64_t j = t.j0 + jj;
-      int64_t lo = 0, hi = rs.n - 1;
+      int64_t lo = k.l0, hi = k.l1 - 1;
       if (a.causal) lo = max64(lo, j - c.coff - i0);  // j <= i + coff
       if (win && !(c.is_global && c.is_global[j])) {
         const int64_t d0 = j - c.off - i0;  // delta = d0 - l
@@ -276,23 +301,20 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
         if (c.wr >= 0) lo = max64(lo, d0 - c.wr);
       }
       float* row = st + jj * BR;
-      if (lo > hi) {
-        lo = rs.n;
-        hi = rs.n - 1;
-      }
-      for (int64_t l = 0; l < lo; ++l) row[l] = NEG_INF;
-      for (int64_t l = hi + 1; l < rs.n; ++l) row[l] = NEG_INF;
+      if (lo > hi) lo = hi = k.l1;  // nothing allowed
+      for (int64_t l = k.l0; l < lo; ++l) row[l] = NEG_INF;
+      for (int64_t l = hi + 1; l < k.l1; ++l) row[l] = NEG_INF;
     }
     return;
   }
   const uint8_t* bm = a.bool_mask ? a.bool_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3] : nullptr;
   const int64_t lo = c.wl >= 0 ? -c.wl * c.dil : INT64_MIN;
   const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
-  for (int jj = 0; jj < t.jn; ++jj) {
+  for (int jj = kr.js; jj < kr.je; ++jj) {
     const int64_t j = t.j0 + jj;
     float* row = st + jj * BR;
     const bool check_win = win && !(c.is_global && c.is_global[j]);
-    for (int l = 0; l < rs.n; ++l) {
+    for (int l = k.l0; l < k.l1; ++l) {
       const int64_t i = rs.rows[l];
       bool ok = true;
       if (bm) ok = bm[i * ms[2] + jj * ms[3]] != 0;
@@ -306,95 +328,69 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
   }
 }
 
-// The keys of tile t that some lane of the lane block starting at vector iv (C vectors) may
-// attend to. Outside it the block's scores are -inf and its P rows zero, so Q.K and P.V skip
-// them: along a causal diagonal or a window edge this saves a large part of a boundary tile.
-KeyRange key_range(const Ctx& c, const RowSet& rs, const Tile& t, int iv, int C) {
-  const AttnArgs& a = *c.a;
-  if (!t.boundary || !rs.contiguous || a.bool_mask || t.has_global) return {0, t.jn};
-  const int64_t first = rs.rows[0] + iv * VL;
-  const int64_t last = rs.rows[0] + min64(rs.n, (iv + C) * VL) - 1;
-  int64_t lo = t.j0, hi = t.j0 + t.jn - 1;
-  if (a.causal) hi = min64(hi, last + c.coff);
-  if (c.window && !rs.ignore_window) {
-    if (c.wl >= 0) lo = max64(lo, first + c.off - c.wl * c.dil);
-    if (c.wr >= 0) hi = min64(hi, last + c.off + c.wr * c.dil);
-  }
-  if (hi < lo) return {0, 0};
-  return {int(lo - t.j0), int(hi - t.j0 + 1)};
-}
-
-// St[j][lane] for the keys of tile t: scores with every modifier and constraint applied.
-void scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b, int64_t h,
-            const float* kb) {
+// St[j][lanes of block k] for the keys of tile t: scores with every modifier and constraint
+// applied; keys outside the returned range are -inf.
+KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b,
+                int64_t h, const Block& k, const float* kb) {
   const AttnArgs& a = *c.a;
   const int64_t ldk = a.sk[2];
   const int64_t* ms = a.mask_strides;
-  float* st = s.st.p;
-  const float* qt = s.qt.p;
-  for (int iv = 0; iv < rs.nvec; iv += RI) {
-    const int C = int(min64(RI, rs.nvec - iv));
-    const KeyRange kr = key_range(c, rs, t, iv, C);
-    s.ranges.p[iv / RI] = kr;
-    int jj = kr.js;
-    if (C == RI)
-      for (; jj + RJ <= kr.je; jj += RJ)
-        qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt + iv * VL, a.D, st + jj * BR + iv * VL);
-    for (; jj < kr.je; jj += RJ) {
-      const int R = int(min64(RJ, kr.je - jj));
-      Tables::qk[(R - 1) * RI + (C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt + iv * VL, a.D,
-                                         st + jj * BR + iv * VL);
-    }
-    if (a.softcap > 0.0f) {
-      const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
-      for (jj = kr.js; jj < kr.je; ++jj)
-        for (int v = iv; v < iv + C; ++v) {
-          float* p = st + jj * BR + v * VL;
-          simd::store(p, simd::mul(cap, simd::tanh(simd::mul(simd::load(p), inv))));
-        }
-    }
-    if (a.alibi) {
-      const vf slope = simd::set1(-a.alibi[h]);
-      for (jj = kr.js; jj < kr.je; ++jj) {
-        const vf jf = simd::set1(float(t.j0 + jj));
-        for (int v = iv; v < iv + C; ++v) {
-          float* p = st + jj * BR + v * VL;
-          const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + v * VL), jf));
-          simd::store(p, simd::fma(slope, dist, simd::load(p)));
-        }
+  float* st = s.st.p + k.iv * VL;
+  const float* qt = s.qt.p + k.iv * VL;
+  const KeyRange kr = key_range(c, rs, t, k);
+  int jj = kr.js;
+  if (k.C == RI)
+    for (; jj + RJ <= kr.je; jj += RJ)
+      qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * BR);
+  for (; jj < kr.je; jj += RJ) {
+    const int R = int(min64(RJ, kr.je - jj));
+    Tables::qk[(R - 1) * RI + (k.C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * BR);
+  }
+  if (a.softcap > 0.0f) {
+    const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
+    for (jj = kr.js; jj < kr.je; ++jj)
+      for (int v = 0; v < k.C; ++v) {
+        float* p = st + jj * BR + v * VL;
+        simd::store(p, simd::mul(cap, simd::tanh(simd::mul(simd::load(p), inv))));
       }
-    }
-    if (a.float_mask) {
-      const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
-      const int l1 = int(min64(rs.n, (iv + C) * VL));
-      for (jj = kr.js; jj < kr.je; ++jj) {
-        float* row = st + jj * BR;
-        const float* fmj = fm + jj * ms[3];
-        for (int l = iv * VL; l < l1; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
+  }
+  if (a.alibi) {
+    const vf slope = simd::set1(-a.alibi[h]);
+    for (jj = kr.js; jj < kr.je; ++jj) {
+      const vf jf = simd::set1(float(t.j0 + jj));
+      for (int v = 0; v < k.C; ++v) {
+        float* p = st + jj * BR + v * VL;
+        const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + (k.iv + v) * VL), jf));
+        simd::store(p, simd::fma(slope, dist, simd::load(p)));
       }
     }
   }
-  if (!t.boundary) return;
-  apply_constraints(c, s, rs, t, b, h);
-  // Keys outside a lane block's range were not computed: mark them disallowed.
-  const vf ninf = simd::set1(NEG_INF);
-  for (int iv = 0; iv < rs.nvec; iv += RI) {
-    const int C = int(min64(RI, rs.nvec - iv));
-    const KeyRange kr = s.ranges.p[iv / RI];
-    for (int jj = 0; jj < t.jn; ++jj)
+  if (a.float_mask) {
+    const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
+    for (jj = kr.js; jj < kr.je; ++jj) {
+      float* row = s.st.p + jj * BR;
+      const float* fmj = fm + jj * ms[3];
+      for (int l = k.l0; l < k.l1; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
+    }
+  }
+  if (t.boundary) {
+    apply_constraints(c, s, rs, t, b, h, k, kr);
+    const vf ninf = simd::set1(NEG_INF);
+    for (jj = 0; jj < t.jn; ++jj)
       if (jj < kr.js || jj >= kr.je)
-        for (int v = iv; v < iv + C; ++v) simd::store(st + jj * BR + v * VL, ninf);
+        for (int v = 0; v < k.C; ++v) simd::store(st + jj * BR + v * VL, ninf);
   }
+  return kr;
 }
 
-// Online-softmax update for one tile: turns St into P in place, updates m and l, and leaves
-// the accumulator rescale factor in alpha.
-void softmax_update(Scratch& s, const RowSet& rs, int jn) {
-  float* st = s.st.p;
+// Online-softmax update of block k for one tile: turns St into P in place, updates m and l,
+// and leaves the accumulator rescale factor in alpha.
+void softmax_update(Scratch& s, const Block& k, int jn) {
   const vf ninf = simd::set1(NEG_INF);
-  for (int v = 0; v < rs.nvec; ++v) {
+  for (int v = k.iv; v < k.iv + k.C; ++v) {
+    float* st = s.st.p + v * VL;
     vf mt = ninf;
-    for (int jj = 0; jj < jn; ++jj) mt = simd::max(mt, simd::load(st + jj * BR + v * VL));
+    for (int jj = 0; jj < jn; ++jj) mt = simd::max(mt, simd::load(st + jj * BR));
     const vf mo = simd::load(s.m.p + v * VL);
     const vf mn = simd::max(mo, mt);
     // Rows with nothing allowed yet keep m = -inf; shift by 0 there so that exp(-inf) = 0
@@ -403,9 +399,8 @@ void softmax_update(Scratch& s, const RowSet& rs, int jn) {
     const vf al = simd::exp(simd::sub(mo, mu));
     vf sum = simd::zero();
     for (int jj = 0; jj < jn; ++jj) {
-      float* p = st + jj * BR + v * VL;
-      const vf e = simd::exp(simd::sub(simd::load(p), mu));
-      simd::store(p, e);
+      const vf e = simd::exp(simd::sub(simd::load(st + jj * BR), mu));
+      simd::store(st + jj * BR, e);
       sum = simd::add(sum, e);
     }
     simd::store(s.l.p + v * VL, simd::fma(simd::load(s.l.p + v * VL), al, sum));
@@ -414,26 +409,23 @@ void softmax_update(Scratch& s, const RowSet& rs, int jn) {
   }
 }
 
-void pv_update(const AttnArgs& a, Scratch& s, const RowSet& rs, const Tile& t,
+// Ot = alpha * Ot + V^T P for block k over the keys kr of tile t. Skipping an empty range is
+// exact: its lanes saw only -inf in this tile, so alpha is 1 (or Ot is still 0).
+void pv_update(const AttnArgs& a, Scratch& s, const Tile& t, const Block& k, KeyRange kr,
                const float* vb) {
+  if (kr.je <= kr.js) return;
   const int64_t ldv = a.sv[2];
-  for (int iv = 0; iv < rs.nvec; iv += RI) {
-    const int C = int(min64(RI, rs.nvec - iv));
-    // Skipping an empty range is exact: its lanes saw only -inf, so alpha is 1 (or Ot is 0).
-    const KeyRange kr = s.ranges.p[iv / RI];
-    if (kr.je <= kr.js) continue;
-    const float* vt = vb + (t.j0 + kr.js) * ldv;
-    const float* pt = s.st.p + kr.js * BR + iv * VL;
-    const float* al = s.alpha.p + iv * VL;
-    const int jn = kr.je - kr.js;
-    int64_t dv = 0;
-    if (C == RI)
-      for (; dv + RJ <= a.Dv; dv += RJ)
-        pv_micro<RJ, RI>(vt + dv, ldv, pt, jn, s.ot.p + dv * BR + iv * VL, al);
-    for (; dv < a.Dv; dv += RJ) {
-      const int R = int(min64(RJ, a.Dv - dv));
-      Tables::pv[(R - 1) * RI + (C - 1)](vt + dv, ldv, pt, jn, s.ot.p + dv * BR + iv * VL, al);
-    }
+  const float* vt = vb + (t.j0 + kr.js) * ldv;
+  const float* pt = s.st.p + kr.js * BR + k.iv * VL;
+  const float* al = s.alpha.p + k.iv * VL;
+  float* ot = s.ot.p + k.iv * VL;
+  const int jn = kr.je - kr.js;
+  int64_t dv = 0;
+  if (k.C == RI)
+    for (; dv + RJ <= a.Dv; dv += RJ) pv_micro<RJ, RI>(vt + dv, ldv, pt, jn, ot + dv * BR, al);
+  for (; dv < a.Dv; dv += RJ) {
+    const int R = int(min64(RJ, a.Dv - dv));
+    Tables::pv[(R - 1) * RI + (k.C - 1)](vt + dv, ldv, pt, jn, ot + dv * BR, al);
   }
 }
 
@@ -467,12 +459,22 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
   }
   std::memset(s.ot.p, 0, sizeof(float) * size_t(a.Dv) * BR);
 
+  Block blocks[BR / VL];
+  int nblocks = 0;
+  for (int iv = 0; iv < rs.nvec; iv += RI) {
+    const int C = int(min64(RI, rs.nvec - iv));
+    blocks[nblocks++] = Block{iv, C, iv * VL, int(min64(rs.n, (iv + C) * VL))};
+  }
+
   const size_t nt = plan_tiles(c, b, imin, imax, rs.ignore_window, s.tiles.p);
   for (size_t ti = 0; ti < nt; ++ti) {
     const Tile& t = s.tiles.p[ti];
-    scores(c, s, rs, t, b, h, kb);
-    softmax_update(s, rs, t.jn);
-    pv_update(a, s, rs, t, vb);
+    for (int bi = 0; bi < nblocks; ++bi) {
+      const Block& k = blocks[bi];
+      const KeyRange kr = scores(c, s, rs, t, b, h, k, kb);
+      softmax_update(s, k, t.jn);
+      pv_update(a, s, t, k, kr, vb);
+    }
   }
 
   // out = Ot / l; lse = m + log(l). Rows with no allowed key get 0 and -inf.
@@ -497,15 +499,17 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
     std::memset(wb + rs.rows[l] * a.Lk, 0, sizeof(float) * size_t(a.Lk));
   for (size_t ti = 0; ti < nt; ++ti) {
     const Tile& t = s.tiles.p[ti];
-    scores(c, s, rs, t, b, h, kb);
-    float* st = s.st.p;
-    for (int v = 0; v < rs.nvec; ++v) {
-      const vf shift = simd::load(s.lsev.p + v * VL);
-      for (int jj = 0; jj < t.jn; ++jj) {
-        float* p = st + jj * BR + v * VL;
-        simd::store(p, simd::exp(simd::sub(simd::load(p), shift)));
+    for (int bi = 0; bi < nblocks; ++bi) {
+      const Block& k = blocks[bi];
+      scores(c, s, rs, t, b, h, k, kb);
+      for (int v = k.iv; v < k.iv + k.C; ++v) {
+        const vf shift = simd::load(s.lsev.p + v * VL);
+        float* st = s.st.p + v * VL;
+        for (int jj = 0; jj < t.jn; ++jj)
+          simd::store(st + jj * BR, simd::exp(simd::sub(simd::load(st + jj * BR), shift)));
       }
     }
+    const float* st = s.st.p;
     for (int l = 0; l < rs.n; ++l) {
       float* wrow = wb + rs.rows[l] * a.Lk + t.j0;
       for (int jj = 0; jj < t.jn; ++jj) wrow[jj] = st[jj * BR + l];
@@ -529,7 +533,6 @@ void attention_item(void* p, int64_t item) {
   s.alpha.get(BR);
   s.cpos.get(BR);
   s.lsev.get(BR);
-  s.ranges.get(BR / (RI * VL));
   int64_t* rows = s.rows.get(BR);
   int64_t* grows = s.grows.get(BR);
   s.tiles.get(size_t((a.Lk + BC - 1) / BC + c.n_gtiles + 1));
