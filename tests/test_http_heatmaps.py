@@ -252,3 +252,13 @@ def test_degenerate_shapes_draw_or_refuse_cleanly(c) -> None:
         post(c, "/v1/attention", {**body, "heatmap": {"heads": "mean"}}), 422, ["heatmap"]
     )
     assert post(c, "/v1/attention", body).status_code == 200
+
+
+def test_head_and_wrong_methods_on_images(c) -> None:
+    ref = post(c, "/v1/attention", {**qkv(1), "heatmap": True}).json()["heatmaps"][0]
+    head = c.head(ref["url"])
+    assert head.status_code == 200 and head.headers["content-type"] == "image/png"
+    assert head.headers["etag"] == c.get(ref["url"]).headers["etag"]
+    r = c.post(ref["url"])
+    assert_problem(r, 405)
+    assert "GET" in r.headers["allow"]

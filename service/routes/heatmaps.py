@@ -13,6 +13,7 @@ from service.state import app_state
 
 router = APIRouter(tags=["heatmaps"])
 
+_PATH = "/v1/heatmaps/{heatmap_id}.png"
 _PROBLEM = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
 
@@ -22,7 +23,7 @@ def _matches(if_none_match: str, etag: str) -> bool:
 
 
 @router.get(
-    "/v1/heatmaps/{heatmap_id}.png",
+    _PATH,
     response_class=Response,
     summary="A heatmap image",
     responses={
@@ -46,3 +47,7 @@ def get_heatmap(heatmap_id: str, request: Request) -> Response:
     if _matches(request.headers.get("if-none-match", ""), etag):
         return Response(status_code=304, headers=headers)
     return Response(image.data, media_type="image/png", headers=headers)
+
+
+# HEAD (headers only, for caches) shares the GET handler; uvicorn sends no body for it.
+router.add_api_route(_PATH, get_heatmap, methods=["HEAD"], include_in_schema=False)
