@@ -56,23 +56,29 @@ class ComputeCore:
     def queued(self) -> int:
         return max(0, self._admitted - self._running)
 
+    def _overloaded(self, job: str) -> Overloaded:
+        if self._observer:
+            self._observer.observe_rejected(job)
+        return Overloaded(
+            f"{self._running} computations are running and {self.queued} are waiting "
+            f"(ATTN_MAX_CONCURRENCY={self.max_concurrency}, ATTN_QUEUE_SIZE="
+            f"{self.queue_size}); retry later",
+            headers={"Retry-After": self._retry_after},
+        )
+
+    def raise_if_full(self, job: str) -> None:
+        """Refuse at once, before a route spends time reading a body it could not queue."""
+        if self._admitted >= self._capacity:
+            raise self._overloaded(job)
+
     async def run(self, job: str, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) in a worker thread, or raise Overloaded if the queue is full."""
         with self._lock:
-            if self._admitted >= self._capacity:
-                full = True
-            else:
-                full = False
+            full = self._admitted >= self._capacity
+            if not full:
                 self._admitted += 1
         if full:
-            if self._observer:
-                self._observer.observe_rejected(job)
-            raise Overloaded(
-                f"{self._running} computations are running and {self.queued} are waiting "
-                f"(ATTN_MAX_CONCURRENCY={self.max_concurrency}, ATTN_QUEUE_SIZE="
-                f"{self.queue_size}); retry later",
-                headers={"Retry-After": self._retry_after},
-            )
+            raise self._overloaded(job)
         try:
             future = self._executor.submit(self._timed, job, fn, *args)
         except RuntimeError:  # executor shut down

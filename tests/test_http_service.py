@@ -322,3 +322,24 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     # Cores are shared out among worker processes, and among computations within one.
     assert s.max_concurrency == max(1, len(os.sched_getaffinity(0)) // 2)
     assert s.max_concurrency * s.workers * s.native_threads <= max(2, os.cpu_count() or 1)
+
+
+def test_overload_is_answered_before_the_body_is_read(tmp_path: Path) -> None:
+    app = create_app(settings(tmp_path, max_concurrency=1, queue_size=0))
+    core: ComputeCore = app.state.services.core
+    gate = threading.Event()
+    body = CountingBody(chunks=100)
+
+    async def scenario() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            blocker = asyncio.ensure_future(core.run("block", gate.wait))
+            while core.running == 0:
+                await asyncio.sleep(0.005)
+            r = await ac.post("/v1/tokens", content=body.stream())
+            gate.set()
+            await blocker
+            return r
+
+    assert_problem(asyncio.run(scenario()), 503)
+    assert body.pulled <= 1

@@ -28,6 +28,7 @@ async def post_attention(request: Request) -> Response:
     in q's encoding unless `encoding` says otherwise.
     """
     state = app_state(request)
+    state.core.raise_if_full("attention")
     return await state.core.run("attention", _job, state, await request.body())
 
 

@@ -29,6 +29,7 @@ async def post_multihead(request: Request) -> Response:
     Without `weights`, Xavier-uniform projections are drawn from `seed` (reproducible).
     """
     state = app_state(request)
+    state.core.raise_if_full("multihead")
     return await state.core.run("multihead", _job, state, await request.body())
 
 
