@@ -55,9 +55,11 @@ constexpr int RI = 3;
 constexpr int GR = 6;
 constexpr int GC = 2;
 #endif
-constexpr int BR = 96;  // query rows per tile (a multiple of RI * VL for every ISA)
-constexpr int BC = 64;  // keys per tile
-static_assert(BR % (RI * VL) == 0, "BR must be a multiple of the micro-tile width");
+constexpr int IB = RI * VL;  // lanes (query rows) per lane block = micro-tile width
+constexpr int BR = 96;       // query rows per tile (a multiple of IB for every ISA)
+constexpr int BC = 128;      // keys per tile
+constexpr int NBLK = BR / IB;
+static_assert(BR % IB == 0, "BR must be a multiple of the micro-tile width");
 
 constexpr float NEG_INF = -INFINITY;
 
@@ -90,7 +92,8 @@ struct Buf {
 // ----------------------------------------------------------------------------------------
 // Micro-kernels
 
-// out[r][lanes] = sum_d k[r][d] * qt[d][lanes] for R keys and C vectors of query lanes.
+// out[r][lanes] = sum_d k[r][d] * qt[d][lanes] for R keys and C vectors of query lanes
+// (qt and out rows are IB floats apart).
 template <int R, int C>
 void qk_micro(const float* k, int64_t ldk, const float* qt, int64_t D, float* out) {
   vf acc[R][C];
@@ -104,7 +107,7 @@ void qk_micro(const float* k, int64_t ldk, const float* qt, int64_t D, float* ou
   for (int64_t d = 0; d < D; ++d) {
     vf qv[C];
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) qv[c] = simd::load(qt + d * BR + c * VL);
+    for (int c = 0; c < C; ++c) qv[c] = simd::load(qt + d * IB + c * VL);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       vf kv = simd::set1(kr[r][d]);
@@ -115,7 +118,7 @@ void qk_micro(const float* k, int64_t ldk, const float* qt, int64_t D, float* ou
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) simd::store(out + r * BR + c * VL, acc[r][c]);
+    for (int c = 0; c < C; ++c) simd::store(out + r * IB + c * VL, acc[r][c]);
 }
 
 // ot[r][lanes] = alpha[lanes] * ot[r][lanes] + sum_j v[j][r] * pt[j][lanes]
@@ -130,11 +133,11 @@ void pv_micro(const float* v, int64_t ldv, const float* pt, int jn, float* ot,
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = simd::mul(simd::load(ot + r * BR + c * VL), al[c]);
+    for (int c = 0; c < C; ++c) acc[r][c] = simd::mul(simd::load(ot + r * IB + c * VL), al[c]);
   for (int j = 0; j < jn; ++j) {
     vf pv[C];
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) pv[c] = simd::load(pt + j * BR + c * VL);
+    for (int c = 0; c < C; ++c) pv[c] = simd::load(pt + j * IB + c * VL);
     const float* vr = v + j * ldv;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -146,7 +149,7 @@ void pv_micro(const float* v, int64_t ldv, const float* pt, int jn, float* ot,
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) simd::store(ot + r * BR + c * VL, acc[r][c]);
+    for (int c = 0; c < C; ++c) simd::store(ot + r * IB + c * VL, acc[r][c]);
 }
 
 using QkFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
@@ -255,11 +258,14 @@ struct RowSet {
 };
 
 // A lane block: vectors [iv, iv + C) of the row set, i.e. one micro-tile width. Each tile is
-// processed block by block (scores, softmax, P.V) so that the block's slices of Qt, St and Ot
-// stay in L1 between the steps.
+// processed block by block (scores, softmax, P.V); each block has its own contiguous slices of
+// Qt [d][IB], St [key][IB] and Ot [dv][IB], which stay in L1 between the steps.
 struct Block {
   int iv, C;
   int l0, l1;  // valid lanes [l0, l1)
+  float* qt;
+  float* st;
+  float* ot;
 };
 
 // The keys of tile t that some lane of block k may attend to. Outside this range the block's
@@ -286,7 +292,6 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
                        int64_t h, const Block& k, KeyRange kr) {
   const AttnArgs& a = *c.a;
   const int64_t* ms = a.mask_strides;
-  float* st = s.st.p;
   const bool win = c.window && !rs.ignore_window;
   if (a.bool_mask == nullptr && rs.contiguous && (!win || c.dil == 1)) {
     // Consecutive rows i = i0 + l: each constraint allows an interval of lanes for key j.
@@ -300,8 +305,8 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
         if (c.wl >= 0) hi = min64(hi, d0 + c.wl);
         if (c.wr >= 0) lo = max64(lo, d0 - c.wr);
       }
-      float* row = st + jj * BR;
-      if (lo > hi) lo = hi = k.l1;  // nothing allowed
+      float* row = k.st + jj * IB - k.l0;  // indexed by lane
+      if (lo > hi) lo = hi = k.l1;        // nothing allowed
       for (int64_t l = k.l0; l < lo; ++l) row[l] = NEG_INF;
       for (int64_t l = hi + 1; l < k.l1; ++l) row[l] = NEG_INF;
     }
@@ -312,7 +317,7 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
   const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
   for (int jj = kr.js; jj < kr.je; ++jj) {
     const int64_t j = t.j0 + jj;
-    float* row = st + jj * BR;
+    float* row = k.st + jj * IB - k.l0;  // indexed by lane
     const bool check_win = win && !(c.is_global && c.is_global[j]);
     for (int l = k.l0; l < k.l1; ++l) {
       const int64_t i = rs.rows[l];
@@ -329,28 +334,28 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
 }
 
 // St[j][lanes of block k] for the keys of tile t: scores with every modifier and constraint
-// applied; keys outside the returned range are -inf.
+// applied, for the keys of the returned range only (the others are disallowed).
 KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b,
                 int64_t h, const Block& k, const float* kb) {
   const AttnArgs& a = *c.a;
   const int64_t ldk = a.sk[2];
   const int64_t* ms = a.mask_strides;
-  float* st = s.st.p + k.iv * VL;
-  const float* qt = s.qt.p + k.iv * VL;
+  float* st = k.st;
+  const float* qt = k.qt;
   const KeyRange kr = key_range(c, rs, t, k);
   int jj = kr.js;
   if (k.C == RI)
     for (; jj + RJ <= kr.je; jj += RJ)
-      qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * BR);
+      qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * IB);
   for (; jj < kr.je; jj += RJ) {
     const int R = int(min64(RJ, kr.je - jj));
-    Tables::qk[(R - 1) * RI + (k.C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * BR);
+    Tables::qk[(R - 1) * RI + (k.C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * IB);
   }
   if (a.softcap > 0.0f) {
     const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
     for (jj = kr.js; jj < kr.je; ++jj)
       for (int v = 0; v < k.C; ++v) {
-        float* p = st + jj * BR + v * VL;
+        float* p = st + jj * IB + v * VL;
         simd::store(p, simd::mul(cap, simd::tanh(simd::mul(simd::load(p), inv))));
       }
   }
@@ -359,7 +364,7 @@ KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64
     for (jj = kr.js; jj < kr.je; ++jj) {
       const vf jf = simd::set1(float(t.j0 + jj));
       for (int v = 0; v < k.C; ++v) {
-        float* p = st + jj * BR + v * VL;
+        float* p = st + jj * IB + v * VL;
         const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + (k.iv + v) * VL), jf));
         simd::store(p, simd::fma(slope, dist, simd::load(p)));
       }
@@ -368,29 +373,23 @@ KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64
   if (a.float_mask) {
     const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
     for (jj = kr.js; jj < kr.je; ++jj) {
-      float* row = s.st.p + jj * BR;
+      float* row = st + jj * IB - k.l0;  // indexed by lane
       const float* fmj = fm + jj * ms[3];
       for (int l = k.l0; l < k.l1; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
     }
   }
-  if (t.boundary) {
-    apply_constraints(c, s, rs, t, b, h, k, kr);
-    const vf ninf = simd::set1(NEG_INF);
-    for (jj = 0; jj < t.jn; ++jj)
-      if (jj < kr.js || jj >= kr.je)
-        for (int v = 0; v < k.C; ++v) simd::store(st + jj * BR + v * VL, ninf);
-  }
+  if (t.boundary) apply_constraints(c, s, rs, t, b, h, k, kr);
   return kr;
 }
 
-// Online-softmax update of block k for one tile: turns St into P in place, updates m and l,
-// and leaves the accumulator rescale factor in alpha.
-void softmax_update(Scratch& s, const Block& k, int jn) {
+// Online-softmax update of block k for the keys kr of one tile: turns St into P in place,
+// updates m and l, and leaves the accumulator rescale factor in alpha.
+void softmax_update(Scratch& s, const Block& k, KeyRange kr) {
   const vf ninf = simd::set1(NEG_INF);
   for (int v = k.iv; v < k.iv + k.C; ++v) {
-    float* st = s.st.p + v * VL;
+    float* st = k.st + (v - k.iv) * VL;
     vf mt = ninf;
-    for (int jj = 0; jj < jn; ++jj) mt = simd::max(mt, simd::load(st + jj * BR));
+    for (int jj = kr.js; jj < kr.je; ++jj) mt = simd::max(mt, simd::load(st + jj * IB));
     const vf mo = simd::load(s.m.p + v * VL);
     const vf mn = simd::max(mo, mt);
     // Rows with nothing allowed yet keep m = -inf; shift by 0 there so that exp(-inf) = 0
@@ -398,9 +397,9 @@ void softmax_update(Scratch& s, const Block& k, int jn) {
     const vf mu = simd::select(simd::eq(mn, ninf), simd::zero(), mn);
     const vf al = simd::exp(simd::sub(mo, mu));
     vf sum = simd::zero();
-    for (int jj = 0; jj < jn; ++jj) {
-      const vf e = simd::exp(simd::sub(simd::load(st + jj * BR), mu));
-      simd::store(st + jj * BR, e);
+    for (int jj = kr.js; jj < kr.je; ++jj) {
+      const vf e = simd::exp(simd::sub(simd::load(st + jj * IB), mu));
+      simd::store(st + jj * IB, e);
       sum = simd::add(sum, e);
     }
     simd::store(s.l.p + v * VL, simd::fma(simd::load(s.l.p + v * VL), al, sum));
@@ -416,16 +415,16 @@ void pv_update(const AttnArgs& a, Scratch& s, const Tile& t, const Block& k, Key
   if (kr.je <= kr.js) return;
   const int64_t ldv = a.sv[2];
   const float* vt = vb + (t.j0 + kr.js) * ldv;
-  const float* pt = s.st.p + kr.js * BR + k.iv * VL;
+  const float* pt = k.st + kr.js * IB;
   const float* al = s.alpha.p + k.iv * VL;
-  float* ot = s.ot.p + k.iv * VL;
+  float* ot = k.ot;
   const int jn = kr.je - kr.js;
   int64_t dv = 0;
   if (k.C == RI)
-    for (; dv + RJ <= a.Dv; dv += RJ) pv_micro<RJ, RI>(vt + dv, ldv, pt, jn, ot + dv * BR, al);
+    for (; dv + RJ <= a.Dv; dv += RJ) pv_micro<RJ, RI>(vt + dv, ldv, pt, jn, ot + dv * IB, al);
   for (; dv < a.Dv; dv += RJ) {
     const int R = int(min64(RJ, a.Dv - dv));
-    Tables::pv[(R - 1) * RI + (k.C - 1)](vt + dv, ldv, pt, jn, ot + dv * BR, al);
+    Tables::pv[(R - 1) * RI + (k.C - 1)](vt + dv, ldv, pt, jn, ot + dv * IB, al);
   }
 }
 
@@ -438,13 +437,15 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
   const float* vb = a.v + b * a.sv[0] + hk * a.sv[1];
   const int lanes = rs.nvec * VL;
 
-  // Pack the query rows transposed and pre-scaled; padding lanes are zero.
-  float* qt = s.qt.p;
-  for (int64_t d = 0; d < a.D; ++d)
-    for (int l = rs.n; l < lanes; ++l) qt[d * BR + l] = 0.0f;
-  for (int l = 0; l < rs.n; ++l) {
-    const float* qr = qb + rs.rows[l] * a.sq[2];
-    for (int64_t d = 0; d < a.D; ++d) qt[d * BR + l] = qr[d] * a.scale;
+  // Pack the query rows transposed and pre-scaled, block by block; padding lanes are zero.
+  for (int l = 0; l < lanes; ++l) {
+    float* qt = s.qt.p + (l / IB) * a.D * IB + l % IB;
+    if (l < rs.n) {
+      const float* qr = qb + rs.rows[l] * a.sq[2];
+      for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = qr[d] * a.scale;
+    } else {
+      for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = 0.0f;
+    }
   }
   int64_t imin = rs.rows[0], imax = rs.rows[0];
   for (int l = 0; l < lanes; ++l) {
@@ -459,11 +460,13 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
   }
   std::memset(s.ot.p, 0, sizeof(float) * size_t(a.Dv) * BR);
 
-  Block blocks[BR / VL];
+  Block blocks[NBLK];
   int nblocks = 0;
-  for (int iv = 0; iv < rs.nvec; iv += RI) {
+  for (int iv = 0; iv < rs.nvec; iv += RI, ++nblocks) {
     const int C = int(min64(RI, rs.nvec - iv));
-    blocks[nblocks++] = Block{iv, C, iv * VL, int(min64(rs.n, (iv + C) * VL))};
+    blocks[nblocks] = Block{iv, C, iv * VL, int(min64(rs.n, (iv + C) * VL)),
+                            s.qt.p + nblocks * a.D * IB, s.st.p + nblocks * BC * IB,
+                            s.ot.p + nblocks * a.Dv * IB};
   }
 
   const size_t nt = plan_tiles(c, b, imin, imax, rs.ignore_window, s.tiles.p);
@@ -472,7 +475,7 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
     for (int bi = 0; bi < nblocks; ++bi) {
       const Block& k = blocks[bi];
       const KeyRange kr = scores(c, s, rs, t, b, h, k, kb);
-      softmax_update(s, k, t.jn);
+      softmax_update(s, k, kr);
       pv_update(a, s, t, k, kr, vb);
     }
   }
@@ -484,7 +487,8 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
     const float L = s.l.p[l];
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
     float* orow = ob + rs.rows[l] * a.so[2];
-    for (int64_t dv = 0; dv < a.Dv; ++dv) orow[dv] = s.ot.p[dv * BR + l] * inv;
+    const float* ot = s.ot.p + (l / IB) * a.Dv * IB + l % IB;
+    for (int64_t dv = 0; dv < a.Dv; ++dv) orow[dv] = ot[dv * IB] * inv;
     const float lse = L > 0.0f ? s.m.p[l] + std::log(L) : NEG_INF;
     lb[rs.rows[l]] = lse;
     // Shift for the weights pass: +inf makes every weight of an empty row exp(-inf) = 0.
@@ -501,18 +505,18 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
     const Tile& t = s.tiles.p[ti];
     for (int bi = 0; bi < nblocks; ++bi) {
       const Block& k = blocks[bi];
-      scores(c, s, rs, t, b, h, k, kb);
+      const KeyRange kr = scores(c, s, rs, t, b, h, k, kb);
       for (int v = k.iv; v < k.iv + k.C; ++v) {
         const vf shift = simd::load(s.lsev.p + v * VL);
-        float* st = s.st.p + v * VL;
-        for (int jj = 0; jj < t.jn; ++jj)
-          simd::store(st + jj * BR, simd::exp(simd::sub(simd::load(st + jj * BR), shift)));
+        float* st = k.st + (v - k.iv) * VL;
+        for (int jj = kr.js; jj < kr.je; ++jj)
+          simd::store(st + jj * IB, simd::exp(simd::sub(simd::load(st + jj * IB), shift)));
       }
-    }
-    const float* st = s.st.p;
-    for (int l = 0; l < rs.n; ++l) {
-      float* wrow = wb + rs.rows[l] * a.Lk + t.j0;
-      for (int jj = 0; jj < t.jn; ++jj) wrow[jj] = st[jj * BR + l];
+      for (int l = k.l0; l < k.l1; ++l) {
+        const float* st = k.st + (l - k.l0);
+        float* wrow = wb + rs.rows[l] * a.Lk + t.j0;
+        for (int jj = kr.js; jj < kr.je; ++jj) wrow[jj] = st[jj * IB];
+      }
     }
   }
 }
