@@ -119,6 +119,11 @@ def http(
 # Engines: one interface over docker and buildah+podman.
 
 
+def _bare_id(image_id: str) -> str:
+    # `images -q --no-trunc` says sha256:<hex>, `inspect {{.Id}}` (podman) only <hex>.
+    return image_id.strip().removeprefix("sha256:")
+
+
 class Engine:
     name = ""
     cli: list[str] = []
@@ -135,7 +140,7 @@ class Engine:
 
     def image_id(self, ref: str) -> str | None:
         p = self.c("image", "inspect", "--format", "{{.Id}}", ref, check=False, quiet=True)
-        return p.stdout.strip() or None if p.returncode == 0 else None
+        return _bare_id(p.stdout) if p.returncode == 0 and p.stdout.strip() else None
 
     def image_size(self, ref: str) -> int:
         return int(self.c("image", "inspect", "--format", "{{.Size}}", ref, quiet=True).stdout)
@@ -153,7 +158,7 @@ class Engine:
 
     def all_images(self, *filters: str) -> set[str]:
         args = ["images", "-a", "-q", "--no-trunc", *(f"--filter={f}" for f in filters)]
-        return set(self.c(*args, quiet=True).stdout.split())
+        return {_bare_id(i) for i in self.c(*args, quiet=True).stdout.split()}
 
     def build(self, tag: str, base: str, no_cache: bool, log_path: Path) -> float:
         """Builds the image; returns seconds. Removes what the build leaves dangling."""
@@ -230,7 +235,7 @@ class Engine:
     def remove_started(self) -> None:
         """Removes the containers and volumes this run started."""
         for name in reversed(self.containers):
-            self.c("rm", "-f", name, check=False, quiet=True)
+            self.c("rm", "-f", "-v", name, check=False, quiet=True)
         for vol in self.volumes:
             self.c("volume", "rm", "-f", vol, check=False, quiet=True)
         self.containers.clear()
