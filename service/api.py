@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service import _native
+from service.cancel import checkpoint
 from service.errors import InputError
 from service.options import (
     AttentionOptions,
@@ -336,6 +337,7 @@ def _native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> d
 
 def _call_native(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """Run a native kernel; its ValueErrors become InputErrors. Returns (result, elapsed ms)."""
+    checkpoint()  # an abandoned HTTP job stops here instead of starting the kernel
     start = time.perf_counter()
     try:
         result = fn(*args, **kwargs)

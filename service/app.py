@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.compute import ComputeCore
 from service.heatmaps import render_map
-from service.inference_protocol import ProtocolErrorMiddleware
+from service.inference_protocol import ErrorResponse, ProtocolErrorMiddleware
 from service.limits import Limits
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import BodyTooLarge, Problem, install_problem_handlers, problem_response
-from service.routes import ROUTERS, v2, viewer
+from service.routes import API_ROUTERS, OPEN_ROUTERS, v2, viewer
+from service.routes.docs import install_docs
 from service.schemas import REQUEST_MODELS, add_component_schemas
+from service.security import GUARD_RESPONSES, AccessControl, authorize
 from service.settings import Settings
 from service.state import AppState
 from service.store import HeatmapStore
@@ -33,7 +37,26 @@ Exact fused attention (a C++ kernel) over HTTP, with PNG heatmaps of the attenti
 Tensors are nested lists of numbers, `{"dtype", "shape", "data": [flat]}` or
 `{"dtype", "shape", "b64": base64 of little-endian C-order bytes}` (dtype float32, float64,
 float16, bfloat16 or bool). Every error is RFC 9457 `application/problem+json`.
+
+When the service is started with API keys (`ATTN_API_KEYS`), every `/v1` and `/v2` route needs
+`Authorization: Bearer <key>` (401 otherwise); health, readiness, metrics, these docs and the
+viewer page stay open.
 """
+
+# Cross-origin browsers may send and read these (when ATTN_CORS_ORIGINS allows the origin).
+_CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Content-Encoding",
+    "Inference-Header-Content-Length",
+]
+_CORS_EXPOSED = [
+    "Retry-After",
+    "WWW-Authenticate",
+    "ETag",
+    "Content-Encoding",
+    "Inference-Header-Content-Length",
+]
 
 
 class BodyLimitMiddleware:
@@ -107,7 +130,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     core = ComputeCore(
-        settings.max_concurrency, settings.queue_size, settings.retry_after_s, observer=metrics
+        settings.max_concurrency,
+        settings.queue_size,
+        settings.retry_after_s,
+        observer=metrics,
+        timeout_s=settings.request_timeout_s,
     )
     metrics.track_core(lambda: core.running, lambda: core.queued)
     store = HeatmapStore(
@@ -125,7 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except OSError as exc:  # /readyz reports it; the API still computes without images
             log.warning("heatmap store %s unusable: %s", store.directory, exc)
         # Load fonts and matplotlib's caches once, in a worker, before the first request.
-        await core.run("warmup", partial(render_map, np.eye(2, dtype=np.float32), title="warm-up"))
+        warm = partial(render_map, np.eye(2, dtype=np.float32), title="warm-up")
+        await core.run("warmup", warm, timeout_s=math.inf)
         yield
         core.close()
 
@@ -134,17 +162,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from the package by install_docs, not from a CDN
+        redoc_url=None,
     )
     app.state.services = state
+    app.state.access = AccessControl.from_settings(settings)
     install_problem_handlers(app)
-    for router in ROUTERS:
+    guard = [Depends(authorize)]  # API keys and rate limit; a no-op when neither is set
+    for router in API_ROUTERS:
+        app.include_router(router, dependencies=guard, responses=GUARD_RESPONSES)
+    # The Open Inference Protocol (KServe v2 / Triton) front; its health probes stay open.
+    v2_guard_responses = {
+        status: {"description": r["description"], "model": ErrorResponse}
+        for status, r in GUARD_RESPONSES.items()
+    }
+    app.include_router(v2.router, dependencies=guard, responses=v2_guard_responses)
+    for router in (*OPEN_ROUTERS, v2.health_router):
         app.include_router(router)
-    app.include_router(v2.router)  # the Open Inference Protocol (KServe v2 / Triton) front
     app.include_router(viewer.router)  # the web viewer at / and its files under /static/
+    install_docs(app)
     # The last added is the outermost: metrics see every answer, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # /v2 answers errors as {"error": ...}, the protocol's form, not problem+json.
     app.add_middleware(ProtocolErrorMiddleware)
+    if settings.cors_origins:
+        # Outside the error translation, so that every answer (401, 429, 503...) carries the
+        # CORS headers; preflights are answered here, before authentication.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=_CORS_HEADERS,
+            expose_headers=_CORS_EXPOSED,
+            max_age=600,
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

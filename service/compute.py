@@ -3,18 +3,28 @@
 At most `max_concurrency` jobs run at once, each in a worker thread so the event loop never
 blocks; up to `queue_size` more wait; beyond that `run` raises Overloaded (503 + Retry-After)
 at once instead of letting work pile up.
+
+A job nobody waits for any more is abandoned: when its client disconnects (499) or it has spent
+`timeout_s` in the core, queued or running (504). A queued job is taken off the queue and never
+runs; a running one is told through its CancelToken and stops at its next checkpoint (a native
+call in progress finishes first). Its slot stays taken until its thread is really free, so the
+admission counts never promise cores that are busy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from service.problems import Overloaded
+from starlette.types import Receive
+
+from service.cancel import Cancelled, CancelToken, bound
+from service.problems import ClientClosed, ComputeTimeout, Overloaded
 
 T = TypeVar("T")
 
@@ -26,6 +36,8 @@ class ComputeObserver(Protocol):
 
     def observe_rejected(self, job: str) -> None: ...
 
+    def observe_abandoned(self, job: str, reason: str) -> None: ...
+
 
 class ComputeCore:
     """Admission control in front of a thread pool of `max_concurrency` workers."""
@@ -36,9 +48,11 @@ class ComputeCore:
         queue_size: int,
         retry_after_s: int = 1,
         observer: ComputeObserver | None = None,
+        timeout_s: float = 0,
     ) -> None:
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
+        self.timeout_s = timeout_s  # 0: no limit
         self._capacity = max_concurrency + queue_size
         self._retry_after = str(retry_after_s)
         self._observer = observer
@@ -71,29 +85,71 @@ class ComputeCore:
         if self._admitted >= self._capacity:
             raise self._overloaded(job)
 
-    async def run(self, job: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(*args) in a worker thread, or raise Overloaded if the queue is full."""
+    async def run(
+        self,
+        job: str,
+        fn: Callable[..., T],
+        *args: Any,
+        receive: Receive | None = None,
+        timeout_s: float | None = None,
+    ) -> T:
+        """Run fn(*args) in a worker thread, or raise Overloaded if the queue is full.
+
+        `receive` (the request's ASGI receive, its body already read) is watched for the
+        client's disconnect (ClientClosed); `timeout_s` (default: the core's; 0 or inf: none)
+        bounds the time queued plus running (ComputeTimeout).
+        """
         with self._lock:
             full = self._admitted >= self._capacity
             if not full:
                 self._admitted += 1
         if full:
             raise self._overloaded(job)
+        token = CancelToken()
         try:
-            future = self._executor.submit(self._timed, job, fn, *args)
+            future = self._executor.submit(self._timed, job, token, fn, *args)
         except RuntimeError:  # executor shut down
             self._release(None)
             raise
         future.add_done_callback(self._release)
-        # If the awaiting request is cancelled, wrap_future cancels a job still in the queue.
-        return await asyncio.wrap_future(future)
+        result = asyncio.wrap_future(future)
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        watcher = asyncio.ensure_future(_disconnected(receive)) if receive else None
+        waiting: set[asyncio.Future[Any]] = {result} if watcher is None else {result, watcher}
+        reason = "cancelled"
+        try:
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=limit if 0 < limit < math.inf else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if result in done:
+                return result.result()
+            reason = "disconnect" if done else "timeout"
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not result.done():  # abandoned: disconnect, timeout, or this task cancelled
+                token.cancel(reason)
+                result.cancel()  # a queued job is taken off the queue (never runs)
+                if self._observer:
+                    self._observer.observe_abandoned(job, reason)
+        if reason == "disconnect":
+            raise ClientClosed("the client closed the connection before the answer was ready")
+        raise ComputeTimeout(
+            f"the computation did not finish within {limit:g} s (ATTN_REQUEST_TIMEOUT_S); "
+            "ask for less work or retry later"
+        )
 
-    def _timed(self, job: str, fn: Callable[..., T], *args: Any) -> T:
+    def _timed(self, job: str, token: CancelToken, fn: Callable[..., T], *args: Any) -> T:
+        if token.cancelled:  # abandoned between leaving the queue and starting
+            raise Cancelled(token.reason)
         with self._lock:
             self._running += 1
         start = time.perf_counter()
         try:
-            return fn(*args)
+            with bound(token):
+                return fn(*args)
         finally:
             elapsed = time.perf_counter() - start
             with self._lock:
@@ -108,3 +164,12 @@ class ComputeCore:
     def close(self) -> None:
         """Stop accepting work; jobs still queued are cancelled."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone (the body has been read, so nothing else arrives)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a broken connection is a gone client too
+        return

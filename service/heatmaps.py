@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from service.cancel import checkpoint
 from service.errors import InputError
 from service.limits import Limits
 from service.schemas import HeatmapSpec
@@ -236,6 +237,7 @@ def render_weights(
     images: list[RenderedImage] = []
 
     def one(matrix: np.ndarray, head: HeadKey, what: str) -> None:
+        checkpoint()  # an abandoned HTTP job stops between images
         png = render_map(
             matrix, title=f"{title}, batch {batch}, {what}", xlabels=xlabels, ylabels=ylabels
         )
@@ -246,6 +248,7 @@ def render_weights(
     if mean:
         one(per_head.mean(axis=0), "mean", "mean of heads")
     if grid:
+        checkpoint()
         png = render_grid(
             per_head[chosen], [f"head {h}" for h in chosen], title=f"{title}, batch {batch}"
         )

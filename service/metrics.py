@@ -51,6 +51,13 @@ class Metrics:
             ["job"],
             registry=self.registry,
         )
+        self.abandoned = Counter(
+            "attention_compute_abandoned",
+            "Jobs given up because the client disconnected, the request timed out "
+            "(ATTN_REQUEST_TIMEOUT_S) or the server stopped; queued ones never ran.",
+            ["job", "reason"],
+            registry=self.registry,
+        )
         self._running = Gauge(
             "attention_compute_running", "Jobs running now.", registry=self.registry
         )
@@ -68,6 +75,9 @@ class Metrics:
 
     def observe_rejected(self, job: str) -> None:
         self.rejected.labels(job).inc()
+
+    def observe_abandoned(self, job: str, reason: str) -> None:
+        self.abandoned.labels(job, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -92,6 +92,23 @@ class NotReady(ServiceError):
     status, slug, title = 503, "not-ready", "Service not ready"
 
 
+class ComputeTimeout(ServiceError):
+    status, slug, title = 504, "timeout", "Computation timed out"
+
+
+class ClientClosed(ServiceError):
+    # nginx's 499: nobody reads this answer, but the access log and the metrics do.
+    status, slug, title = 499, "client-closed", "Client closed the request"
+
+
+class Unauthorized(ServiceError):
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+
+class RateLimited(ServiceError):
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+
 def problem_response(
     status: int,
     detail: str,
@@ -259,5 +276,6 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "Body or tensor larger than a configured limit (the limit is named).",
         422: "Invalid input; `errors` names each field.",
         503: "Overloaded (with Retry-After); retry later.",
+        504: "The computation took longer than ATTN_REQUEST_TIMEOUT_S.",
     }.items()
 }

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
 
@@ -47,6 +47,31 @@ class Settings(BaseSettings):
         description="Native threads per computation; 0 = cores / (max_concurrency * workers).",
     )
 
+    request_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="Most seconds a request may spend in the compute core (queued plus "
+        "computing) before it is answered 504; 0 = no limit.",
+    )
+
+    # Access: API keys, rate limit, CORS. Lists are comma-separated in the environment.
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="Bearer keys accepted on /v1 and /v2; empty = no authentication."
+    )
+    rate_limit: int = Field(
+        0,
+        ge=0,
+        description="Compute requests per minute per API key (per client IP without "
+        "keys), per process; 0 = no limit.",
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Requests a key may make at once; 0 = a minute's worth."
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Origins allowed to call the API from a browser ('*' = any); empty = CORS off.",
+    )
+
     # Input limits.
     max_body_bytes: int = Field(64 * MiB, ge=1)
     max_elements: int = Field(
@@ -65,6 +90,14 @@ class Settings(BaseSettings):
     heatmap_ttl_s: int = Field(3600, ge=1)
     heatmap_max_side: int = Field(1024, ge=1, description="Most query or key positions drawn.")
     heatmap_max_images: int = Field(64, ge=1, description="Most images one request may ask for.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        # "a, b,," -> ("a", "b"): the environment form; sequences pass through.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @property
     def native_threads(self) -> int:

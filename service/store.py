@@ -1,8 +1,12 @@
 """The heatmap store: PNG files under unguessable ids, bounded in bytes, count and age.
 
 Several processes (uvicorn workers, replicas on one volume) may share the directory: files are
-written to a temporary name and renamed into place (atomic), and eviction runs under an
-advisory file lock. The directory itself is the only state, so a restart loses nothing.
+written to a temporary name and renamed into place (atomic), and eviction and writing run under
+an advisory file lock, so the limits hold across writers: the stored images never exceed
+max_bytes or max_count (an interrupted writer's temporary file is removed after a minute).
+The directory itself is the only state, so a restart loses nothing: an id listed before it is
+served, or (expired, evicted) is a clean miss. Only files named like an id are ever counted or
+deleted, so a directory shared with other files loses none of them.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ class HeatmapStore:
         self.ttl_s = ttl_s
 
     def open(self) -> None:
-        """Create the directory (at startup)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Create the directory and bring it within the limits (at startup; they may be lower
+        than the last run's)."""
+        with self._locked():
+            self._evict(incoming_bytes=0, incoming_count=0)
 
     @staticmethod
     def valid_id(image_id: str) -> bool:
@@ -138,7 +144,7 @@ class HeatmapStore:
                     if now - st.st_mtime > 60:
                         self._unlink(entry.path)
                     continue
-                if not name.endswith(_SUFFIX):
+                if not (name.endswith(_SUFFIX) and self.valid_id(name[: -len(_SUFFIX)])):
                     continue
                 if now - st.st_mtime > self.ttl_s:
                     self._unlink(entry.path)

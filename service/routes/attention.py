@@ -29,7 +29,8 @@ async def post_attention(request: Request) -> Response:
     """
     state = app_state(request)
     state.core.raise_if_full("attention")
-    return await state.core.run("attention", _job, state, await request.body())
+    body = await request.body()
+    return await state.core.run("attention", _job, state, body, receive=request.receive)
 
 
 def _job(state: AppState, body: bytes) -> Response:

@@ -30,7 +30,8 @@ async def post_multihead(request: Request) -> Response:
     """
     state = app_state(request)
     state.core.raise_if_full("multihead")
-    return await state.core.run("multihead", _job, state, await request.body())
+    body = await request.body()
+    return await state.core.run("multihead", _job, state, body, receive=request.receive)
 
 
 def _check_sizes(req: MultiheadRequest, state: AppState, per_head: bool) -> None:

@@ -26,7 +26,8 @@ async def post_tokens(request: Request) -> Response:
     """The same token always gets the same embedding for a seed; heatmaps are token-labelled."""
     state = app_state(request)
     state.core.raise_if_full("tokens")
-    return await state.core.run("tokens", _job, state, await request.body())
+    body = await request.body()
+    return await state.core.run("tokens", _job, state, body, receive=request.receive)
 
 
 def _job(state: AppState, body: bytes) -> Response:

@@ -17,6 +17,8 @@ from service.inference_models import VERSION, Model, get_model
 from service.state import AppState, app_state
 
 router = APIRouter(tags=["open inference protocol (v2)"])
+# The health probes stay open when the rest of the API needs a key (see service.security).
+health_router = APIRouter(tags=["open inference protocol (v2)"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": desc, "model": protocol.ErrorResponse}
@@ -67,13 +69,13 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@router.get("/v2/health/live", summary="Server live", status_code=200)
+@health_router.get("/v2/health/live", summary="Server live", status_code=200)
 async def server_live() -> Response:
     """200 while the process answers (empty body, as the protocol asks)."""
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready", summary="Server ready", responses=_ERRORS)
+@health_router.get("/v2/health/ready", summary="Server ready", responses=_ERRORS)
 def server_ready(request: Request) -> Response:
     """200 when every model can infer; 400 with the reason otherwise."""
     reason = _not_ready(app_state(request))
@@ -133,8 +135,12 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     """
     model = get_model(model_name, model_version)
     state = app_state(request)
+    job = f"v2-{model.name}"
+    state.core.raise_if_full(job)
     body = await request.body()
-    return await state.core.run(f"v2-{model.name}", _job, state, model, body, request.headers)
+    return await state.core.run(
+        job, _job, state, model, body, request.headers, receive=request.receive
+    )
 
 
 def _job(state: AppState, model: Model, body: bytes, headers: Any) -> Response:
