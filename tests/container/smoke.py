@@ -12,8 +12,8 @@ reference) returns a heatmap whose PNG is fetched through the published port, fr
 replica and from a second one sharing the heatmap volume; the image's own HEALTHCHECK passes;
 no process runs as root; the root filesystem is read-only; the image holds no compiler, no
 torch, no pip and no sources or tests; every ATTN_ variable in docker-compose.yml is a real
-setting. Then `docker compose up` / `podman-compose up` runs the compose file itself (when a
-compose tool is available), and the README's curl is run against it.
+setting with the service's default. Then `docker compose up` / `podman-compose up` runs the
+compose file itself (when a compose tool is available), and the README's curls run against it.
 Prints image size, size over the base image, build time and time from start to ready.
 """
 
@@ -590,6 +590,7 @@ def compose_phase(engine: Engine, tag: str) -> float | None:
     env = dict(
         engine.env if isinstance(engine, Podman) and engine.env else os.environ,
         ATTENTION_PUBLISH=f"127.0.0.1:{port}",
+        ATTENTION_IMAGE=tag,
         COMPOSE_PROJECT_NAME=project,
     )
     base = [*compose, "-p", project, "-f", str(REPO / "docker-compose.yml")]
