@@ -568,7 +568,12 @@ def check_compose_settings(defaults: dict[str, Any]) -> None:
             continue
         m = re.fullmatch(r"\$\{ATTN_" + var + r":-(.*)\}", value)
         want = defaults[name]
-        want_text = str(want).lower() if isinstance(want, bool) else str(want)
+        if isinstance(want, bool):
+            want_text = str(want).lower()
+        elif isinstance(want, list):  # tuples of the settings, comma-separated in the env
+            want_text = ",".join(map(str, want))
+        else:
+            want_text = str(want)
         if m and want is not None and name not in COMPOSE_OWN_DEFAULTS and m[1] != want_text:
             problems.append(f"ATTN_{var} defaults to {m[1]}, the service to {want}")
     if problems:
