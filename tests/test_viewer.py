@@ -7,7 +7,7 @@ tokens pipeline, whose weights the page only displays), or from the float64 torc
 .npy uploads, which the page parses itself).
 
 Artifacts: artifacts/viewer.png (every run). ATTN_UPDATE_SCREENSHOT=1 also refreshes the
-README's docs/viewer.png.
+README's tests/screenshots/viewer.png.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from reference import reference_attention
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
-README_SCREENSHOT = REPO / "docs" / "viewer.png"
+README_SCREENSHOT = REPO / "tests" / "screenshots" / "viewer.png"
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
     "--headless",
