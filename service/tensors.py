@@ -79,7 +79,8 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
             f"unknown tensor keys {sorted(unknown)}; expected dtype, shape, data or b64"
         )
     dtype_name = obj.get("dtype", "float32")
-    if dtype_name not in _WIRE_DTYPES:
+    # A list or object here is unhashable: test the type before the lookup.
+    if not isinstance(dtype_name, str) or dtype_name not in _WIRE_DTYPES:
         raise TensorError(
             f"unknown dtype {dtype_name!r}; expected one of {', '.join(_WIRE_DTYPES)}"
         )

@@ -69,13 +69,18 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@health_router.get("/v2/health/live", summary="Server live", status_code=200)
+# response_class=Response: these answer an empty body, so the schema documents no content.
+@health_router.get(
+    "/v2/health/live", summary="Server live", status_code=200, response_class=Response
+)
 async def server_live() -> Response:
     """200 while the process answers (empty body, as the protocol asks)."""
     return Response(status_code=200)
 
 
-@health_router.get("/v2/health/ready", summary="Server ready", responses=_ERRORS)
+@health_router.get(
+    "/v2/health/ready", summary="Server ready", responses=_ERRORS, response_class=Response
+)
 def server_ready(request: Request) -> Response:
     """200 when every model can infer; 400 with the reason otherwise."""
     reason = _not_ready(app_state(request))
@@ -101,10 +106,16 @@ async def model_metadata(model_name: str, model_version: str | None = None) -> R
     return wire.json_response(get_model(model_name, model_version).metadata())
 
 
-@router.get("/v2/models/{model_name}/ready", responses=_ERRORS, summary="Model ready")
+@router.get(
+    "/v2/models/{model_name}/ready",
+    responses=_ERRORS,
+    summary="Model ready",
+    response_class=Response,
+)
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}/ready",
     responses=_ERRORS,
+    response_class=Response,
     summary="Model ready (one version)",
 )
 def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
