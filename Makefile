@@ -23,7 +23,8 @@ $(VENV)/.runtime: $(BIN)/activate
 # so nothing can resolve a newer (CUDA) build.
 $(VENV)/.testdeps: $(VENV)/.runtime
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "pytest>=8" "ruff>=0.6" "tritonclient[http]>=2.40" "playwright>=1.45"
+	$(PIP) install -q "pytest>=8" "ruff>=0.6" "tritonclient[http]>=2.40" "playwright>=1.45" \
+		"schemathesis>=4.0" "hypothesis>=6.100"
 	@touch $@
 
 # Always re-run: scikit-build-core's build dir makes this incremental (seconds when unchanged).
