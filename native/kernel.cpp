@@ -14,6 +14,8 @@
 //   St   = softcap / ALiBi / float mask / -inf for disallowed keys (boundary tiles only)
 //   m'   = max(m, max_j St[j])              (row max)
 //   a    = exp(m - m'),  P = exp(St - m')   (vectorised exp, exp(-inf) = 0)
+// Scores are kept in base-2 units (s * log2 e, folded into the packed Q when no modifier needs
+// natural units), so the exponentials are cheaper 2^x evaluations.
 //   l    = a * l + sum_j P[j]               (row sum)
 //   Ot   = a * Ot + V_tile^T . P            (rescale folded into the P.V micro-kernel)
 // and at the end out = Ot / l, lse = m + log l. Tiles the mask rules out entirely are never
@@ -62,6 +64,8 @@ constexpr int NBLK = BR / IB;
 static_assert(BR % IB == 0, "BR must be a multiple of the micro-tile width");
 
 constexpr float NEG_INF = -INFINITY;
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float LN2 = 0.693147180559945309f;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -186,6 +190,7 @@ struct Ctx {
   const uint8_t* is_global;  // (Lk,) or null when there is no window or no global token
   const int64_t* gtiles;     // key tiles holding a global token
   int64_t n_gtiles;
+  bool natural;          // modifiers need scores in natural units before conversion to base 2
   int64_t n_qt;          // query tiles per (batch, head)
   const int64_t* order;  // (batch, query tile) pairs, most work first
 };
@@ -378,6 +383,14 @@ KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64
       for (int l = k.l0; l < k.l1; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
     }
   }
+  if (c.natural) {
+    const vf log2e = simd::set1(LOG2E);
+    for (jj = kr.js; jj < kr.je; ++jj)
+      for (int v = 0; v < k.C; ++v) {
+        float* p = st + jj * IB + v * VL;
+        simd::store(p, simd::mul(simd::load(p), log2e));
+      }
+  }
   if (t.boundary) apply_constraints(c, s, rs, t, b, h, k, kr);
   return kr;
 }
@@ -395,10 +408,10 @@ void softmax_update(Scratch& s, const Block& k, KeyRange kr) {
     // Rows with nothing allowed yet keep m = -inf; shift by 0 there so that exp(-inf) = 0
     // instead of exp(-inf - -inf) = NaN.
     const vf mu = simd::select(simd::eq(mn, ninf), simd::zero(), mn);
-    const vf al = simd::exp(simd::sub(mo, mu));
+    const vf al = simd::exp2(simd::sub(mo, mu));
     vf sum = simd::zero();
     for (int jj = kr.js; jj < kr.je; ++jj) {
-      const vf e = simd::exp(simd::sub(simd::load(st + jj * IB), mu));
+      const vf e = simd::exp2(simd::sub(simd::load(st + jj * IB), mu));
       simd::store(st + jj * IB, e);
       sum = simd::add(sum, e);
     }
@@ -438,11 +451,12 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
   const int lanes = rs.nvec * VL;
 
   // Pack the query rows transposed and pre-scaled, block by block; padding lanes are zero.
+  const float qscale = c.natural ? a.scale : a.scale * LOG2E;
   for (int l = 0; l < lanes; ++l) {
     float* qt = s.qt.p + (l / IB) * a.D * IB + l % IB;
     if (l < rs.n) {
       const float* qr = qb + rs.rows[l] * a.sq[2];
-      for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = qr[d] * a.scale;
+      for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = qr[d] * qscale;
     } else {
       for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = 0.0f;
     }
@@ -480,7 +494,7 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
     }
   }
 
-  // out = Ot / l; lse = m + log(l). Rows with no allowed key get 0 and -inf.
+  // out = Ot / l; lse = m + log(l) (m is in base 2). Rows with no allowed key get 0, -inf.
   float* ob = a.out + b * a.so[0] + h * a.so[1];
   float* lb = a.lse + (b * a.Hq + h) * a.Lq;
   for (int l = 0; l < rs.n; ++l) {
@@ -489,10 +503,9 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
     float* orow = ob + rs.rows[l] * a.so[2];
     const float* ot = s.ot.p + (l / IB) * a.Dv * IB + l % IB;
     for (int64_t dv = 0; dv < a.Dv; ++dv) orow[dv] = ot[dv * IB] * inv;
-    const float lse = L > 0.0f ? s.m.p[l] + std::log(L) : NEG_INF;
-    lb[rs.rows[l]] = lse;
-    // Shift for the weights pass: +inf makes every weight of an empty row exp(-inf) = 0.
-    s.lsev.p[l] = L > 0.0f ? lse : INFINITY;
+    lb[rs.rows[l]] = L > 0.0f ? s.m.p[l] * LN2 + std::log(L) : NEG_INF;
+    // Base-2 shift for the weights pass; +inf makes every weight of an empty row 2^-inf = 0.
+    s.lsev.p[l] = L > 0.0f ? s.m.p[l] + std::log2(L) : INFINITY;
   }
   for (int l = rs.n; l < lanes; ++l) s.lsev.p[l] = INFINITY;
 
@@ -510,7 +523,7 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
         const vf shift = simd::load(s.lsev.p + v * VL);
         float* st = k.st + (v - k.iv) * VL;
         for (int jj = kr.js; jj < kr.je; ++jj)
-          simd::store(st + jj * IB, simd::exp(simd::sub(simd::load(st + jj * IB), shift)));
+          simd::store(st + jj * IB, simd::exp2(simd::sub(simd::load(st + jj * IB), shift)));
       }
       for (int l = k.l0; l < k.l1; ++l) {
         const float* st = k.st + (l - k.l0);
@@ -566,6 +579,7 @@ void attention_impl(const AttnArgs& a) {
   c.off = a.Lk - a.Lq;
   c.coff = a.causal == 2 ? c.off : 0;
   c.window = a.window_left >= 0 || a.window_right >= 0 || a.dilation > 1;
+  c.natural = a.softcap > 0.0f || a.alibi != nullptr || a.float_mask != nullptr;
   // Beyond Lq + Lk the window bounds no longer change anything; clamping keeps products small.
   const int64_t lim = a.Lq + a.Lk + 1;
   c.wl = a.window_left < 0 ? -1 : min64(a.window_left, lim);

@@ -121,6 +121,22 @@ inline vf exp(vf x) {
   return mul(y, pow2i(n));
 }
 
+// 2^x for float lanes: x = n + f with |f| <= 1/2, 2^f by a degree-5 minimax polynomial
+// (relative error 2e-7 in float32). x <= -126.5 (and -inf) gives exactly 0; NaN propagates.
+// Callers pass x <= 0 (differences from a running maximum); inputs are clamped above at 127.
+inline vf exp2(vf x) {
+  vf xc = min(set1(127.0f), max(set1(-127.0f), x));
+  vf n = round(xc);
+  vf f = sub(xc, n);
+  vf p = set1(1.326472731307149e-3f);
+  p = fma(p, f, set1(9.671512991189957e-3f));
+  p = fma(p, f, set1(5.550733581185341e-2f));
+  p = fma(p, f, set1(2.4022242426872253e-1f));
+  p = fma(p, f, set1(6.931470036506653e-1f));
+  p = fma(p, f, set1(1.0f));
+  return mul(p, pow2i(n));
+}
+
 // tanh(x): odd polynomial for |x| < 0.0625 (avoids cancellation), (1 - e)/(1 + e) with
 // e = exp(-2|x|) elsewhere.
 inline vf tanh(vf x) {
