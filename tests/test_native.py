@@ -7,7 +7,11 @@ never materialises either, so agreement exercises its tiling, tile skipping and 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -414,8 +418,48 @@ def test_concurrent_calls_from_python_threads() -> None:
     assert not errors, errors
 
 
+def test_gil_is_released_while_computing() -> None:
+    """Another Python thread runs while a long native call is in progress."""
+    rng = np.random.default_rng(16)
+    q, k, v = rand(rng, 1, 8, 1200, 64), rand(rng, 1, 8, 1200, 64), rand(rng, 1, 8, 1200, 64)
+    started = threading.Event()
+    times: dict[str, float] = {}
+
+    def call() -> None:
+        started.set()
+        for _ in range(3):
+            _native.attention(q, k, v, scale=0.125, num_threads=1)
+        times["end"] = time.perf_counter()
+
+    t = threading.Thread(target=call)
+    t.start()
+    started.wait()
+    time.sleep(0.02)
+    times["main"] = time.perf_counter()  # would wait for the GIL until the call returned
+    t.join()
+    assert times["main"] < times["end"]
+
+
 # ---------------------------------------------------------------------------------------------
 # dispatch and errors
+
+
+def _in_subprocess(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip() + result.stderr.strip()
+
+
+def test_environment_variables_set_isa_and_threads() -> None:
+    code = "from service import _native as n; print(n.isa(), n.get_num_threads())"
+    assert _in_subprocess(code, ATTN_ISA="baseline", ATTN_NUM_THREADS="3") == "baseline 3"
+    out = _in_subprocess(code, ATTN_ISA="sse9", ATTN_NUM_THREADS="many")
+    assert "ATTN_ISA ignored" in out and "ATTN_NUM_THREADS ignored" in out
 
 
 def test_isa_selection() -> None:
