@@ -559,7 +559,8 @@ def check_container(engine: Engine, name: str, image: str) -> None:
 def check_compose_settings(defaults: dict[str, Any]) -> None:
     """docker-compose.yml sets only real settings, with the service's own defaults."""
     text = (REPO / "docker-compose.yml").read_text()
-    values = dict(re.findall(r"^\s+ATTN_([A-Z0-9_]+):\s*(.+?)\s*$", text, re.M))
+    # An empty value passes the variable on from the shell (unset: the service's default).
+    values = dict(re.findall(r"^[ \t]+ATTN_([A-Z0-9_]+):[ \t]*(.*?)[ \t]*$", text, re.M))
     problems = []
     for var, value in values.items():
         name = var.lower()
