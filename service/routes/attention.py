@@ -34,7 +34,8 @@ async def post_attention(request: Request) -> Response:
 
 
 def _job(state: AppState, body: bytes) -> Response:
-    req = wire.validate(AttentionRequest, wire.parse_json(body), state.settings.max_elements)
+    data = wire.parse_json(body, wire.tensor_fields(AttentionRequest))
+    req = wire.validate(AttentionRequest, data, state.settings.max_elements)
     spec = req.heatmap
     # With "compare", the heatmaps show exact | approximation | difference instead of weights.
     want_weights = req.return_weights or (spec is not None and not req.compare)

@@ -1,0 +1,121 @@
+"""service.wire's bulk reading of nested float lists: the same values as the general JSON path,
+and every body it must not read in bulk still answered by the general path (same errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from http_support import assert_problem, client, decode
+
+from service import wire
+from service.schemas import AttentionRequest
+
+TENSORS = wire.tensor_fields(AttentionRequest)
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with client(tmp_path_factory.mktemp("wire")) as test_client:
+        yield test_client
+
+
+def _post(c: Any, text: bytes) -> Any:
+    return c.post("/v1/attention", content=text, headers={"content-type": "application/json"})
+
+
+def test_tensor_fields_of_the_attention_request() -> None:
+    assert {"q", "k", "v", "mask"} == TENSORS
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 4), (2, 1, 3, 2)])
+def test_bulk_floats_equal_the_general_parse(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    values = rng.standard_normal(shape) * 10.0 ** rng.integers(-300, 300, shape)
+    flat = values.ravel()
+    flat[1] = -0.0
+    flat[-1] = 5e-324  # the smallest subnormal
+    body = orjson.dumps({"q": values.tolist(), "causal": True, "heatmap": {"tokens": ["a"]}})
+    fast = wire.parse_json(body, TENSORS)
+    general = orjson.loads(body)
+    assert isinstance(fast["q"], np.ndarray) and fast["q"].dtype == np.float64
+    expected = np.array(general["q"], dtype=np.float64)
+    assert fast["q"].shape == expected.shape
+    assert np.array_equal(fast["q"], expected)
+    assert np.array_equal(np.signbit(fast["q"]), np.signbit(expected))
+    assert {k: v for k, v in fast.items() if k != "q"} == {
+        k: v for k, v in general.items() if k != "q"
+    }
+
+
+def test_integers_after_a_float_are_floats_as_in_the_general_path() -> None:
+    body = b'{"q": [[0.5, 2], [3, -4]]}'
+    assert np.array_equal(wire.parse_json(body, TENSORS)["q"], [[0.5, 2.0], [3.0, -4.0]])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"q": [[1, 2.5]]}',  # ints first: the general path keeps integer data
+        b'{"q": [[1.5, 2.0], [3.0, 4.0, 5.0], [6.0]]}',  # ragged, same count as 3 x 2
+        b'{"q": [[1.5, 2.0], [3.0]]}',
+        b'{"q": [[1.5, [], [2.0, 3.0]], [4.0, 5.0, 6.0]]}',  # arrays as leaves, same count
+        b'{"q": [[1.5, [], [2.0, 3.0]], [4.0, 5.0, 6.0]], "x": "\\u005b"}',
+        b'{"q": [[1.5, [2.0]], [3.0, 4.0]], "encoding": "["}',
+        b'{"q": [[1.5, 2.0], 3.0]}',
+        b'{"q": [[1.5, true]]}',
+        b'{"q": [[1.5, null]]}',
+        b'{"q": [[1.5, "2"]]}',
+        b'{"q": [[1.5, {"a": 1}]]}',
+        b'{"q": []}',
+        b'{"q": [[[[[[[[[1.5]]]]]]]]]}',  # more dimensions than a tensor may have
+        b'{"q": [[1.5]], "q": [[2.5]]}',  # duplicate keys: the last counts
+        b'{"q": [[1.5]], "[": 1}',
+        b"[[1.5]]",
+    ],
+)
+def test_bodies_not_read_in_bulk_parse_as_before(body: bytes) -> None:
+    assert wire.parse_json(body, TENSORS) == orjson.loads(body)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"q": [[1.5, 2.0], [3.0, 4.0, 5.0], [6.0]], "k": [[1.0, 1.0]], "v": [[1.0, 1.0]]}',
+        b'{"q": [[1.5, [], [2.0, 3.0]], [4.0, 5.0, 6.0]], "k": [[1.0, 1.0, 1.0]],'
+        b' "v": [[1.0, 1.0]]}',
+        b'{"q": [[1.5, [2.0]], [3.0, 4.0]], "k": [[1.0, 1.0]], "v": [[1.0, 1.0]]}',
+        b'{"q": [[1.5, 2.0]], "k": [[1.0, 1.0]], "v": [[1.0, "x"]]}',
+    ],
+)
+def test_malformed_nested_lists_are_named(c, text: bytes) -> None:
+    body = assert_problem(_post(c, text), 422)
+    assert body["errors"][0]["loc"][0] in {"q", "v"}
+
+
+def test_duplicate_keys_keep_the_last_value(c) -> None:
+    # The first q attends to the first key, the last q to the second.
+    text = (
+        b'{"q": [[90.0, 0.0]], "q": [[0.0, 90.0]], "k": [[1.0, 0.0], [0.0, 1.0]],'
+        b' "v": [[2.0, 3.0], [4.0, 5.0]]}'
+    )
+    r = _post(c, text)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(decode(r.json()["output"]), [[4.0, 5.0]], atol=1e-6)
+
+
+def test_bulk_read_request_answers_like_a_float32_numpy_request(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 16, 8)).astype(np.float32) for _ in range(3))
+    with client(tmp_path) as c:
+        as_lists = _post(c, orjson.dumps({"q": q.tolist(), "k": k.tolist(), "v": v.tolist()}))
+    assert as_lists.status_code == 200, as_lists.text
+    # Independent reference: float64 softmax attention of the same values.
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    s = q64 @ k64.transpose(0, 2, 1) / np.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)) @ v64
+    np.testing.assert_allclose(decode(as_lists.json()["output"]), expected, atol=2e-6)
