@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = state
-    app.state.access = AccessControl.from_settings(settings)
+    access = app.state.access = AccessControl.from_settings(settings)
     install_problem_handlers(app)
     guard = [Depends(authorize)]  # API keys and rate limit; a no-op when neither is set
     for router in API_ROUTERS:
@@ -208,6 +208,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 routes=app.routes,
             )
             add_component_schemas(schema, (*REQUEST_MODELS, Problem))
+            if not access.keys.enabled:
+                # Started without keys: {} (no credentials) is an accepted alternative.
+                for operations in schema["paths"].values():
+                    for op in operations.values():
+                        if isinstance(op, dict) and "security" in op:
+                            op["security"].append({})
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -131,7 +131,8 @@ class ComputeCore:
                 watcher.cancel()
             if not result.done():  # abandoned: disconnect, timeout, or this task cancelled
                 token.cancel(reason)
-                result.cancel()  # a queued job is taken off the queue (never runs)
+                future.cancel()  # a queued job leaves the queue now (never runs)
+                result.cancel()
                 if self._observer:
                     self._observer.observe_abandoned(job, reason)
         if reason == "disconnect":

@@ -1,0 +1,396 @@
+"""Overload: 503 at once beyond the queue, 504 past ATTN_REQUEST_TIMEOUT_S, and the work of a
+client that went away is dropped (queued: never runs; running: stops at its next checkpoint).
+
+The in-process tests use httpx's ASGITransport; disconnects and the 503 latency need real
+sockets, so those run against uvicorn serving the app on a free port (in a thread of this
+process, which lets the tests hold the compute core and read its state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+import service
+from service.app import create_app
+from service.cancel import Cancelled, checkpoint
+from service.compute import ComputeCore
+from service.problems import ClientClosed, ComputeTimeout
+from service.routes import attention as attention_route
+from tests.http_support import assert_problem, b64, decode, settings
+
+SMALL = {
+    "q": [[1.0, 0.0], [0.0, 1.0]],
+    "k": [[1.0, 0.0], [0.0, 1.0]],
+    "v": [[1.0, 2.0], [3.0, 4.0]],
+}
+SMALL_V2 = {
+    "inputs": [
+        {"name": n, "shape": [2, 2], "datatype": "FP32", "data": [1, 0, 0, 1]}
+        for n in ("q", "k", "v")
+    ]
+}
+HEATMAP = {**SMALL, "heatmap": True}
+
+
+def _sample(app: FastAPI, name: str, **labels: str) -> float:
+    value = app.state.services.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def _ran(app: FastAPI, job: str) -> float:
+    """How many jobs of this kind a compute worker started."""
+    return _sample(app, "attention_compute_seconds_count", job=job)
+
+
+def _abandoned(app: FastAPI, job: str, reason: str) -> float:
+    return _sample(app, "attention_compute_abandoned_total", job=job, reason=reason)
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting until {what}")
+        time.sleep(0.005)
+
+
+def _pngs(directory: Path) -> list[Path]:
+    return list(directory.glob("*.png")) if directory.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# A real server in a thread
+
+
+class LiveServer:
+    """uvicorn (httptools, as in production) serving `app` on a free port of 127.0.0.1."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.core: ComputeCore = app.state.services.core
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, http="httptools", log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        _wait_until(lambda: self.server.started, "the server started", timeout=60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def hold(self, gate: threading.Event) -> Future[Any]:
+        """Occupy one compute slot (on the server's loop) until gate is set."""
+        held = asyncio.run_coroutine_threadsafe(
+            self.core.run("hold", gate.wait, timeout_s=math.inf), self.loop
+        )
+        _wait_until(lambda: self.core.running >= 1, "the hold job runs")
+        return held
+
+    def send_raw(self, path: str, body: bytes) -> socket.socket:
+        """A complete POST on a socket of its own (closed by the caller: a disconnect)."""
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body)
+        return sock
+
+
+# ---------------------------------------------------------------------------------------------
+# 503 beyond the queue, under real load
+
+
+def _heavy_multihead(rows: int) -> tuple[np.ndarray, bytes]:
+    # About 2 s of a 2-core machine per request, from a ~4 MB body.
+    x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float16)
+    return x, orjson.dumps({"query": b64(x), "num_heads": 4, "seed": 0, "encoding": "b64"})
+
+
+def test_excess_requests_get_503_at_once_while_accepted_ones_finish(tmp_path: Path) -> None:
+    app = create_app(settings(tmp_path, max_concurrency=1, queue_size=1, retry_after_s=2))
+    x, heavy = _heavy_multihead(6144)
+    with (
+        LiveServer(app) as srv,
+        httpx.Client(base_url=srv.url, timeout=120) as http,
+        ThreadPoolExecutor(2) as clients,
+    ):
+        accepted = []
+        for n in (1, 2):  # one runs, one waits in the queue
+            accepted.append(clients.submit(http.post, "/v1/multihead", content=heavy))
+            _wait_until(
+                lambda n=n: srv.core.running + srv.core.queued == n,
+                "the heavy requests are admitted",
+            )
+        latencies = []
+        for i in range(12):
+            v2 = i % 2 == 1
+            start = time.perf_counter()
+            if v2:
+                r = http.post("/v2/models/attention/infer", content=orjson.dumps(SMALL_V2))
+            else:
+                r = http.post("/v1/attention", json=SMALL)
+            latencies.append(time.perf_counter() - start)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "2"
+            if v2:
+                assert "ATTN_MAX_CONCURRENCY" in r.json()["error"]
+            else:
+                assert_problem(r, 503)
+        # Still full: every refusal above was made while both heavy requests were admitted.
+        assert srv.core.running == 1 and srv.core.queued == 1
+        results = [f.result() for f in accepted]
+    median = statistics.median(latencies)
+    print(
+        f"\n503 latency over {len(latencies)} requests under load: median "
+        f"{median * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms"
+    )
+    # The issue asks for 50 ms; the bound here is looser for a shared, loaded test machine.
+    assert median < 0.25
+    expected = service.multihead_attention(x.astype(np.float32), num_heads=4, seed=0).output
+    for r in results:
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(decode(r.json()["output"]), expected, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# A client that goes away
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "job"),
+    [
+        ("/v1/attention", orjson.dumps(SMALL), "attention"),
+        ("/v2/models/attention/infer", orjson.dumps(SMALL_V2), "v2-attention"),
+    ],
+)
+def test_a_queued_request_whose_client_left_never_runs(
+    tmp_path: Path, path: str, body: bytes, job: str
+) -> None:
+    app = create_app(settings(tmp_path, max_concurrency=1, queue_size=4))
+    gate = threading.Event()
+    with LiveServer(app) as srv:
+        held = srv.hold(gate)
+        try:
+            sock = srv.send_raw(path, body)
+            _wait_until(lambda: srv.core.queued == 1, "the request is queued")
+            sock.close()
+            # Taken off the queue as soon as the server sees the disconnect, while the slot
+            # it waited for is still busy.
+            _wait_until(lambda: srv.core.queued == 0, "the queued job is dropped")
+            assert _abandoned(app, job, "disconnect") == 1
+            assert srv.core.running == 1
+        finally:
+            gate.set()
+            held.result(timeout=30)
+        _wait_until(lambda: srv.core.running == 0, "the hold job ends")
+        assert _ran(app, job) == 0
+        # The same request from a client that stays gets its answer (and is counted).
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            assert http.post(path, content=body).status_code == 200
+        assert _ran(app, job) == 1
+
+
+def test_a_running_request_whose_client_left_stops_at_its_next_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings(tmp_path, max_concurrency=1, queue_size=4))
+    store_dir = tmp_path / "heatmaps"
+    started, gate = threading.Event(), threading.Event()
+    real = attention_route.attention
+
+    def slow_attention(*args: Any, **kwargs: Any) -> Any:
+        # Stands for a long computation: the job is running when the client leaves.
+        started.set()
+        gate.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_route, "attention", slow_attention)
+    with LiveServer(app) as srv:
+        sock = srv.send_raw("/v1/attention", orjson.dumps(HEATMAP))
+        assert started.wait(timeout=20)
+        sock.close()
+        _wait_until(lambda: _abandoned(app, "attention", "disconnect") == 1, "abandoned")
+        # The thread is still busy, so its slot is still counted: no core is promised twice.
+        assert srv.core.running == 1
+        gate.set()
+        _wait_until(lambda: srv.core.running == 0, "the job stops")
+        # It stopped before the kernel and before drawing: no image was stored.
+        assert _pngs(store_dir) == []
+        # Control: the same request, waited for, draws and stores its images.
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            r = http.post("/v1/attention", json=HEATMAP)
+        assert r.status_code == 200 and r.json()["heatmaps"]
+        assert len(_pngs(store_dir)) == len(r.json()["heatmaps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# ATTN_REQUEST_TIMEOUT_S: 504
+
+
+async def _asgi(app: FastAPI, scenario: Callable[[httpx.AsyncClient], Any]) -> Any:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            return await scenario(ac)
+
+
+def test_a_request_queued_past_the_timeout_is_504_and_never_runs(tmp_path: Path) -> None:
+    app = create_app(settings(tmp_path, max_concurrency=1, queue_size=4, request_timeout_s=0.2))
+    core: ComputeCore = app.state.services.core
+    gate = threading.Event()
+
+    async def scenario(ac: httpx.AsyncClient) -> tuple[httpx.Response, ...]:
+        held = asyncio.ensure_future(core.run("hold", gate.wait, timeout_s=math.inf))
+        while core.running == 0:
+            await asyncio.sleep(0.005)
+        v1 = await ac.post("/v1/attention", json=SMALL)
+        v2 = await ac.post("/v2/models/attention/infer", content=orjson.dumps(SMALL_V2))
+        assert core.queued == 0  # both were taken off the queue when they timed out
+        gate.set()
+        await held
+        after = await ac.post("/v1/attention", json=SMALL)
+        return v1, v2, after
+
+    v1, v2, after = asyncio.run(_asgi(app, scenario))
+    problem = assert_problem(v1, 504)
+    assert problem["type"].endswith(":timeout") and "ATTN_REQUEST_TIMEOUT_S" in problem["detail"]
+    assert v2.status_code == 504 and v2.headers["content-type"] == "application/json"
+    assert set(v2.json()) == {"error"} and "ATTN_REQUEST_TIMEOUT_S" in v2.json()["error"]
+    assert after.status_code == 200
+    assert _ran(app, "attention") == 1 and _ran(app, "v2-attention") == 0
+    assert _abandoned(app, "attention", "timeout") == 1
+    assert _abandoned(app, "v2-attention", "timeout") == 1
+
+
+def test_a_running_request_past_the_timeout_is_504_and_stops_at_its_next_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings(tmp_path, max_concurrency=1, request_timeout_s=0.2))
+    core: ComputeCore = app.state.services.core
+    gate = threading.Event()
+    real = attention_route.attention
+
+    def slow_attention(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_route, "attention", slow_attention)
+
+    async def scenario(ac: httpx.AsyncClient) -> tuple[httpx.Response, int]:
+        r = await ac.post("/v1/attention", json=HEATMAP)
+        running = core.running  # answered while the thread is still busy
+        gate.set()
+        while core.running:
+            await asyncio.sleep(0.005)
+        return r, running
+
+    r, running = asyncio.run(_asgi(app, scenario))
+    assert_problem(r, 504)
+    assert running == 1
+    assert _pngs(tmp_path / "heatmaps") == []
+
+
+def test_no_timeout_when_the_setting_is_zero(tmp_path: Path) -> None:
+    core = ComputeCore(max_concurrency=1, queue_size=1, timeout_s=0)
+
+    def slow() -> str:
+        time.sleep(0.3)
+        return "done"
+
+    async def scenario() -> str:
+        return await core.run("job", slow)
+
+    assert asyncio.run(scenario()) == "done"
+    core.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The compute core and its checkpoints, without HTTP
+
+
+def test_checkpoint_outside_a_compute_job_does_nothing() -> None:
+    checkpoint()  # the Python API used directly is never cancelled
+
+
+def test_a_disconnect_cancels_the_running_job_at_its_checkpoints() -> None:
+    core = ComputeCore(max_concurrency=1, queue_size=1)
+    steps: list[int] = []
+    outcome: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            for i in range(2000):  # a long job made of checkpointed steps
+                checkpoint()
+                steps.append(i)
+                time.sleep(0.005)
+        except Cancelled as exc:
+            outcome.append(exc)
+            raise
+
+    async def scenario() -> None:
+        gone = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        running = asyncio.ensure_future(core.run("job", job, receive=receive))
+        while len(steps) < 3:
+            await asyncio.sleep(0.005)
+        gone.set()
+        with pytest.raises(ClientClosed):
+            await running
+        while core.running:
+            await asyncio.sleep(0.005)
+
+    asyncio.run(scenario())
+    core.close()
+    assert outcome and str(outcome[0]) == "disconnect"
+    assert 3 <= len(steps) < 2000
+
+
+def test_the_timeout_is_a_compute_timeout_naming_the_setting() -> None:
+    core = ComputeCore(max_concurrency=1, queue_size=1, timeout_s=0.05)
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        with pytest.raises(ComputeTimeout, match="ATTN_REQUEST_TIMEOUT_S"):
+            await core.run("job", gate.wait)
+        gate.set()
+        # A per-call limit overrides the core's.
+        assert await core.run("job", lambda: "ok", timeout_s=math.inf) == "ok"
+
+    asyncio.run(scenario())
+    core.close()
