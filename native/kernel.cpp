@@ -108,6 +108,7 @@ void qk_micro(const float* k, int64_t ldk, const float* qt, int64_t D, float* ou
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = simd::zero();
   }
+#pragma GCC unroll 2
   for (int64_t d = 0; d < D; ++d) {
     vf qv[C];
 #pragma GCC unroll 4
@@ -138,6 +139,7 @@ void pv_micro(const float* v, int64_t ldv, const float* pt, int jn, float* ot,
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = simd::mul(simd::load(ot + r * IB + c * VL), al[c]);
+#pragma GCC unroll 2
   for (int j = 0; j < jn; ++j) {
     vf pv[C];
 #pragma GCC unroll 4
