@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.errors import InputError, LimitError
@@ -249,6 +250,17 @@ def install_problem_handlers(app: FastAPI) -> None:
             slug=exc.slug,
             errors=exc.errors,
             headers=exc.headers,
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left while sending its body: nobody reads this, but it is no server error.
+        return problem_response(
+            ClientClosed.status,
+            "the client closed the connection before sending the whole body",
+            title=ClientClosed.title,
+            slug=ClientClosed.slug,
             instance=request.url.path,
         )
 

@@ -394,3 +394,29 @@ def test_the_timeout_is_a_compute_timeout_naming_the_setting() -> None:
 
     asyncio.run(scenario())
     core.close()
+
+
+def test_a_client_leaving_mid_body_is_no_server_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(settings(tmp_path))
+    with LiveServer(app) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(
+            b"POST /v1/attention HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"q": ['
+        )
+
+        def answered(status: str) -> float:
+            return _sample(
+                app,
+                "attention_http_requests_total",
+                method="POST",
+                route="/v1/attention",
+                status=status,
+            )
+
+        sock.close()
+        _wait_until(lambda: answered("499") == 1, "the request is counted as closed by the client")
+        assert answered("500") == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
