@@ -9,12 +9,13 @@ process, which lets the tests hold the compute core and read its state).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from service.cancel import Cancelled, checkpoint
 from service.compute import ComputeCore
 from service.problems import ClientClosed, ComputeTimeout
 from service.routes import attention as attention_route
-from tests.http_support import assert_problem, b64, decode, settings
+from service.routes import multihead as multihead_route
+from tests.http_support import assert_problem, settings
 
 SMALL = {
     "q": [[1.0, 0.0], [0.0, 1.0]],
@@ -132,15 +134,42 @@ class LiveServer:
 # 503 beyond the queue, under real load
 
 
-def _heavy_multihead(rows: int) -> tuple[np.ndarray, bytes]:
-    # About 2 s of a 2-core machine per request, from a ~4 MB body.
-    x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float16)
-    return x, orjson.dumps({"query": b64(x), "num_heads": 4, "seed": 0, "encoding": "b64"})
+@contextlib.contextmanager
+def _cpu_burner(threads: int = 2) -> Iterator[None]:
+    """Keep the cores busy with the native kernel (which runs without the GIL, as in a job)."""
+    stop = threading.Event()
+    q = np.random.default_rng(1).standard_normal((1, 4, 1024, 64)).astype(np.float32)
+
+    def burn() -> None:
+        while not stop.is_set():
+            service.attention(q, q, q, num_threads=1)
+
+    workers = [threading.Thread(target=burn) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
 
 
-def test_excess_requests_get_503_at_once_while_accepted_ones_finish(tmp_path: Path) -> None:
+def test_excess_requests_get_503_at_once_while_accepted_ones_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = create_app(settings(tmp_path, max_concurrency=1, queue_size=1, retry_after_s=2))
-    x, heavy = _heavy_multihead(6144)
+    gate = threading.Event()
+    real = multihead_route.multihead_attention
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        # The accepted requests keep their slots until the refusals have been measured.
+        gate.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(multihead_route, "multihead_attention", gated)
+    x = np.random.default_rng(0).standard_normal((2, 96, 32)).astype(np.float32)
+    accepted_body = {"query": x.tolist(), "num_heads": 4, "seed": 3}
     with (
         LiveServer(app) as srv,
         httpx.Client(base_url=srv.url, timeout=120) as http,
@@ -148,40 +177,40 @@ def test_excess_requests_get_503_at_once_while_accepted_ones_finish(tmp_path: Pa
     ):
         accepted = []
         for n in (1, 2):  # one runs, one waits in the queue
-            accepted.append(clients.submit(http.post, "/v1/multihead", content=heavy))
+            accepted.append(clients.submit(http.post, "/v1/multihead", json=accepted_body))
             _wait_until(
                 lambda n=n: srv.core.running + srv.core.queued == n,
-                "the heavy requests are admitted",
+                "the accepted requests are admitted",
             )
         latencies = []
-        for i in range(12):
-            v2 = i % 2 == 1
-            start = time.perf_counter()
-            if v2:
-                r = http.post("/v2/models/attention/infer", content=orjson.dumps(SMALL_V2))
-            else:
-                r = http.post("/v1/attention", json=SMALL)
-            latencies.append(time.perf_counter() - start)
-            assert r.status_code == 503, r.text
-            assert r.headers["retry-after"] == "2"
-            if v2:
-                assert "ATTN_MAX_CONCURRENCY" in r.json()["error"]
-            else:
-                assert_problem(r, 503)
-        # Still full: every refusal above was made while both heavy requests were admitted.
-        assert srv.core.running == 1 and srv.core.queued == 1
+        with _cpu_burner():  # refused while both cores compute
+            for i in range(12):
+                v2 = i % 2 == 1
+                start = time.perf_counter()
+                if v2:
+                    r = http.post("/v2/models/attention/infer", content=orjson.dumps(SMALL_V2))
+                else:
+                    r = http.post("/v1/attention", json=SMALL)
+                latencies.append(time.perf_counter() - start)
+                assert r.status_code == 503, r.text
+                assert r.headers["retry-after"] == "2"
+                if v2:
+                    assert "ATTN_MAX_CONCURRENCY" in r.json()["error"]
+                else:
+                    assert_problem(r, 503)
+        gate.set()
         results = [f.result() for f in accepted]
     median = statistics.median(latencies)
     print(
-        f"\n503 latency over {len(latencies)} requests under load: median "
+        f"\n503 latency over {len(latencies)} requests, cores busy: median "
         f"{median * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms"
     )
     # The issue asks for 50 ms; the bound here is looser for a shared, loaded test machine.
     assert median < 0.25
-    expected = service.multihead_attention(x.astype(np.float32), num_heads=4, seed=0).output
+    expected = service.multihead_attention(x, num_heads=4, seed=3).output
     for r in results:
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(decode(r.json()["output"]), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r.json()["output"], expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +223,7 @@ def test_excess_requests_get_503_at_once_while_accepted_ones_finish(tmp_path: Pa
         ("/v1/attention", orjson.dumps(SMALL), "attention"),
         ("/v2/models/attention/infer", orjson.dumps(SMALL_V2), "v2-attention"),
     ],
+    ids=["v1", "v2"],
 )
 def test_a_queued_request_whose_client_left_never_runs(
     tmp_path: Path, path: str, body: bytes, job: str
