@@ -177,8 +177,9 @@ using Tables = decltype(make_tables(std::make_index_sequence<RJ * RI>{}));
 struct Tile {
   int64_t j0;
   int32_t jn;
-  bool boundary;    // some element of the tile may be disallowed: check each one
-  bool has_global;  // holds a global key (which ignores the window)
+  bool boundary;     // some element of the tile may be disallowed: check each one
+  bool has_global;   // holds a global key (which ignores the window)
+  int64_t g0;        // first global token at or after the tile start (index into the list)
 };
 
 // Per-call constants shared by all work items.
@@ -189,8 +190,9 @@ struct Ctx {
   int64_t off;    // aligned key position of query row i: c = i + off
   bool window;
   int64_t wl, wr, dil;       // window, clamped so products cannot overflow
-  const uint8_t* is_global;  // (Lk,) or null when there is no window or no global token
-  const int64_t* gtiles;     // key tiles holding a global token
+  const int64_t* globals;  // sorted global key positions; null without window or globals
+  int64_t n_globals;
+  const int64_t* gtiles;  // key tiles holding a global token
   int64_t n_gtiles;
   bool natural;          // modifiers need scores in natural units before conversion to base 2
   int64_t n_qt;          // query tiles per (batch, head)
@@ -209,9 +211,29 @@ struct Scratch {
 };
 thread_local Scratch tls_scratch;
 
-// The key tiles a set of query rows [imin, imax] must visit, with their boundary flags.
+// Index of the first global token >= pos.
+int64_t first_global_at_or_after(const Ctx& c, int64_t pos) {
+  int64_t lo = 0, hi = c.n_globals;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (c.globals[mid] < pos)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+bool is_global(const Ctx& c, int64_t pos) {
+  if (c.globals == nullptr) return false;
+  const int64_t g = first_global_at_or_after(c, pos);
+  return g < c.n_globals && c.globals[g] == pos;
+}
+
+// The key tiles a set of query rows [imin, imax] must visit, with their boundary flags, in
+// `out` (grown as needed: its size follows the keys visited, not Lk).
 size_t plan_tiles(const Ctx& c, int64_t b, int64_t imin, int64_t imax, bool ignore_window,
-                  Tile* out) {
+                  Buf<Tile>& buf) {
   const AttnArgs& a = *c.a;
   int64_t jend = a.Lk;
   if (a.key_lengths) jend = min64(jend, a.key_lengths[b]);
@@ -223,6 +245,12 @@ size_t plan_tiles(const Ctx& c, int64_t b, int64_t imin, int64_t imax, bool igno
     if (c.wl >= 0) lo = max64(lo, imin + c.off - c.wl * c.dil);
     if (c.wr >= 0) hi = min64(hi, imax + c.off + c.wr * c.dil);
   }
+  int64_t t0 = 0, t1 = -1;
+  if (lo <= hi) {
+    t0 = lo / BC;
+    t1 = hi / BC;
+  }
+  Tile* out = buf.get(size_t(t1 - t0 + 1 + (win ? c.n_gtiles : 0)));
   size_t n = 0;
   auto add = [&](int64_t t) {
     Tile& T = out[n++];
@@ -238,14 +266,12 @@ size_t plan_tiles(const Ctx& c, int64_t b, int64_t imin, int64_t imax, bool igno
     }
     T.boundary = bnd;
     T.has_global = false;
-    if (c.is_global)
-      for (int64_t j = T.j0; j <= jlast && !T.has_global; ++j) T.has_global = c.is_global[j];
+    T.g0 = 0;
+    if (c.globals) {
+      T.g0 = first_global_at_or_after(c, T.j0);
+      T.has_global = T.g0 < c.n_globals && c.globals[T.g0] <= jlast;
+    }
   };
-  int64_t t0 = 0, t1 = -1;
-  if (lo <= hi) {
-    t0 = lo / BC;
-    t1 = hi / BC;
-  }
   for (int64_t t = t0; t <= t1; ++t) add(t);
   // Global keys are visible from every row: visit their tiles even outside the band.
   if (win)
@@ -303,11 +329,17 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
   if (a.bool_mask == nullptr && rs.contiguous && (!win || c.dil == 1)) {
     // Consecutive rows i = i0 + l: each constraint allows an interval of lanes for key j.
     const int64_t i0 = rs.rows[0];
+    int64_t g = t.g0;  // cursor over the (sorted) global tokens
     for (int jj = kr.js; jj < kr.je; ++jj) {
       const int64_t j = t.j0 + jj;
       int64_t lo = k.l0, hi = k.l1 - 1;
       if (a.causal) lo = max64(lo, j - c.coff - i0);  // j <= i + coff
-      if (win && !(c.is_global && c.is_global[j])) {
+      bool global = false;
+      if (t.has_global) {
+        while (g < c.n_globals && c.globals[g] < j) ++g;
+        global = g < c.n_globals && c.globals[g] == j;
+      }
+      if (win && !global) {
         const int64_t d0 = j - c.off - i0;  // delta = d0 - l
         if (c.wl >= 0) hi = min64(hi, d0 + c.wl);
         if (c.wr >= 0) lo = max64(lo, d0 - c.wr);
@@ -322,10 +354,16 @@ void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t
   const uint8_t* bm = a.bool_mask ? a.bool_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3] : nullptr;
   const int64_t lo = c.wl >= 0 ? -c.wl * c.dil : INT64_MIN;
   const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
+  int64_t g = t.g0;  // cursor over the (sorted) global tokens
   for (int jj = kr.js; jj < kr.je; ++jj) {
     const int64_t j = t.j0 + jj;
     float* row = k.st + jj * IB - k.l0;  // indexed by lane
-    const bool check_win = win && !(c.is_global && c.is_global[j]);
+    bool global = false;
+    if (t.has_global) {
+      while (g < c.n_globals && c.globals[g] < j) ++g;
+      global = g < c.n_globals && c.globals[g] == j;
+    }
+    const bool check_win = win && !global;
     for (int l = k.l0; l < k.l1; ++l) {
       const int64_t i = rs.rows[l];
       bool ok = true;
@@ -485,7 +523,7 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
                             s.ot.p + nblocks * a.Dv * IB};
   }
 
-  const size_t nt = plan_tiles(c, b, imin, imax, rs.ignore_window, s.tiles.p);
+  const size_t nt = plan_tiles(c, b, imin, imax, rs.ignore_window, s.tiles);
   for (size_t ti = 0; ti < nt; ++ti) {
     const Tile& t = s.tiles.p[ti];
     for (int bi = 0; bi < nblocks; ++bi) {
@@ -554,7 +592,6 @@ void attention_item(void* p, int64_t item) {
   s.lsev.get(BR);
   int64_t* rows = s.rows.get(BR);
   int64_t* grows = s.grows.get(BR);
-  s.tiles.get(size_t((a.Lk + BC - 1) / BC + c.n_gtiles + 1));
 
   const int64_t i0 = qtile * BR;
   const int n = int(min64(BR, a.Lq - i0));
@@ -563,12 +600,10 @@ void attention_item(void* p, int64_t item) {
 
   // Query rows aligned to a global token ignore the window: redo them over all keys (same
   // thread, so the overwrite cannot race).
-  if (c.is_global) {
+  if (c.globals) {
     int ng = 0;
-    for (int l = 0; l < n; ++l) {
-      const int64_t pos = rows[l] + c.off;
-      if (pos >= 0 && pos < a.Lk && c.is_global[pos]) grows[ng++] = rows[l];
-    }
+    for (int l = 0; l < n; ++l)
+      if (is_global(c, rows[l] + c.off)) grows[ng++] = rows[l];
     if (ng > 0) process_rows(c, s, b, h, RowSet{grows, ng, (ng + VL - 1) / VL, true, false});
   }
 }
@@ -588,20 +623,17 @@ void attention_impl(const AttnArgs& a) {
   c.wr = a.window_right < 0 ? -1 : min64(a.window_right, lim);
   c.dil = min64(max64(a.dilation, 1), lim);
 
-  Buf<uint8_t> is_global;
+  // Global tokens only matter with a window.
   Buf<int64_t> gtiles;
-  if (c.window && a.n_global > 0 && a.Lk > 0) {
-    uint8_t* g = is_global.get(size_t(a.Lk));
-    std::memset(g, 0, size_t(a.Lk));
+  if (c.window && a.n_global > 0) {
     int64_t* gt = gtiles.get(size_t(a.n_global));
     int64_t ng = 0;
     for (int64_t i = 0; i < a.n_global; ++i) {
-      const int64_t pos = a.global_tokens[i];
-      g[pos] = 1;
-      const int64_t t = pos / BC;
+      const int64_t t = a.global_tokens[i] / BC;
       if (ng == 0 || gt[ng - 1] != t) gt[ng++] = t;  // positions are sorted
     }
-    c.is_global = g;
+    c.globals = a.global_tokens;
+    c.n_globals = a.n_global;
     c.gtiles = gt;
     c.n_gtiles = ng;
   }
@@ -615,14 +647,13 @@ void attention_impl(const AttnArgs& a) {
   int64_t* od = order.get(size_t(nbq));
   {
     Buf<Tile> tiles;
-    Tile* tp = tiles.get(size_t((a.Lk + BC - 1) / BC + c.n_gtiles + 1));
     int64_t maxc = 0;
     for (int64_t bq = 0; bq < nbq; ++bq) {
       const int64_t b = bq / c.n_qt, i0 = (bq % c.n_qt) * BR;
       const int64_t i1 = min64(a.Lq, i0 + BR) - 1;
-      const size_t nt = plan_tiles(c, b, i0, i1, false, tp);
+      const size_t nt = plan_tiles(c, b, i0, i1, false, tiles);
       int64_t keys = 0;
-      for (size_t t = 0; t < nt; ++t) keys += tp[t].jn;
+      for (size_t t = 0; t < nt; ++t) keys += tiles.p[t].jn;
       cs[bq] = keys;
       maxc = max64(maxc, keys);
     }
