@@ -9,17 +9,19 @@
 // the softmax statistics of a query row live in one SIMD lane: the row max, the rescale factor
 // and the row sum are plain vertical vector ops, and the accumulator Ot[dv][lane] is updated by
 // broadcasting V[key][dv] against P rows. K and V are read in their natural layout.
-// Per tile of BC keys:
+// For each tile of BC keys, and each lane block (one micro-tile width of query rows):
 //   St   = K_tile . Qt                      (register-blocked RJ x RI-vector micro-kernel)
 //   St   = softcap / ALiBi / float mask / -inf for disallowed keys (boundary tiles only)
 //   m'   = max(m, max_j St[j])              (row max)
-//   a    = exp(m - m'),  P = exp(St - m')   (vectorised exp, exp(-inf) = 0)
-// Scores are kept in base-2 units (s * log2 e, folded into the packed Q when no modifier needs
-// natural units), so the exponentials are cheaper 2^x evaluations.
+//   a    = 2^(m - m'),  P = 2^(St - m')     (vectorised 2^x, 2^-inf = 0)
 //   l    = a * l + sum_j P[j]               (row sum)
 //   Ot   = a * Ot + V_tile^T . P            (rescale folded into the P.V micro-kernel)
-// and at the end out = Ot / l, lse = m + log l. Tiles the mask rules out entirely are never
-// visited, so a window of width W costs O(L * W). Extra memory is O(tile) per thread.
+// and at the end out = Ot / l, lse = (m + log2 l) * ln 2. Scores are kept in base-2 units
+// (s * log2 e, folded into the packed Q unless a modifier needs natural units), which makes the
+// exponentials cheaper. Tiles the mask rules out entirely are never visited, and within a
+// boundary tile each lane block only computes the keys some of its rows may see, so a window
+// of width W costs O(L * W) and a causal mask about half the dense work. Extra memory is
+// O(tile) per thread.
 #include <immintrin.h>
 
 #include <cmath>
