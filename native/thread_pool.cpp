@@ -5,6 +5,7 @@
 // whichever queued job still has items and room (a job runs on at most max_threads threads).
 // Items are handed out one at a time through an atomic counter (dynamic balancing).
 #include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,9 +24,13 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
+// CPUs this process may run on (honours taskset / cpusets), else the hardware count.
 int hardware_threads() {
-  const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : int(std::min<unsigned>(n, kMaxThreads));
+  cpu_set_t set;
+  int n = 0;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = int(std::thread::hardware_concurrency());
+  return n <= 0 ? 1 : std::min(n, kMaxThreads);
 }
 
 int env_threads() {
