@@ -656,8 +656,8 @@ void attention_impl(const AttnArgs& a) {
       const size_t nt = plan_tiles(c, b, i0, i1, false, tiles);
       int64_t keys = 0;
       for (size_t t = 0; t < nt; ++t) keys += tiles.p[t].jn;
-      cs[bq] = keys;
-      maxc = max64(maxc, keys);
+      cs[bq] = keys * (i1 - i0 + 1);  // rows x keys visited
+      maxc = max64(maxc, cs[bq]);
     }
     constexpr int NB = 256;
     int64_t count[NB + 1] = {0};
