@@ -144,6 +144,22 @@ def test_causal_alignments(isa: str, causal: int, lq: int, lk: int) -> None:
     check(q, k, v, scale=0.2, causal=causal)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"causal": 1},
+        {"causal": 2, "window_left": 100, "window_right": 0},
+        {"window_left": 150, "window_right": 40, "key_lengths": np.array([601, 333])},
+        {"causal": 1, "window_left": 64, "global_tokens": np.array([3, 300, 599])},
+    ],
+)
+def test_many_tiles_with_skipping(isa: str, kw: dict) -> None:
+    """Several query and key tiles, some skipped entirely, some cut at a boundary."""
+    rng = np.random.default_rng(17)
+    q, k, v = rand(rng, 2, 2, 610, 64), rand(rng, 2, 2, 640, 64), rand(rng, 2, 2, 640, 64)
+    check(q, k, v, scale=0.125, **kw)
+
+
 def test_bool_and_float_masks_broadcast_and_strided(isa: str) -> None:
     rng = np.random.default_rng(1)
     b, h, lq, lk = 2, 4, 70, 110
