@@ -173,6 +173,7 @@ class _MapCanvas(_Layered):
         self.cax.set_animated(True)
         self.title.set_animated(True)
         _no_axis_labels(self.ax, self.cax)
+        self.cax.xaxis.set_visible(False)  # a vertical colorbar's short side has no ticks
 
     def render(
         self,
@@ -275,6 +276,7 @@ class _GridCanvas(_Layered):
         self.cax.set_animated(True)
         self.title.set_animated(True)
         _no_axis_labels(self.cax, *self.panels)
+        self.cax.xaxis.set_visible(False)
 
     def render(self, maps: np.ndarray, panel_titles: Sequence[str], title: str) -> bytes:
         key = tuple(panel_titles)
