@@ -51,6 +51,20 @@ bench: $(VENV)/.testdeps build
 bench-approx: $(VENV)/.testdeps build
 	$(BIN)/python tests/benchmarks/bench_approx.py $(if $(QUICK),--quick)
 
+# AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
+# own venv; the normal build is untouched), then the native tests and native fuzz tests on it.
+.PHONY: sanitize
+sanitize: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	bash tests/sanitize.sh
+
+# The schema and native fuzzers with 10x the examples of `make test`, freshly random each run.
+.PHONY: fuzz
+fuzz: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz_schema.py tests/test_fuzz_native.py
+
 clean:
 	rm -rf $(VENV) build dist build.lock
 
