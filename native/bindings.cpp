@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "api.h"
+#include "maps_api.h"
 
 namespace py = pybind11;
 
@@ -143,6 +144,43 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
   return py::make_tuple(out, lse, weights);
 }
 
+py::tuple attention_maps(const py::object& q, const py::object& k, const py::object& v,
+                         double scale, int causal, const py::object& mask,
+                         const py::object& key_lengths, int64_t window_left,
+                         int64_t window_right, int64_t dilation,
+                         const py::object& global_tokens, const py::object& alibi_slopes,
+                         double softcap, int64_t bins_q, int64_t bins_k, int64_t top_k,
+                         int num_threads) {
+  const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
+                                              window_right, dilation, global_tokens,
+                                              alibi_slopes, softcap);
+  attn::MapsPlan plan =
+      attn::plan_maps(to_ref(q, "q", false), to_ref(k, "k", false), to_ref(v, "v", false),
+                      scale, opts, bins_q, bins_k, top_k, num_threads);
+  auto out = empty_f32(plan.attn.out_shape);
+  auto lse = empty_f32(plan.attn.lse_shape);
+  const auto& ps = plan.pooled_shape;
+  py::array_t<double> pooled(std::vector<py::ssize_t>(ps.begin(), ps.end()));
+  auto entropy = empty_f32(plan.attn.lse_shape);
+  const auto& ts = plan.top_shape;
+  py::array_t<int64_t> top_idx(std::vector<py::ssize_t>(ts.begin(), ts.end()));
+  auto top_w = empty_f32(plan.top_shape);
+  const auto& cs = plan.colsum_shape;
+  py::array_t<double> colsum(std::vector<py::ssize_t>(cs.begin(), cs.end()));
+  float* op = out.mutable_data();
+  float* lp = lse.mutable_data();
+  double* pp = pooled.mutable_data();
+  float* ep = entropy.mutable_data();
+  int64_t* ip = top_idx.mutable_data();
+  float* wp = top_w.mutable_data();
+  double* cp = colsum.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    attn::run_maps(plan, op, lp, pp, ep, ip, wp, cp);
+  }
+  return py::make_tuple(out, lse, pooled, entropy, top_idx, top_w, colsum);
+}
+
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("n: must be >= 1, got " + std::to_string(n));
   attn::set_default_num_threads(n);
@@ -181,6 +219,17 @@ PYBIND11_MODULE(_native, m) {
         py::arg("num_threads") = 0,
         "torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads. Returns "
         "(out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None).");
+
+  m.def("attention_maps", &attention_maps, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::kw_only(), py::arg("scale"), py::arg("causal") = 0, py::arg("mask") = py::none(),
+        py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("dilation") = 1,
+        py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
+        py::arg("softcap") = 0.0, py::arg("bins_q") = 1, py::arg("bins_k") = 1,
+        py::arg("top_k") = 0, py::arg("num_threads") = 0,
+        "Exact attention maps in O(L) memory. Returns (out, lse, pooled (B,Hq,Pq,Pk) bin "
+        "means, entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk)); "
+        "Pq, Pk, K are clamped to Lq, Lk, Lk.");
 
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
         "Default number of threads for calls with num_threads=0.");
