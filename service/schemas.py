@@ -61,8 +61,9 @@ class HeatmapSpec(BaseModel):
 
 _HEATMAP_DOC = (
     'true, or {"batch", "heads": [int] | "all" | "mean", "tokens": [str], "inline": bool}. '
-    "Draws PNG heatmaps of the attention weights (at most ATTN_HEATMAP_MAX_SIDE positions "
-    "per side)."
+    "Draws PNG heatmaps of the attention weights; /v1/attention (exact) pools a side longer "
+    "than ATTN_HEATMAP_MAX_SIDE into that many bins of mean weight (the title says so), other "
+    "endpoints refuse it."
 )
 
 
@@ -175,6 +176,15 @@ class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
     q: Tensor = Field(description="Queries (.., Hq, Lq, D).")
     k: Tensor = Field(description="Keys (.., Hkv, Lk, D); Hq must be a multiple of Hkv.")
     v: Tensor = Field(description="Values (.., Hkv, Lk, Dv).")
+    # Extra outputs of this response (like heatmap), not attention options: the Python API
+    # has service.maps.attention_map for them.
+    stats: bool = Field(
+        False,
+        description="Also return, per query, the entropy of its attention row and its top_k "
+        "keys with their weights, and per key the total attention it receives (column sums). "
+        "Exact method only; computed in O(L) memory at any length.",
+    )
+    top_k: int = Field(8, ge=1, le=256, description='Keys per query in "stats".')
 
     _floats = field_validator("q", "k", "v")(_json_numbers_as_float)
 
@@ -210,6 +220,27 @@ class Comparison(BaseModel):
     approx_elapsed_ms: float
 
 
+class TopK(BaseModel):
+    indices: Tensor = Field(
+        description="(.., Hq, Lq, K) int64 key indices, largest weight first, ties by the "
+        "smaller index; -1 past a row's allowed keys. K = min(top_k, Lk)."
+    )
+    weights: Tensor = Field(description="(.., Hq, Lq, K) their probabilities (0 past the keys).")
+
+
+class AttentionStats(BaseModel):
+    """Per-query and per-key summaries of the exact attention weights ("stats": true)."""
+
+    entropy: Tensor = Field(
+        description="(.., Hq, Lq) -sum p ln p of each row, in nats (0 for a row with no allowed "
+        'key, NaN/null with empty_rows="nan").'
+    )
+    top_k: TopK
+    column_sums: Tensor = Field(
+        description="(.., Hq, Lk) attention each key receives, summed over the query rows."
+    )
+
+
 class AttentionResponse(BaseModel):
     """Attention output; weights and lse only when return_weights."""
 
@@ -239,6 +270,7 @@ class AttentionResponse(BaseModel):
     lse: Tensor | None = Field(None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key).")
     heatmaps: list[HeatmapRef] = Field(default_factory=list)
     comparison: Comparison | None = Field(None, description='Only with "compare": true.')
+    stats: AttentionStats | None = Field(None, description='Only with "stats": true.')
     meta: Meta
 
 

@@ -164,3 +164,75 @@ def test_bad_arguments_name_the_field(kwargs: dict[str, Any], loc: str) -> None:
     with pytest.raises(InputError) as info:
         attention_map(q, q, q, **kwargs)
     assert str(info.value.loc[0] if isinstance(info.value.loc, tuple) else info.value.loc) == loc
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: pooled heatmaps beyond ATTN_HEATMAP_MAX_SIDE, and "stats"
+
+
+@pytest.fixture(scope="module")
+def http(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from http_support import client
+
+    with client(tmp_path_factory.mktemp("maps"), heatmap_max_side=16) as c:
+        yield c
+
+
+def test_http_heatmap_over_the_limit_is_pooled(http: Any) -> None:
+    from http_support import b64, post
+
+    from service.heatmaps import render_map
+
+    q, k, v = inputs(1, 2, 1, 40, 40, 8, seed=11)
+    body = {"q": b64(q), "k": b64(k), "v": b64(v), "causal": True}
+    r = post(http, "/v1/attention", {**body, "heatmap": {"heads": [1], "inline": True}})
+    assert r.status_code == 200, r.text
+    images = r.json()["heatmaps"]
+    assert [im["head"] for im in images] == [1]
+    # The image is the pooled map (16 x 16 bin means) titled as pooled: render the reference
+    # pooling with the same title and compare the pictures pixel for pixel.
+    import base64
+    import io
+
+    from PIL import Image
+
+    w = reference_attention(q, k, v, causal=True).weights.numpy()
+    expected = render_map(
+        pool(w, 16, 16)[0, 1].astype(np.float32),
+        title="attention pooled 40×40→16×16 (bin means), batch 0, head 1",
+    )
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0]["png"]))))
+    want = np.asarray(Image.open(io.BytesIO(expected)))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    # Within the limit nothing changes: the dense map is drawn, no pooling.
+    small = {"q": b64(q[:, :, :16]), "k": b64(k[:, :, :16]), "v": b64(v[:, :, :16])}
+    r = post(http, "/v1/attention", {**small, "heatmap": {"inline": True, "heads": [0]}})
+    assert r.status_code == 200, r.text
+
+
+def test_http_stats(http: Any) -> None:
+    from http_support import post
+
+    q, k, v = inputs(1, 2, 2, 30, 30, 8, seed=12)
+    body = {
+        "q": q[0].tolist(),
+        "k": k[0].tolist(),
+        "v": v[0].tolist(),
+        "stats": True,
+        "top_k": 3,
+        "window": {"left": 4, "right": 0},
+        "key_lengths": [25],
+    }
+    r = post(http, "/v1/attention", body)
+    assert r.status_code == 200, r.text
+    stats = r.json()["stats"]
+    ref = reference_attention(q, k, v, window={"left": 4, "right": 0}, key_lengths=[25])
+    w = ref.weights.numpy()[0]
+    np.testing.assert_allclose(stats["entropy"], entropy(w), atol=1e-4)
+    np.testing.assert_allclose(stats["column_sums"], w.sum(-2), atol=1e-4)
+    np.testing.assert_allclose(stats["top_k"]["weights"], -np.sort(-w, -1)[..., :3], atol=1e-5)
+    idx = np.array(stats["top_k"]["indices"])
+    assert idx.shape == (2, 30, 3)
+    np.testing.assert_allclose(np.take_along_axis(w, idx, -1), stats["top_k"]["weights"], atol=1e-5)
+    np.testing.assert_allclose(r.json()["output"], ref.output.numpy()[0], atol=1e-5)
+    assert post(http, "/v1/attention", {**body, "method": "linear"}).status_code == 422
