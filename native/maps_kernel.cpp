@@ -358,11 +358,13 @@ void map_item(void* pc, int64_t item) {
         float* prow = pt + r * BC;
         float* brow = bin + (((i0 + r + 1) * m.Pq - 1) / a.Lq - qb0) * BC;
         vf e = simd::load(entv + r * VL);
+        vf mx = zero;
         for (int jj = 0; jj < BC; jj += VL) {
           const vf tv = simd::mul(simd::sub(simd::load(srow + jj), shift), log2e);
           const vf pv = simd::exp2(tv);
           simd::store(prow + jj, pv);
           e = simd::add(e, simd::select(simd::lt(zero, pv), simd::mul(pv, tv), zero));
+          mx = simd::max(mx, pv);
           simd::store(col + jj, simd::add(simd::load(col + jj), pv));
           simd::store(brow + jj, simd::add(simd::load(brow + jj), pv));
         }
@@ -371,6 +373,13 @@ void map_item(void* pc, int64_t item) {
           float* rw = hw + r * K;
           int64_t* rj = hj + r * K;
           float thr = hn[r] < K ? -1.0f : rw[0];
+          // Most tiles hold nothing above the row's current k-th largest weight: one look at
+          // the tile maximum skips the scan.
+          alignas(64) float lanes[VL];
+          simd::store(lanes, mx);
+          float tmax = lanes[0];
+          for (int l = 1; l < VL; ++l) tmax = lanes[l] > tmax ? lanes[l] : tmax;
+          if (!(tmax > thr)) continue;
           for (int jj = 0; jj < jn; ++jj)
             if (prow[jj] > thr && srow[jj] != NEG_INF) {
               heap_push(rw, rj, hn[r], int(K), prow[jj], j0 + jj);
