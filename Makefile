@@ -51,6 +51,13 @@ bench: $(VENV)/.testdeps build
 bench-approx: $(VENV)/.testdeps build
 	$(BIN)/python tests/benchmarks/bench_approx.py $(if $(QUICK),--quick)
 
+# HTTP requests/s through the real server (wrk, 8 connections; apt-get install wrk) and heatmap
+# render times; QUICK=1 for a short run.
+.PHONY: bench-http
+bench-http: $(VENV)/.testdeps build
+	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
+	$(BIN)/python tests/benchmarks/bench_http.py $(if $(QUICK),--quick)
+
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
 # own venv; the normal build is untouched), then the native tests and native fuzz tests on it.
 .PHONY: sanitize

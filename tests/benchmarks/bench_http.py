@@ -1,0 +1,436 @@
+"""HTTP benchmark: requests/s through the real server, and the heatmap render time.
+
+Starts `attention-service` (one worker process, a free port, default settings unless flags say
+otherwise) and drives it with wrk (8 connections): GET /healthz as the baseline, then
+POST /v1/attention with q, k, v of 128x64 float32 as nested JSON lists and as b64 tensors,
+interleaved in rounds so that every side sees the same machine load. Beside requests/s it
+reports the server's CPU time per request (utime + stime of the server process from
+/proc/<pid>/stat, before and after each run), a figure that depends much less than requests/s
+on what else the machine runs. The 512x512 heatmap (with colorbar) and the 8-head 16x16-token
+image set (the /v1/tokens default) are timed in-process; POST /v1/tokens with those defaults is
+timed through the server, one request at a time, as the web viewer sends it.
+
+Writes tests/benchmarks/results/http.json, http.md and sample PNGs. Exits 1 if any request
+was answered with an error. Needs wrk (Debian: apt-get install wrk).
+
+    .venv/bin/python tests/benchmarks/bench_http.py [--quick] [--duration 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+GOALS = {"list_rps": 400.0, "b64_rps": 800.0, "heatmap_ms": 60.0}
+CONNECTIONS = 8
+SHAPE = (128, 64)
+
+_LUA = """
+local f = assert(io.open("{body}", "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stat_cpu(path: Path) -> float:
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    # Fields after the ")" start at field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime + stime of the whole process, of its main thread: the event loop), in seconds."""
+    return _stat_cpu(Path(f"/proc/{pid}/stat")), _stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _bodies(directory: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(3))
+
+    def b64(a: np.ndarray) -> dict[str, Any]:
+        raw = base64.b64encode(a.astype("<f4").tobytes()).decode()
+        return {"dtype": "float32", "shape": list(a.shape), "b64": raw}
+
+    # Nested lists as a Python client writes them (json of float32 -> float64 reprs).
+    bodies = {
+        "list": {"q": q.tolist(), "k": k.tolist(), "v": v.tolist()},
+        "b64": {"q": b64(q), "k": b64(k), "v": b64(v)},
+    }
+    paths = {}
+    for name, body in bodies.items():
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(body))
+        paths[name] = path
+    return paths
+
+
+class Server:
+    """The console script in a child process; stopped (by its own pid) on exit."""
+
+    def __init__(self, port: int, heatmap_dir: Path, extra_args: list[str]) -> None:
+        script = Path(sys.executable).parent / "attention-service"
+        env = {**os.environ, "ATTN_HEATMAP_DIR": str(heatmap_dir)}
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open while the server runs
+        self.proc = subprocess.Popen(
+            [str(script), "--port", str(port), "--workers", "1", *extra_args],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit(f"server exited:\n{self.log.read().decode(errors='replace')}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("server not ready after 60 s")
+            time.sleep(0.2)
+
+    def check(self, path: str, body: Path | None) -> int:
+        """One request with urllib: the benchmark must measure 200s, not errors."""
+        data = body.read_bytes() if body else None
+        req = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return r.status
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _wrk(url: str, script: Path | None, duration: float, threads: int) -> dict[str, Any]:
+    cmd = ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{duration:g}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+
+    def ms(m: re.Match[str] | None) -> float | None:
+        if m is None:
+            return None
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    return {
+        "requests": requests,
+        "rps": rps,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(1) if errors else None,
+        "p50_ms": ms(p50),
+        "p99_ms": ms(p99),
+    }
+
+
+def bench_http(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    bodies = _bodies(work)
+    scripts: dict[str, Path | None] = {"healthz": None}
+    for name, body in bodies.items():
+        scripts[name] = work / f"{name}.lua"
+        scripts[name].write_text(_LUA.format(body=body))
+    paths = {"healthz": "/healthz", "list": "/v1/attention", "b64": "/v1/attention"}
+    # The service's own defaults (log level info, access log on) unless --no-access-log.
+    extra = ["--access-log"] if args.access_log else ["--no-access-log"]
+    server = Server(_free_port(), work / "heatmaps", extra)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in scripts}
+    try:
+        for name, body in (("healthz", None), *bodies.items()):
+            assert server.check(paths[name], body) == 200, name
+        # Warm-up: the first requests pay imports and caches.
+        for name in scripts:
+            _wrk(server.url + paths[name], scripts[name], 1, args.threads)
+        for _ in range(args.rounds):
+            for name in scripts:
+                before = _cpu_seconds(server.proc.pid)
+                load = Path("/proc/loadavg").read_text().split()[0]
+                run = _wrk(server.url + paths[name], scripts[name], args.duration, args.threads)
+                after = _cpu_seconds(server.proc.pid)
+                count = max(run["requests"], 1)
+                run["server_cpu_ms_per_request"] = 1e3 * (after[0] - before[0]) / count
+                run["event_loop_cpu_ms_per_request"] = 1e3 * (after[1] - before[1]) / count
+                run["loadavg_1min_before"] = float(load)
+                runs[name].append(run)
+                print(
+                    f"{name:8s} {run['rps']:8.1f} req/s  server CPU "
+                    f"{run['server_cpu_ms_per_request']:.3f} ms/req (event loop "
+                    f"{run['event_loop_cpu_ms_per_request']:.3f})  p50 {run['p50_ms']} ms  "
+                    f"non-2xx {run['non_2xx']}  load {load}",
+                    flush=True,
+                )
+        tokens = bench_tokens_request(server.url, 3 if args.quick else 10)
+    finally:
+        server.stop()
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "rps_best": max(r["rps"] for r in rs),
+            "rps_median": statistics.median(r["rps"] for r in rs),
+            "server_cpu_ms_per_request_median": statistics.median(
+                r["server_cpu_ms_per_request"] for r in rs
+            ),
+            "server_cpu_ms_per_request_min": min(r["server_cpu_ms_per_request"] for r in rs),
+            "event_loop_cpu_ms_per_request_median": statistics.median(
+                r["event_loop_cpu_ms_per_request"] for r in rs
+            ),
+            "non_2xx": sum(r["non_2xx"] for r in rs),
+            "socket_errors": [r["socket_errors"] for r in rs if r["socket_errors"]],
+            "runs": rs,
+        }
+    return summary, tokens
+
+
+def _time_ms(fn: Any, repeat: int) -> dict[str, float]:
+    """Median and best wall time, and median CPU time of this thread (load-independent)."""
+    fn(0)  # the first call builds the thread's figure
+    wall, cpu = [], []
+    for i in range(1, repeat + 1):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        fn(i)
+        cpu.append(1e3 * (time.thread_time() - start_cpu))
+        wall.append(1e3 * (time.perf_counter() - start))
+    return {
+        "median_ms": statistics.median(wall),
+        "min_ms": min(wall),
+        "cpu_median_ms": statistics.median(cpu),
+    }
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    w = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
+    from service.heatmaps import render_map, render_weights
+
+    rng = np.random.default_rng(0)
+    # Each call draws a different map (another colour scale, so the colorbar is redrawn).
+    maps = [
+        _softmax(rng.standard_normal((512, 512)).astype(np.float32) * (2 + i % 5)) for i in range(8)
+    ]
+
+    def warm(i: int) -> bytes:  # same shape and labels as the call before: the frame is kept
+        return render_map(maps[i % 8], title=f"attention, batch 0, head {i}")
+
+    def cold(i: int) -> bytes:  # another axis label every call: the whole figure is drawn
+        return render_map(maps[i % 8], title=f"attention, batch 0, head {i}", ylabel=f"q{i % 2}")
+
+    (out_dir / "http_heatmap_512.png").write_bytes(warm(0))
+    kept = _time_ms(warm, repeat)
+    drawn = _time_ms(cold, repeat)
+
+    # The /v1/tokens default: 8 heads of 16x16 tokens, every head + mean + grid (10 images).
+    w8 = _softmax(rng.standard_normal((1, 8, 16, 16)).astype(np.float32) * 2)
+    tokens = [f"tok{i}" for i in range(16)]
+
+    def heads8(i: int) -> list[Any]:
+        return render_weights(w8, batch=0, heads="all", tokens=tokens, title=f"attention {i}")
+
+    images = heads8(0)
+    (out_dir / "http_heatmap_16_tokens.png").write_bytes(images[0].png)
+    (out_dir / "http_heatmap_16_tokens_grid.png").write_bytes(images[-1].png)
+    eight = _time_ms(heads8, max(3, repeat // 4))
+    return {
+        "map_512_frame_kept": kept,
+        "map_512_frame_drawn": drawn,
+        "heads8_tokens16": {**eight, "images": len(images)},
+    }
+
+
+def bench_tokens_request(server_url: str, repeat: int) -> dict[str, float]:
+    """POST /v1/tokens with 16 tokens and every default (8 heads, heatmaps of every head, their
+    mean, the grid and the positional encoding), one request at a time, as the viewer sends."""
+    text = " ".join(f"word{i}" for i in range(16)).encode()
+    body = b'{"text": "' + text + b'"}'
+    times = []
+    for _ in range(repeat + 1):
+        req = urllib.request.Request(
+            server_url + "/v1/tokens", data=body, headers={"Content-Type": "application/json"}
+        )
+        start = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            data = json.loads(r.read())
+        times.append(1e3 * (time.perf_counter() - start))
+    return {
+        "median_ms": statistics.median(times[1:]),
+        "min_ms": min(times[1:]),
+        "images": len(data["heatmaps"]) + (data.get("positional_encoding") is not None),
+    }
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    h, m = result["http"], result["heatmaps"]
+    lines = [
+        "# HTTP benchmark",
+        "",
+        f"Machine: {result['machine']}; load average before/after: "
+        f"{result['loadavg_before']} / {result['loadavg_after']}.",
+        f"Command: `{result['command']}`; wrk -t{result['wrk_threads']} -c{CONNECTIONS} "
+        f"-d{result['duration_s']:g}s, {result['rounds']} interleaved rounds; access log "
+        f"{'on' if result['access_log'] else 'off'}.",
+        "",
+        "| request | req/s (best) | req/s (median) | server CPU ms/req, median (min) "
+        "| of which event loop | goal | best/goal |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    goal = {"list": GOALS["list_rps"], "b64": GOALS["b64_rps"]}
+    labels = {
+        "healthz": "GET /healthz (baseline)",
+        "list": "POST /v1/attention, nested lists",
+        "b64": "POST /v1/attention, b64",
+    }
+    for name, s in h.items():
+        g = goal.get(name)
+        goal_text = f"{g:.0f}" if g else "-"
+        ratio_text = f"{s['rps_best'] / g:.2f}" if g else "-"
+        lines.append(
+            f"| {labels[name]} | {s['rps_best']:.0f} | {s['rps_median']:.0f} | "
+            f"{s['server_cpu_ms_per_request_median']:.3f} "
+            f"({s['server_cpu_ms_per_request_min']:.3f}) | "
+            f"{s['event_loop_cpu_ms_per_request_median']:.3f} | {goal_text} | {ratio_text} |"
+        )
+    lines += [
+        "",
+        "Server CPU per request: every thread of the server process (event loop, compute "
+        "workers, native kernel), from /proc; the event loop's share beside it. Most of it runs "
+        "under the GIL, one thread at a time, so one worker process answers at most about "
+        "1000 / (server CPU ms) requests/s however many cores are idle; requests/s also fall "
+        "with whatever else the machine runs (see the load average).",
+        "",
+        "| heatmap (in-process) | median ms | min ms | CPU ms (median) | goal ms | goal/median |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [
+        ("512x512 with colorbar, whole figure drawn", m["map_512_frame_drawn"], True),
+        ("512x512 with colorbar, frame kept (next head)", m["map_512_frame_kept"], True),
+        (
+            f"8 heads x 16x16 tokens, {m['heads8_tokens16']['images']} images",
+            m["heads8_tokens16"],
+            False,
+        ),
+    ]
+    for label, r, goal in rows:
+        goal_text = f"{GOALS['heatmap_ms']:.0f} | {GOALS['heatmap_ms'] / r['median_ms']:.2f}"
+        lines.append(
+            f"| {label} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['cpu_median_ms']:.1f} | "
+            f"{goal_text if goal else '- | -'} |"
+        )
+    t = result["tokens_request_16_tokens"]
+    lines += [
+        "",
+        f"POST /v1/tokens, 16 tokens, defaults ({t['images']} images: 8 heads, mean, grid, "
+        f"positional encoding), one request at a time through the server: median "
+        f"{t['median_ms']:.0f} ms, best {t['min_ms']:.0f} ms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per request kind")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's access log (default on, as the service's own default)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.rounds = 2.0, 1
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install -y wrk")
+    args.out.mkdir(parents=True, exist_ok=True)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    with tempfile.TemporaryDirectory() as tmp:
+        http, tokens = bench_http(args, Path(tmp))
+    heat = bench_heatmaps(5 if args.quick else 20, args.out)
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    result = {
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": " ".join(["python", "tests/benchmarks/bench_http.py", *sys.argv[1:]]),
+        "loadavg_before": " ".join(load_before),
+        "loadavg_after": " ".join(load_after),
+        "wrk_threads": args.threads,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "access_log": args.access_log,
+        "goals": GOALS,
+        "http": http,
+        "heatmaps": heat,
+        "tokens_request_16_tokens": tokens,
+        "ratios": {
+            "list_rps_best_over_goal": http["list"]["rps_best"] / GOALS["list_rps"],
+            "b64_rps_best_over_goal": http["b64"]["rps_best"] / GOALS["b64_rps"],
+            "heatmap_goal_over_median_frame_drawn": GOALS["heatmap_ms"]
+            / heat["map_512_frame_drawn"]["median_ms"],
+            "heatmap_goal_over_median_frame_kept": GOALS["heatmap_ms"]
+            / heat["map_512_frame_kept"]["median_ms"],
+        },
+    }
+    (args.out / "http.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = _markdown(result)
+    (args.out / "http.md").write_text(md)
+    print(md)
+    failed = {n: s["non_2xx"] for n, s in http.items() if s["non_2xx"] or s["socket_errors"]}
+    if failed:
+        raise SystemExit(f"error answers or socket errors during the runs: {failed}")
+
+
+if __name__ == "__main__":
+    main()
