@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -20,7 +22,13 @@ from service.heatmaps import render_map
 from service.inference_protocol import ErrorResponse, ProtocolErrorMiddleware
 from service.limits import Limits
 from service.metrics import Metrics, MetricsMiddleware
-from service.problems import BodyTooLarge, Problem, install_problem_handlers, problem_response
+from service.problems import (
+    BodyTimeout,
+    BodyTooLarge,
+    Problem,
+    install_problem_handlers,
+    problem_response,
+)
 from service.routes import API_ROUTERS, OPEN_ROUTERS, v2, viewer
 from service.routes.docs import install_docs
 from service.schemas import REQUEST_MODELS, add_component_schemas
@@ -60,15 +68,18 @@ _CORS_EXPOSED = [
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over max_bytes, before they are read whole.
+    """413 for bodies over max_bytes, before they are read whole; 408 for bodies too slow.
 
     A declared Content-Length over the limit is refused without reading a byte; a body without
-    one (chunked) is counted as it streams and refused as soon as it passes the limit.
+    one (chunked) is counted as it streams and refused as soon as it passes the limit. The whole
+    body must arrive within timeout_s of the request's start (0: no limit), so that a client
+    that stalls or trickles cannot hold a connection and a worker forever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self, what: str) -> BodyTooLarge:
         return BodyTooLarge(
@@ -93,12 +104,27 @@ class BodyLimitMiddleware:
                 await self._refuse(scope, send, 413, exc.detail)
                 return
         received = 0
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s > 0 else math.inf
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or deadline == math.inf:
+                # Later reads only wait for a disconnect: never timed.
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    # Raised inside the route's body read; the problem handler answers 408.
+                    raise BodyTimeout(
+                        f"the request body did not arrive within {self.timeout_s:g} s "
+                        f"(ATTN_BODY_TIMEOUT_S); {received} bytes came",
+                        headers={"Connection": "close"},
+                    ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     # Raised inside the route's body read; the problem handler answers 413.
                     raise self._too_large("exceeds")
@@ -182,7 +208,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(viewer.router)  # the web viewer at / and its files under /static/
     install_docs(app)
     # The last added is the outermost: metrics see every answer, 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     # /v2 answers errors as {"error": ...}, the protocol's form, not problem+json.
     app.add_middleware(ProtocolErrorMiddleware)
     if settings.cors_origins:

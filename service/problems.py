@@ -85,6 +85,10 @@ class BodyTooLarge(ServiceError):
     status, slug, title = 413, "body-too-large", "Request body too large"
 
 
+class BodyTimeout(ServiceError):
+    status, slug, title = 408, "body-timeout", "Request body too slow"
+
+
 class Overloaded(ServiceError):
     status, slug, title = 503, "overloaded", "Service overloaded"
 
@@ -285,6 +289,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     }
     for status, desc in {
         400: "Malformed JSON body.",
+        408: "The request body did not arrive in time (ATTN_BODY_TIMEOUT_S).",
         413: "Body or tensor larger than a configured limit (the limit is named).",
         422: "Invalid input; `errors` names each field.",
         503: "Overloaded (with Retry-After); retry later.",

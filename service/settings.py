@@ -74,6 +74,13 @@ class Settings(BaseSettings):
 
     # Input limits.
     max_body_bytes: int = Field(64 * MiB, ge=1)
+    body_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="Most seconds a client may take to send a request body, counted from its "
+        "headers (408 after that: a stalled or trickling body cannot hold a connection); "
+        "0 = no limit.",
+    )
     max_elements: int = Field(
         1 << 24, ge=1, description="Elements per tensor, inputs and outputs (weights included)."
     )
