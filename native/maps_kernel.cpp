@@ -416,7 +416,7 @@ void map_item(void* pc, int64_t item) {
 
   // Row results: entropy, top-k sorted largest first (ties: smaller index first).
   for (int r = 0; r < n; ++r) {
-    ent_out[r] = float(-LN2 * entd[r]);
+    ent_out[r] = float(0.0 - LN2 * entd[r]);  // +0 for an empty row
     if (K == 0) continue;
     float* rw = hw + r * K;
     int64_t* rj = hj + r * K;
