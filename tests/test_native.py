@@ -434,6 +434,25 @@ def test_concurrent_calls_from_python_threads() -> None:
     assert not errors, errors
 
 
+def _attention_in_child(q: np.ndarray, conn: object) -> None:
+    conn.send(_native.attention(q, q, q, scale=0.2, num_threads=2)[0])  # type: ignore[attr-defined]
+
+
+def test_forked_child_gets_a_working_thread_pool() -> None:
+    """A child forked after the pool started (no workers in it) still completes its calls."""
+    import multiprocessing
+
+    q = rand(np.random.default_rng(18), 1, 4, 300, 32)
+    parent_out = _native.attention(q, q, q, scale=0.2, num_threads=2)[0]
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe()
+    child = ctx.Process(target=_attention_in_child, args=(q, send))
+    child.start()
+    assert recv.poll(60), "the forked child did not answer"
+    np.testing.assert_array_equal(recv.recv(), parent_out)
+    child.join(10)
+
+
 def test_gil_is_released_while_computing() -> None:
     """Another Python thread runs while a long native call is in progress."""
     rng = np.random.default_rng(16)
