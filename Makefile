@@ -72,6 +72,13 @@ fuzz: $(VENV)/.testdeps
 	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fuzz_schema.py tests/test_fuzz_native.py
 
+# Load test: the real server under 32 locust users for 60 s (DURATION=n to change); writes
+# and prints tests/load/results/last.md (p50/p99, throughput, status codes, peak RSS).
+.PHONY: load
+load: build
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[load]"
+	$(BIN)/python tests/load/run.py $(if $(DURATION),--duration $(DURATION))
+
 clean:
 	rm -rf $(VENV) build dist build.lock
 
