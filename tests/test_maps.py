@@ -111,6 +111,22 @@ def test_maps_match_dense_reference(name: str, opts: dict[str, Any], lq: int, lk
     check(q, k, v, (7, 13), 5, **opts)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_instruction_set_build(isa: str) -> None:
+    from service import _native
+
+    if isa not in _native.available_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    before = _native.isa()
+    _native.set_isa(isa)
+    try:
+        q, k, v = inputs(1, 2, 1, 101, 230, 24, seed=9)
+        opts = {"window": {"left": 30, "right": 7, "dilation": 2}, "global_tokens": [3, 200]}
+        check(q, k, v, (9, 11), 4, causal="bottom_right", softcap=4.0, **opts)
+    finally:
+        _native.set_isa(before)
+
+
 def test_masks_bool_and_float() -> None:
     q, k, v = inputs(1, 2, 2, 130, 201, 8, seed=3)
     rng = np.random.default_rng(4)
