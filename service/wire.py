@@ -150,7 +150,6 @@ def _parse_bulk_tensors(body: bytes, tensors: frozenset[str]) -> dict[str, Any] 
             if arrays is None or "[" in key:
                 return None
         expected += arrays
-    del doc, value  # the proxies hold the parser's tape
     # Outside strings (none holds "[", checked above), each "[" in the body opens one array. If
     # the body has more than the values account for, some tensor leaf was an array, which
     # as_buffer would have flattened silently.

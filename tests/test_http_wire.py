@@ -51,6 +51,18 @@ def test_bulk_floats_equal_the_general_parse(shape: tuple[int, ...]) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "body", [b"{}", b'{"causal": true, "window": {"left": 3}}', b'{"q": {"dtype": "float32"}}']
+)
+def test_bodies_without_list_tensors_parse_as_before(body: bytes) -> None:
+    assert wire.parse_json(body, TENSORS) == orjson.loads(body)
+
+
+def test_an_empty_object_is_named_missing_fields(c) -> None:
+    body = assert_problem(_post(c, b"{}"), 422)
+    assert {"q", "k", "v"} <= {e["loc"][0] for e in body["errors"]}
+
+
 def test_integers_after_a_float_are_floats_as_in_the_general_path() -> None:
     body = b'{"q": [[0.5, 2], [3, -4]]}'
     assert np.array_equal(wire.parse_json(body, TENSORS)["q"], [[0.5, 2.0], [3.0, -4.0]])
