@@ -346,9 +346,8 @@ void map_item(void* pc, int64_t item) {
         }
       }
 
-      // p = 2^((s - lse) log2 e); entropy terms; column and query-bin sums.
+      // p = 2^((s - lse) log2 e); entropy terms; query-bin sums.
       const vf log2e = simd::set1(LOG2E), zero = simd::zero();
-      for (int jj = 0; jj < BC; ++jj) col[jj] = 0.0f;
       for (int64_t q = 0; q < nqb; ++q)
         for (int jj = 0; jj < BC; ++jj) bin[q * BC + jj] = 0.0f;
       for (int r = 0; r < n; ++r) {
@@ -365,7 +364,6 @@ void map_item(void* pc, int64_t item) {
           simd::store(prow + jj, pv);
           e = simd::add(e, simd::select(simd::lt(zero, pv), simd::mul(pv, tv), zero));
           mx = simd::max(mx, pv);
-          simd::store(col + jj, simd::add(simd::load(col + jj), pv));
           simd::store(brow + jj, simd::add(simd::load(brow + jj), pv));
         }
         simd::store(entv + r * VL, e);
@@ -387,6 +385,11 @@ void map_item(void* pc, int64_t item) {
             }
         }
       }
+      // Every row adds into exactly one query bin: the column sums are the bins' sum.
+      for (int jj = 0; jj < BC; ++jj) col[jj] = 0.0f;
+      for (int64_t q = 0; q < nqb; ++q)
+        for (int jj = 0; jj < BC; jj += VL)
+          simd::store(col + jj, simd::add(simd::load(col + jj), simd::load(bin + q * BC + jj)));
       if (cs)
         for (int jj = 0; jj < jn; ++jj) cs[j0 + jj] += col[jj];
       else
