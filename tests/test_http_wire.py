@@ -3,6 +3,8 @@ and every body it must not read in bulk still answered by the general path (same
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ import numpy as np
 import orjson
 import pytest
 from http_support import assert_problem, client, decode
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service import wire
 from service.schemas import AttentionRequest
@@ -131,3 +135,75 @@ def test_bulk_read_request_answers_like_a_float32_numpy_request(tmp_path: Path) 
     p = np.exp(s - s.max(-1, keepdims=True))
     expected = (p / p.sum(-1, keepdims=True)) @ v64
     np.testing.assert_allclose(decode(as_lists.json()["output"]), expected, atol=2e-6)
+
+
+# Any JSON a client might send in place of a tensor: the bulk path gives what numpy makes of the
+# general parse (np.array(..., float64)), or leaves the body to the general path unchanged.
+_leaf = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(2**70), 2**70),
+    st.booleans(),
+    st.none(),
+    st.text(alphabet="[]ab", max_size=3),
+)
+_value = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4), max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    q=_value,
+    k=_value,
+    other=st.dictionaries(st.text(alphabet="[ab", max_size=2), _value, max_size=2),
+)
+def test_bulk_path_agrees_with_the_general_parse(q: Any, k: Any, other: dict[str, Any]) -> None:
+    _agrees({**other, "q": q, "k": k})
+
+
+def _agrees(request: dict[str, Any]) -> None:
+    body = json.dumps(request).encode()
+    general = wire.parse_json(body)  # the general path: orjson, json for what orjson refuses
+    got = wire.parse_json(body, TENSORS)
+    assert set(got) == set(general)
+    for key, value in got.items():
+        if isinstance(value, np.ndarray):
+            expected = np.array(general[key], dtype=np.float64)
+            assert value.shape == expected.shape and np.array_equal(value, expected)
+        else:
+            assert value == general[key]
+
+
+@st.composite
+def _nearly_rectangular(draw: st.DrawFn) -> Any:
+    """A rectangular float list, sometimes with one defect a client could send."""
+    shape = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    flat = draw(
+        st.lists(
+            st.floats(allow_nan=False, allow_infinity=False, width=32),
+            min_size=math.prod(shape),
+            max_size=math.prod(shape),
+        )
+    )
+    value = np.array(flat, dtype=np.float64).reshape(shape).tolist()
+    if len(shape) == 1 or draw(st.booleans()):
+        return value
+    row = value
+    for _ in range(draw(st.integers(0, len(shape) - 2))):
+        row = row[draw(st.integers(0, len(row) - 1))]
+    i = draw(st.integers(0, len(row) - 1))
+    defect = draw(st.sampled_from(["leaf", "drop", "append", "list"]))
+    if defect == "leaf":
+        defects = (st.none(), st.booleans(), st.just("1"), st.just([]), st.just([1.5]))
+        row[i] = draw(st.one_of(*defects))
+    elif defect == "drop":
+        del row[i]
+    elif defect == "append":
+        row.append(row[i])
+    else:
+        row[i] = [row[i]]
+    return value
+
+
+@settings(max_examples=400, deadline=None)
+@given(q=_nearly_rectangular(), k=_nearly_rectangular())
+def test_bulk_path_agrees_on_nearly_rectangular_lists(q: Any, k: Any) -> None:
+    _agrees({"q": q, "k": k})
