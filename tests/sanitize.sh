@@ -59,8 +59,10 @@ export PYTHONSAFEPATH=1
 # aborts with "CHECK failed: real___cxa_throw != 0").
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(g++ -print-file-name=libstdc++.so.6)"
 export LD_PRELOAD
-# Python itself keeps memory until exit by design: leak reports would be noise.
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1"
+# Python itself keeps memory until exit by design: leak reports would be noise. An allocation
+# beyond ASan's maximum (the fuzzers' absurd claimed shapes) must fail as malloc does, with
+# NULL (numpy's MemoryError), not abort.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1:allocator_may_return_null=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 
 # The sanitized module must be the one imported, and really be instrumented.
