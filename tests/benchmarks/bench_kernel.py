@@ -239,10 +239,10 @@ def bench_memory(rows: list[Row], n: int) -> None:
 
 
 def bench_heatmap(rows: list[Row], budget: float) -> None:
-    from service.heatmaps import render_heatmap  # the service's own renderer
+    from service.heatmaps import render_map  # the service's own renderer
 
     w = np.random.default_rng(0).random((512, 512), dtype=np.float32)
-    ms = _median_ms(lambda: render_heatmap(w, title="bench"), budget)
+    ms = _median_ms(lambda: render_map(w, title="bench"), budget)
     row = Row("heatmap", "512×512 PNG with colorbar", ms, goal="≤ 60 ms", passed=ms <= 60)
     rows.append(row)
     print(_fmt(row), flush=True)
