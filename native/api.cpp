@@ -316,6 +316,16 @@ MultiheadPlan plan_multihead(const MultiheadInputs& in, double scale, const Mask
   check_bias(in.k_bias, "k_bias", kv_out, "(num_kv_heads * head_dim,)");
   check_bias(in.v_bias, "v_bias", kv_out, "(num_kv_heads * head_dim,)");
   check_bias(in.out_bias, "out_bias", p.E, "(E,)");
+  // run_multihead allocates the projected q/k/v and the concatenated heads: refuse sizes whose
+  // element counts overflow int64 (zero-stride views can claim them) instead of wrapping.
+  auto check_scratch = [](const char* name, int64_t b, int64_t l, int64_t e) {
+    int64_t bl = 0, n = 0;
+    if (__builtin_mul_overflow(b, l, &bl) || __builtin_mul_overflow(bl, e, &n) ||
+        n > (int64_t(1) << 60) / int64_t(sizeof(float)))
+      fail(std::string(name) + ": projected size " + shape_str({b, l, e}) + " is too large");
+  };
+  check_scratch("query", p.B, p.Lq, p.E);
+  check_scratch("key", p.B, p.Lk, kv_out);
 
   AttnArgs& a = p.attn.args;
   a.B = p.B;

@@ -603,3 +603,18 @@ def test_bad_multihead_inputs_raise_value_error_naming_the_argument() -> None:
         _native.multihead(x, x, x, w, kv, kv, w, mask=np.ones((2, 2, 5, 5), bool), **base)
     with pytest.raises(ValueError, match="^n: must be >= 1"):
         _native.set_num_threads(0)
+
+
+def test_multihead_refuses_projected_sizes_that_overflow() -> None:
+    # Zero-stride views claim (16, 2^30, 2^30) keys from 64 bytes: the projection scratch
+    # B*Lk*kv_out overflows int64. It used to wrap around and crash in the allocation.
+    from numpy.lib.stride_tricks import as_strided
+
+    x = np.zeros(16, np.float32)
+    b, lk, e = 16, 2**30, 2**30
+    q = as_strided(x, (b, 0, e), (0, 0, 4))
+    k = as_strided(x, (b, lk, 1), (0, 0, 4))
+    wq = as_strided(x, (e, e), (0, 0))
+    wkv = as_strided(x, (e, 1), (0, 0))
+    with pytest.raises(ValueError, match=r"^key: projected size \(16, 1073741824, 1073741824\)"):
+        _native.multihead(q, k, k, wq, wkv, wkv, wq, num_heads=1, num_kv_heads=1, scale=1.0)
