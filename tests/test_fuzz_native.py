@@ -678,8 +678,7 @@ def test_native_multihead_huge_claimed_shapes(b: int, lq: int, lk: int, e: int, 
     out_bytes = 4 * b * lq * e
     scratch_bytes = 4 * (b * lk * e + 2 * b * lq * e)
     if not too_large and (work > _WORK_LIMIT or max(out_bytes, scratch_bytes) > _OUT_LIMIT):
-        # Expensive. This also keeps out B * Lk * E >= 2^63, whose unchecked product sizes
-        # run_multihead's scratch today (a heap overflow, reported to the kernel's owner).
+        # Expensive. (B * Lk * E >= 2^63 is refused by plan_multihead; test_native checks it.)
         event("skipped: expensive")
         return
     try:
