@@ -18,15 +18,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from service import heatmaps
-from service.api import attention, multihead_attention
 from service.errors import InputError
 from service.inference_protocol import FLOAT_TYPES, ProtocolError, TensorSpec, UnknownModel
-from service.options import AttentionOptions, MultiheadOptions, MultiheadWeights
+from service.jobs import run_attention, run_multihead
+from service.options import AttentionOptions, MultiheadOptions
 from service.problems import validation_items
 from service.schemas import HeatmapSpec
 from service.state import AppState
-from service.weights import head_layout
 
 VERSION = "1"
 PLATFORM = "attention_native"
@@ -229,24 +227,16 @@ def _attention(
             "or for heatmap",
         )
     wanted = _wanted(requested, opts.return_weights, ("weights", "lse"))
-    want_weights = "weights" in wanted or "lse" in wanted or spec is not None
-    q, k, v = tensors["q"], tensors["k"], tensors["v"]
-    limits = state.limits
-    if 2 <= q.ndim <= 4 and k.ndim == q.ndim and v.ndim == q.ndim:
-        # As /v1/attention: outputs can be far larger than inputs; refuse before computing.
-        rows = q.shape[:-1]
-        limits.elements("v", rows + v.shape[-1:], "the output")
-        if want_weights:
-            limits.elements("k", rows + k.shape[-2:-1], "the weights")
-        if spec is not None:
-            heatmaps.check_spec(spec, (1,) * (4 - q.ndim) + rows + k.shape[-2:-1], limits)
-    result = attention(q, k, v, opts, num_threads=state.num_threads, return_weights=want_weights)
-    drawn: list[dict] = []
-    if spec is not None and result.weights is not None:
-        w = result.weights
-        drawn = heatmaps.draw(
-            w.reshape((1,) * (4 - w.ndim) + w.shape), spec, state.store, title="attention"
-        )
+    job = run_attention(
+        state,
+        tensors["q"],
+        tensors["k"],
+        tensors["v"],
+        opts,
+        spec,
+        return_weights="weights" in wanted or "lse" in wanted,
+    )
+    result, drawn = job.result, job.heatmaps
     produced = {"output": result.output, "weights": result.weights, "lse": result.lse}
     params_out = _response_parameters(result, drawn, result.method)
     if result.comparison is not None:
@@ -278,39 +268,6 @@ def _projection_weights(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return {n: tensors[n] for n in given}
 
 
-def _multihead_limits(
-    state: AppState,
-    query: np.ndarray,
-    key: np.ndarray,
-    value: np.ndarray,
-    opts: MultiheadOptions,
-    need_weights: bool,
-    spec: HeatmapSpec | None,
-) -> None:
-    """As /v1/multihead: projection and attention weights must fit before anything is made."""
-    if not (2 <= query.ndim <= 3 and key.ndim == query.ndim and value.ndim == query.ndim):
-        return  # the Python API names the rank problem
-    e, kdim, vdim = query.shape[-1], key.shape[-1], value.shape[-1]
-    if e == 0:
-        return
-    hkv, head_dim = head_layout(e, opts.num_heads, opts.num_kv_heads)
-    limits = state.limits
-    if opts.weights is None:
-        kv = hkv * head_dim
-        limits.weight_elements("weights", 2 * e * e + kv * (kdim + vdim) + 2 * e + 2 * kv)
-    else:
-        given = [getattr(opts.weights, f) for f in MultiheadWeights.model_fields]
-        limits.weight_elements("weights", sum(a.size for a in given if a is not None))
-    per_head = spec is not None
-    if need_weights:
-        rows = query.shape[:-1]
-        heads = (opts.num_heads,) if per_head or not opts.average_weights else ()
-        limits.elements("key", rows[:-1] + heads + rows[-1:] + key.shape[-2:-1], "weights")
-        if spec is not None:
-            shape4 = (1,) * (3 - query.ndim) + rows[:-1] + (opts.num_heads,)
-            heatmaps.check_spec(spec, shape4 + (query.shape[-2], key.shape[-2]), limits)
-
-
 def _multihead(
     state: AppState,
     tensors: dict[str, np.ndarray],
@@ -328,36 +285,16 @@ def _multihead(
     assert isinstance(opts, MultiheadOptions)
     spec = _heatmap_spec(params)
     wanted = _wanted(requested, opts.need_weights, ("weights", "lse"))
-    per_head = spec is not None  # heatmaps need every head, whatever the response averages
-    need_weights = "weights" in wanted or "lse" in wanted or per_head
-    query = tensors["query"]
-    key = tensors.get("key", query)
-    value = tensors.get("value", key)
-    _multihead_limits(state, query, key, value, opts, need_weights, spec)
-    result = multihead_attention(
-        query,
+    job = run_multihead(
+        state,
+        tensors["query"],
         tensors.get("key"),
         tensors.get("value"),
-        num_heads=opts.num_heads,
-        num_kv_heads=opts.num_kv_heads,
-        weights=opts.weights,
-        seed=opts.seed,
-        average_weights=opts.average_weights and not per_head,
-        need_weights=need_weights,
-        options=opts,
-        num_threads=state.num_threads,
+        opts,
+        spec,
+        need_weights="weights" in wanted or "lse" in wanted,
     )
-    probs = result.weights
-    drawn: list[dict] = []
-    if spec is not None and probs is not None:
-        drawn = heatmaps.draw(
-            probs.reshape((1,) * (4 - probs.ndim) + probs.shape),
-            spec,
-            state.store,
-            title="multihead",
-        )
-        if opts.average_weights:
-            probs = np.mean(probs, axis=-3)  # what the Python API does when averaging
+    result, probs, drawn = job.result, job.weights, job.heatmaps
     produced = {"output": result.output, "weights": probs, "lse": result.lse}
     params_out = _response_parameters(result, drawn, "exact")
     params_out["param_count"] = result.param_count
