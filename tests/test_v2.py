@@ -501,6 +501,30 @@ def test_heatmap_urls_in_the_response_parameters(tc, http) -> None:
         assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_long_heatmaps_are_pooled_like_v1(tmp_path: Path) -> None:
+    # Beyond ATTN_HEATMAP_MAX_SIDE both fronts pool the exact map (one shared job) instead of
+    # refusing; the images are drawn from the same pooled map, so they are byte-identical.
+    from http_support import client as app_client
+
+    rng = np.random.default_rng(12)
+    x = {n: rng.standard_normal((40, 8), dtype=np.float32) for n in ("q", "k", "v")}
+    with app_client(tmp_path, heatmap_max_side=16) as c:
+        body = {
+            "inputs": [json_input(n, a) for n, a in x.items()],
+            "parameters": {"heatmap": True},
+        }
+        r = c.post("/v2/models/attention/infer", json=body)
+        assert r.status_code == 200, r.text
+        urls = [v for k, v in r.json()["parameters"].items() if k.startswith("heatmap_")]
+        v1 = c.post("/v1/attention", json={n: a.tolist() for n, a in x.items()} | {"heatmap": True})
+        assert v1.status_code == 200, v1.text
+        assert len(urls) == 1 and len(v1.json()["heatmaps"]) == 1
+        v2_png = c.get(urls[0])
+        v1_png = c.get(v1.json()["heatmaps"][0]["url"])
+        assert v2_png.status_code == 200 and v2_png.content.startswith(b"\x89PNG\r\n\x1a\n")
+        assert v2_png.content == v1_png.content
+
+
 # ---------------------------------------------------------------------------------------------
 # multihead: equal to /v1/multihead and to torch.nn.MultiheadAttention
 
