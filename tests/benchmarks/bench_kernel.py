@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,8 @@ def bench_exact(rows: list[Row], sizes: list[int], budget: float) -> None:
             q, k, v = _inputs(1, 8, 8, n, 64)
             tq, tk, tv = map(torch.from_numpy, (q, k, v))
             ours_ms, torch_ms = _side_by_side(
-                lambda: service.attention(q, k, v, causal=causal),
-                lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal),
+                partial(service.attention, q, k, v, causal=causal),
+                partial(F.scaled_dot_product_attention, tq, tk, tv, is_causal=causal),
                 budget,
             )
             pairs = n * (n + 1) / 2 / n if causal else n
@@ -116,9 +117,9 @@ def bench_shapes(rows: list[Row], n: int, budget: float) -> None:
             tq, tk, tv = map(torch.from_numpy, (q, k, v))
             gqa = hq != hkv
             ours_ms, torch_ms = _side_by_side(
-                lambda: service.attention(q, k, v, causal=causal),
-                lambda: F.scaled_dot_product_attention(
-                    tq, tk, tv, is_causal=causal, enable_gqa=gqa
+                partial(service.attention, q, k, v, causal=causal),
+                partial(
+                    F.scaled_dot_product_attention, tq, tk, tv, is_causal=causal, enable_gqa=gqa
                 ),
                 budget,
             )
@@ -166,10 +167,14 @@ def bench_windows(rows: list[Row], sizes: list[int], long_n: int, budget: float)
                 row.extra = {"growth": ratio, "vs_n": sizes[-1]}
                 row.passed = ratio <= 4.5
             else:
-                mask = torch.from_numpy(_window_mask(n, w["left"], w["right"], w["dilation"], w["glob"]))
+                mask = torch.from_numpy(
+                    _window_mask(n, w["left"], w["right"], w["dilation"], w["glob"])
+                )
                 tq, tk, tv = map(torch.from_numpy, (q, k, v))
                 times[n], torch_ms = _side_by_side(
-                    ours, lambda: F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask), budget
+                    ours,
+                    partial(F.scaled_dot_product_attention, tq, tk, tv, attn_mask=mask),
+                    budget,
                 )
                 row = Row("window", f"{name} N={n}", times[n], torch_ms)
                 if n == sizes[-1]:
@@ -182,8 +187,8 @@ def bench_windows(rows: list[Row], sizes: list[int], long_n: int, budget: float)
 def bench_threads(rows: list[Row], n: int, budget: float) -> None:
     for causal in (False, True):
         q, k, v = _inputs(1, 8, 8, n, 64)
-        one = _median_ms(lambda: service.attention(q, k, v, causal=causal, num_threads=1), budget)
-        two = _median_ms(lambda: service.attention(q, k, v, causal=causal, num_threads=2), budget)
+        one = _median_ms(partial(service.attention, q, k, v, causal=causal, num_threads=1), budget)
+        two = _median_ms(partial(service.attention, q, k, v, causal=causal, num_threads=2), budget)
         label = f"N={n} {'causal' if causal else 'full'}: 1 thread / 2 threads"
         row = Row("threads", label, two, goal="speed-up ≥ 1.8×")
         row.extra = {"one_thread_ms": one, "speedup": one / two}
@@ -227,7 +232,10 @@ def bench_memory(rows: list[Row], n: int) -> None:
     t0 = time.perf_counter()
     added = float(
         subprocess.run(
-            [sys.executable, "-c", _MEMORY_PROBE, str(n)], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _MEMORY_PROBE, str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     )
     elapsed = (time.perf_counter() - t0) * 1e3
@@ -316,7 +324,9 @@ def plot(rows: list[Row], info: dict[str, str]) -> None:
         if r.group not in ("exact", "window") or "dilated" in r.case or "global" in r.case:
             continue
         n = int(r.case.split("N=")[1].split()[0])
-        kind = "causal" if "causal" in r.case else ("window ±128" if r.group == "window" else "full")
+        kind = (
+            "causal" if "causal" in r.case else ("window ±128" if r.group == "window" else "full")
+        )
         series.setdefault(f"ours {kind}", []).append((n, r.ours_ms))
         if r.torch_ms is not None:
             series.setdefault(f"torch {kind}", []).append((n, r.torch_ms))
