@@ -6,7 +6,9 @@
 // run on a CPU without AVX.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <stdexcept>
 
 namespace attn {
 
@@ -74,8 +76,28 @@ extern const KernelTable table;
 
 // Thread pool (thread_pool.cpp): runs fn(ctx, i) for i in [0, n) on at most max_threads
 // threads, the caller included; items are handed out dynamically in index order.
+// A parallel_for made while a CancelScope is active on the calling thread stops handing out
+// items once the scope's flag is non-zero (each thread finishes the item it is on) and then
+// throws Cancelled; a flag already set when it starts throws at once.
 void parallel_for(int64_t n, int max_threads, void (*fn)(void* ctx, int64_t item), void* ctx);
 int default_num_threads();
 void set_default_num_threads(int n);
 
+struct Cancelled : std::runtime_error {
+  Cancelled() : std::runtime_error("native call cancelled") {}
+};
+
+// Binds a cancel flag (owned by the caller, alive for the scope) to this thread's
+// parallel_for calls: a thread-local so every kernel and GEMM pass of one entry point sees it
+// without threading it through each argument struct.
+class CancelScope {
+ public:
+  explicit CancelScope(const std::atomic<int>* flag);
+  ~CancelScope();
+  CancelScope(const CancelScope&) = delete;
+  CancelScope& operator=(const CancelScope&) = delete;
+
+ private:
+  const std::atomic<int>* previous_;
+};
 }  // namespace attn

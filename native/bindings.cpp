@@ -1,13 +1,16 @@
 // Python bindings of service._native: numpy arrays in, numpy arrays out. Arrays are read in
 // place (no copies, any strides the checks accept); the GIL is released while computing.
-// std::invalid_argument from the checks surfaces as ValueError.
+// std::invalid_argument from the checks surfaces as ValueError; attn::Cancelled (a CancelFlag
+// set by another thread while the call runs) as _native.Cancelled.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -17,6 +20,16 @@
 namespace py = pybind11;
 
 namespace {
+
+// Set from any Python thread to stop a running call. The call keeps a reference to it (it is
+// an argument), so the atomic outlives the native work.
+struct CancelFlag {
+  std::atomic<int> value{0};
+};
+
+const std::atomic<int>* flag_ptr(const std::optional<CancelFlag*>& cancel) {
+  return cancel && *cancel != nullptr ? &(*cancel)->value : nullptr;
+}
 
 attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
   attn::ArrayRef r;
@@ -73,7 +86,8 @@ py::tuple attention(const py::object& q, const py::object& k, const py::object& 
                     int causal, const py::object& mask, const py::object& key_lengths,
                     int64_t window_left, int64_t window_right, int64_t dilation,
                     const py::object& global_tokens, const py::object& alibi_slopes,
-                    double softcap, bool return_weights, int num_threads) {
+                    double softcap, bool return_weights, int num_threads,
+                    std::optional<CancelFlag*> cancel) {
   const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
                                               window_right, dilation, global_tokens,
                                               alibi_slopes, softcap);
@@ -93,6 +107,7 @@ py::tuple attention(const py::object& q, const py::object& k, const py::object& 
   float* lp = lse.mutable_data();
   {
     py::gil_scoped_release nogil;
+    attn::CancelScope scope(flag_ptr(cancel));
     attn::run_attention(plan, op, lp, wp);
   }
   return py::make_tuple(out, lse, weights);
@@ -107,7 +122,7 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
                     const py::object& key_lengths, int64_t window_left, int64_t window_right,
                     int64_t dilation, const py::object& global_tokens,
                     const py::object& alibi_slopes, double softcap, bool return_weights,
-                    int num_threads) {
+                    int num_threads, std::optional<CancelFlag*> cancel) {
   attn::MultiheadInputs in;
   in.query = to_ref(query, "query", false);
   in.key = to_ref(key, "key", false);
@@ -139,6 +154,7 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
   float* lp = lse.mutable_data();
   {
     py::gil_scoped_release nogil;
+    attn::CancelScope scope(flag_ptr(cancel));
     attn::run_multihead(plan, op, lp, wp);
   }
   return py::make_tuple(out, lse, weights);
@@ -150,7 +166,7 @@ py::tuple attention_maps(const py::object& q, const py::object& k, const py::obj
                          int64_t window_right, int64_t dilation,
                          const py::object& global_tokens, const py::object& alibi_slopes,
                          double softcap, int64_t bins_q, int64_t bins_k, int64_t top_k,
-                         int num_threads) {
+                         int num_threads, std::optional<CancelFlag*> cancel) {
   const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
                                               window_right, dilation, global_tokens,
                                               alibi_slopes, softcap);
@@ -176,6 +192,7 @@ py::tuple attention_maps(const py::object& q, const py::object& k, const py::obj
   double* cp = colsum.mutable_data();
   {
     py::gil_scoped_release nogil;
+    attn::CancelScope scope(flag_ptr(cancel));
     attn::run_maps(plan, op, lp, pp, ep, ip, wp, cp);
   }
   return py::make_tuple(out, lse, pooled, entropy, top_idx, top_w, colsum);
@@ -196,13 +213,23 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "Fused attention kernels (tiled online-softmax attention, projections, dispatch).";
   m.def("version", [] { return "0.2.0"; });
 
+  py::register_exception<attn::Cancelled>(m, "Cancelled", PyExc_RuntimeError);
+  py::class_<CancelFlag>(m, "CancelFlag",
+                         "Pass as cancel= to a call; set() from another thread stops it (it "
+                         "raises Cancelled) after each worker finishes its current item.")
+      .def(py::init<>())
+      .def("set", [](CancelFlag& f) { f.value.store(1, std::memory_order_relaxed); })
+      .def("is_set", [](const CancelFlag& f) {
+        return f.value.load(std::memory_order_relaxed) != 0;
+      });
+
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
         py::arg("scale"), py::arg("causal") = 0, py::arg("mask") = py::none(),
         py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
         py::arg("window_right") = -1, py::arg("dilation") = 1,
         py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
         py::arg("softcap") = 0.0, py::arg("return_weights") = false,
-        py::arg("num_threads") = 0,
+        py::arg("num_threads") = 0, py::arg("cancel") = py::none(),
         "Exact attention. Returns (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or "
         "None).");
 
@@ -216,7 +243,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("window_right") = -1, py::arg("dilation") = 1,
         py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
         py::arg("softcap") = 0.0, py::arg("return_weights") = false,
-        py::arg("num_threads") = 0,
+        py::arg("num_threads") = 0, py::arg("cancel") = py::none(),
         "torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads. Returns "
         "(out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None).");
 
@@ -226,7 +253,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("window_right") = -1, py::arg("dilation") = 1,
         py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
         py::arg("softcap") = 0.0, py::arg("bins_q") = 1, py::arg("bins_k") = 1,
-        py::arg("top_k") = 0, py::arg("num_threads") = 0,
+        py::arg("top_k") = 0, py::arg("num_threads") = 0, py::arg("cancel") = py::none(),
         "Exact attention maps in O(L) memory. Returns (out, lse, pooled (B,Hq,Pq,Pk) bin "
         "means, entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk)); "
         "Pq, Pk, K are clamped to Lq, Lk, Lk.");

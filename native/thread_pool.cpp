@@ -48,12 +48,19 @@ struct Job {
   int64_t n;
   int max_threads;
   std::atomic<int64_t> next{0};
+  const std::atomic<int>* cancel = nullptr;  // optional; checked before each item
+  std::atomic<bool> cancelled{false};
   int active = 0;  // threads working on it; guarded by the pool mutex
   std::mutex err_mu;
   std::exception_ptr error;
 
   void work() {
     for (;;) {
+      if (cancel != nullptr && cancel->load(std::memory_order_relaxed) != 0) {
+        cancelled.store(true, std::memory_order_relaxed);
+        next.store(n, std::memory_order_relaxed);  // stop handing out items
+        return;
+      }
       const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= n) return;
       try {
@@ -72,8 +79,10 @@ class Pool {
  public:
   Pool() : slots_(std::max(hardware_threads(), env_threads())), free_slots_(slots_) {}
 
-  void run(int64_t n, int max_threads, void (*fn)(void*, int64_t), void* ctx) {
+  void run(int64_t n, int max_threads, void (*fn)(void*, int64_t), void* ctx,
+           const std::atomic<int>* cancel) {
     Job job;
+    job.cancel = cancel;
     job.fn = fn;
     job.ctx = ctx;
     job.n = n;
@@ -100,6 +109,7 @@ class Pool {
     jobs_.erase(std::find(jobs_.begin(), jobs_.end(), &job));
     lk.unlock();
     if (job.error) std::rethrow_exception(job.error);
+    if (job.cancelled.load(std::memory_order_relaxed)) throw Cancelled();
   }
 
   void reserve(int threads) {
@@ -156,6 +166,7 @@ class Pool {
 };
 
 std::atomic<Pool*> g_pool{nullptr};
+thread_local const std::atomic<int>* t_cancel = nullptr;  // see CancelScope
 std::atomic<int> g_default_threads{0};
 std::once_flag g_atfork_once;
 
@@ -180,9 +191,13 @@ Pool& pool() {
 
 void parallel_for(int64_t n, int max_threads, void (*fn)(void*, int64_t), void* ctx) {
   if (n <= 0) return;
+  if (t_cancel != nullptr && t_cancel->load(std::memory_order_relaxed) != 0) throw Cancelled();
   if (max_threads <= 0) max_threads = default_num_threads();
-  pool().run(n, max_threads, fn, ctx);
+  pool().run(n, max_threads, fn, ctx, t_cancel);
 }
+
+CancelScope::CancelScope(const std::atomic<int>* flag) : previous_(t_cancel) { t_cancel = flag; }
+CancelScope::~CancelScope() { t_cancel = previous_; }
 
 int default_num_threads() {
   int n = g_default_threads.load(std::memory_order_relaxed);

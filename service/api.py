@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service import _native
-from service.cancel import checkpoint
+from service.cancel import Cancelled, checkpoint, current
 from service.errors import InputError
 from service.options import (
     AttentionOptions,
@@ -338,9 +338,14 @@ def _native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> d
 def _call_native(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """Run a native kernel; its ValueErrors become InputErrors. Returns (result, elapsed ms)."""
     checkpoint()  # an abandoned HTTP job stops here instead of starting the kernel
+    token = current()
+    if token is not None:  # and a running kernel stops once the token is cancelled
+        kwargs["cancel"] = token.flag
     start = time.perf_counter()
     try:
         result = fn(*args, **kwargs)
+    except _native.Cancelled:
+        raise Cancelled(token.reason if token is not None else "cancelled") from None
     except ValueError as exc:
         head, sep, rest = str(exc).partition(": ")
         loc = head if sep and head.isidentifier() else "input"

@@ -6,8 +6,10 @@ job stops at its next `checkpoint()` (before the native kernel, between heatmap 
 of finishing work whose result would be thrown away. Outside a compute worker (the Python API
 used directly) `checkpoint()` does nothing.
 
-A native call already running is not interrupted: the kernel has no cancellation hook (see
-the report of issue 8 for what one would need); it finishes, and the job stops right after.
+A native call already running is stopped too: each token owns a `_native.CancelFlag` that
+`cancel()` sets, and the API passes `current_flag()` to the kernel, whose workers stop taking
+work items once it is set (the call then raises `_native.Cancelled`, which the API turns into
+`Cancelled`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from service import _native
 
 
 class Cancelled(Exception):
@@ -24,16 +28,18 @@ class Cancelled(Exception):
 class CancelToken:
     """Set once, from any thread; read by the job at its checkpoints."""
 
-    __slots__ = ("_event", "reason")
+    __slots__ = ("_event", "flag", "reason")
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.flag = _native.CancelFlag()  # read by a running native call, without the GIL
         self.reason = ""
 
     def cancel(self, reason: str) -> None:
         if not self._event.is_set():
             self.reason = reason
             self._event.set()
+            self.flag.set()  # after the reason, so a stopped kernel's Cancelled carries it
 
     @property
     def cancelled(self) -> bool:
@@ -52,6 +58,11 @@ def bound(token: CancelToken) -> Iterator[None]:
         yield
     finally:
         _local.token = previous
+
+
+def current() -> CancelToken | None:
+    """The token bound to this thread (None outside a compute job)."""
+    return getattr(_local, "token", None)
 
 
 def checkpoint() -> None:

@@ -476,6 +476,61 @@ def test_gil_is_released_while_computing() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# cancellation
+
+
+def test_a_cancel_flag_set_during_a_call_stops_it_early() -> None:
+    """Set from another thread while the kernel runs: the call raises long before it would end."""
+    rng = np.random.default_rng(30)
+    q, k, v = (rand(rng, 1, 4, 8192, 64) for _ in range(3))
+    start = time.perf_counter()
+    _native.attention(q, k, v, scale=0.125)
+    uncancelled = time.perf_counter() - start
+
+    flag = _native.CancelFlag()
+    timer = threading.Timer(0.05, flag.set)
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(_native.Cancelled, match="cancelled"):
+        _native.attention(q, k, v, scale=0.125, cancel=flag)
+    cancelled = time.perf_counter() - start
+    timer.join()
+    assert flag.is_set()
+    assert issubclass(_native.Cancelled, RuntimeError)
+    # Relative, not absolute: the call stops after about one work item per thread.
+    assert cancelled < uncancelled / 2, (cancelled, uncancelled)
+
+
+def test_an_unset_cancel_flag_changes_nothing() -> None:
+    rng = np.random.default_rng(31)
+    q, k, v = (rand(rng, 2, 3, 300, 32) for _ in range(3))
+    flag = _native.CancelFlag()
+    plain = _native.attention(q, k, v, scale=0.2, causal=1, return_weights=True)
+    flagged = _native.attention(q, k, v, scale=0.2, causal=1, return_weights=True, cancel=flag)
+    for a, b in zip(plain, flagged, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not flag.is_set()
+
+
+def test_every_entry_point_honours_a_cancel_flag() -> None:
+    rng = np.random.default_rng(32)
+    x = rand(rng, 1, 64, 32)
+    w = [rand(rng, 32, 32) for _ in range(4)]
+    q, k, v = (rand(rng, 1, 2, 64, 16) for _ in range(3))
+    flag = _native.CancelFlag()
+    flag.set()  # already set: refused before any work
+    with pytest.raises(_native.Cancelled):
+        _native.attention(q, k, v, scale=0.25, cancel=flag)
+    with pytest.raises(_native.Cancelled):
+        _native.multihead(x, x, x, *w, num_heads=4, num_kv_heads=4, scale=0.25, cancel=flag)
+    with pytest.raises(_native.Cancelled):
+        _native.attention_maps(q, k, v, scale=0.25, bins_q=4, bins_k=4, cancel=flag)
+    # The flag belongs to one call: a fresh one computes normally afterwards.
+    out, _, _ = _native.attention(q, k, v, scale=0.25, cancel=_native.CancelFlag())
+    np.testing.assert_allclose(out, reference(q, k, v, scale=0.25)[0].numpy(), atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch and errors
 
 

@@ -426,6 +426,37 @@ def test_the_timeout_is_a_compute_timeout_naming_the_setting() -> None:
     core.close()
 
 
+def test_a_timeout_stops_a_running_native_call_early() -> None:
+    """The kernel itself stops once the job is abandoned, not just at the next checkpoint."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((4, 8192, 64), dtype=np.float32) for _ in range(3))
+    core = ComputeCore(max_concurrency=1, queue_size=1)
+    outcome: list[BaseException] = []
+
+    def job() -> float:
+        start = time.perf_counter()
+        try:
+            service.attention(q, k, v)
+        except Cancelled as exc:
+            outcome.append(exc)
+            raise
+        return time.perf_counter() - start
+
+    async def scenario() -> tuple[float, float]:
+        uncancelled = await core.run("job", job, timeout_s=math.inf)
+        start = time.perf_counter()
+        with pytest.raises(ComputeTimeout):
+            await core.run("job", job, timeout_s=0.05)
+        while core.running:  # the worker thread is free once the kernel has stopped
+            await asyncio.sleep(0.002)
+        return uncancelled, time.perf_counter() - start
+
+    uncancelled, cancelled = asyncio.run(scenario())
+    core.close()
+    assert outcome and isinstance(outcome[0], Cancelled) and str(outcome[0]) == "timeout"
+    assert cancelled < uncancelled / 2, (cancelled, uncancelled)
+
+
 def test_a_client_leaving_mid_body_is_no_server_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
