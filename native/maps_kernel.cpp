@@ -33,6 +33,7 @@ namespace ATTN_ISA_NS {
 namespace {
 
 #include "simd.h"
+#include "tile_util.h"
 
 using simd::VL;
 using simd::vf;
@@ -45,35 +46,7 @@ constexpr int CW = MC * VL;   // micro-tile width in keys
 static_assert(BC % CW == 0, "BC must be a multiple of the micro-tile width");
 static_assert(BR % MR == 0, "BR must be a multiple of the micro-tile height");
 
-constexpr float NEG_INF = -INFINITY;
-constexpr float LOG2E = 1.44269504088896341f;
 constexpr double LN2 = 0.693147180559945309;
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-// Grow-only, 64-byte aligned buffer.
-template <class T>
-struct Buf {
-  T* p = nullptr;
-  size_t cap = 0;
-  Buf() = default;
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  ~Buf() { std::free(p); }
-  T* get(size_t n) {
-    if (n > cap) {
-      std::free(p);
-      p = nullptr;
-      cap = 0;
-      size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
-      p = static_cast<T*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
-      if (!p) throw std::bad_alloc();
-      cap = n;
-    }
-    return p;
-  }
-};
 
 struct Ctx {
   const MapArgs* m;
