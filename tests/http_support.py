@@ -1,16 +1,25 @@
-"""Helpers of the HTTP tests: an in-process app with test settings, tensor encoders."""
+"""Helpers of the HTTP tests: an in-process app with test settings, the real server started
+on a free port, tensor encoders."""
 
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
+import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
 from service.app import create_app
@@ -95,3 +104,56 @@ def assert_problem(response: Any, status: int, loc: list[Any] | None = None) -> 
         locs = [e["loc"] for e in body["errors"]]
         assert loc in locs, (loc, body)
     return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def console_script() -> str:
+    """The `attention-service` script installed next to this interpreter (the venv's)."""
+    script = Path(sys.executable).with_name("attention-service")
+    if not script.exists():
+        pytest.fail("the attention-service console script is not installed (make build)")
+    return str(script)
+
+
+@contextmanager
+def running_server(
+    log: Path, env: dict[str, str], *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`attention-service` started as `make run` starts it, on a free port, with `env` over the
+    environment and `args` after --host/--port; yields (process, port) once /readyz answers.
+
+    Its output goes to the file `log`, never a pipe: a full pipe would block the server."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [console_script(), "--host", "127.0.0.1", "--port", str(port), *args],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}: {log.read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not become ready within 120 s: {log.read_text()}")
+            time.sleep(0.1)
+        yield proc, port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

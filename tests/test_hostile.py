@@ -11,12 +11,9 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import os
 import select
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from http_support import running_server
 
 MiB = 1 << 20
 MAX_BODY = 4 * MiB
@@ -48,62 +46,20 @@ class Server:
         raise AssertionError("no VmRSS")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _console_script() -> str:
-    here = Path(sys.executable).with_name("attention-service")
-    if not here.exists():
-        pytest.fail("the attention-service console script is not installed (make build)")
-    return str(here)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("hostile")
-    port = _free_port()
     env = {
-        **os.environ,
         "ATTN_HEATMAP_DIR": str(tmp / "heatmaps"),
         "ATTN_MAX_BODY_BYTES": str(MAX_BODY),
         "ATTN_MAX_ELEMENTS": str(MAX_ELEMENTS),
         "ATTN_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "ATTN_API_KEYS": "",
     }
-    env.pop("ATTN_API_KEYS", None)
     log = tmp / "server.log"
-    with log.open("wb") as out:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(
-            [_console_script(), "--host", "127.0.0.1", "--port", str(port)]
-            + ["--log-level", "warning", "--no-access-log"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    srv = Server(proc, port, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {log.read_text()}")
-            try:
-                if request(srv, "GET", "/readyz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become ready within 60 s")
-            time.sleep(0.2)
-        yield srv
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    args = ("--log-level", "warning", "--no-access-log")
+    with running_server(log, env, *args) as (proc, port):
+        yield Server(proc, port, log)
 
 
 # ---------------------------------------------------------------------------------------------

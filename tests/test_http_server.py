@@ -3,76 +3,28 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from http_support import console_script, running_server
 
 import service
 from service.client import AttentionClient, ServiceError
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _console_script() -> str:
-    # The script installed next to this interpreter (the venv's), else whatever PATH has.
-    here = Path(sys.executable).with_name("attention-service")
-    found = str(here) if here.exists() else shutil.which("attention-service")
-    if not found:
-        pytest.fail("the attention-service console script is not installed (make build)")
-    return found
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    tmp = tmp_path_factory.mktemp("server")
     env = {
-        **os.environ,
-        "ATTN_HEATMAP_DIR": str(tmp_path_factory.mktemp("server-heatmaps")),
+        "ATTN_HEATMAP_DIR": str(tmp / "heatmaps"),
         "ATTN_MAX_BODY_BYTES": "1000000",
-        "ATTN_PORT": "1",  # the flag below must win over the environment
+        "ATTN_PORT": "1",  # the --port flag must win over the environment
     }
-    proc = subprocess.Popen(
-        [_console_script(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"server exited with {proc.returncode}: {out}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become ready within 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_server(tmp / "server.log", env, "--log-level", "warning") as (_, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_client_round_trip_over_the_network(server: str) -> None:
@@ -135,7 +87,7 @@ def test_limits_and_problems_over_the_network(server: str) -> None:
 
 def test_console_script_help() -> None:
     out = subprocess.run(
-        [_console_script(), "--help"], capture_output=True, text=True, check=True
+        [console_script(), "--help"], capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--host", "--port", "--workers", "ATTN_PORT"):
         assert flag in out
@@ -143,5 +95,5 @@ def test_console_script_help() -> None:
 
 def test_console_script_names_an_invalid_setting() -> None:
     env = {**os.environ, "ATTN_MAX_CONCURRENCY": "0"}
-    run = subprocess.run([_console_script()], env=env, capture_output=True, text=True)
+    run = subprocess.run([console_script()], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "ATTN_MAX_CONCURRENCY" in run.stderr

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +23,7 @@ import orjson
 import pytest
 import torch
 import tritonclient.http as triton
-from http_support import b64, bfloat16_round, client, decode
+from http_support import b64, bfloat16_round, client, decode, running_server
 from reference import reference_attention
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -38,54 +34,17 @@ MAX_ELEMENTS = 200_000
 HEADER = "Inference-Header-Content-Length"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of the service started with its console script, as `make run` does."""
     tmp = tmp_path_factory.mktemp("v2-server")
-    port = _free_port()
     env = {
-        **os.environ,
         "ATTN_HEATMAP_DIR": str(tmp / "heatmaps"),
         "ATTN_MAX_ELEMENTS": str(MAX_ELEMENTS),
         "ATTN_LOG_LEVEL": "warning",
     }
-    exe = Path(sys.executable).with_name("attention-service")
-    log_path = tmp / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(exe), "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"the server exited: {log_path.read_text()}")
-                try:
-                    r = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5)
-                    if r.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the server did not become ready: {log_path.read_text()}")
-                time.sleep(0.1)
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with running_server(tmp / "server.log", env) as (_, port):
+        yield f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

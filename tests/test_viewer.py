@@ -17,11 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from http_support import client
+from http_support import client, running_server
 from PIL import Image
 from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
 from reference import reference_attention
@@ -64,60 +59,15 @@ SHOWN = {"abs": 6e-5, "rel": 6e-3}
 # The server and the browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _console_script() -> list[str]:
-    here = Path(sys.executable).with_name("attention-service")
-    found = str(here) if here.exists() else shutil.which("attention-service")
-    if not found:
-        pytest.fail("the attention-service console script is not installed (make build)")
-    return [found]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`attention-service` on a free port, as `make run` starts it."""
     if not CHROMIUM.exists():
         pytest.skip("no Chromium at /usr/bin/chromium")
     tmp = tmp_path_factory.mktemp("viewer-server")
-    port = _free_port()
-    env = {**os.environ, "ATTN_HEATMAP_DIR": str(tmp / "heatmaps")}
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [*_console_script(), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"server exited with {proc.returncode}: {(tmp / 'server.log').read_text()}"
-                )
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become ready within 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    env = {"ATTN_HEATMAP_DIR": str(tmp / "heatmaps")}
+    with running_server(tmp / "server.log", env, "--log-level", "warning") as (_, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
