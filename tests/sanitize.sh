@@ -27,9 +27,13 @@ if [ -f "$SAN/cmake/CMakeCache.txt" ] && ! grep -q "CMAKE_GENERATOR:INTERNAL=${G
   rm -rf "$SAN/cmake"  # configured with another generator: start over
 fi
 
+# The version scikit-build-core would pass: the installed package's metadata (pyproject.toml).
+VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("attention-service"))')
+
 "$CMAKE" -S native -B "$SAN/cmake" "${GENERATOR[@]}" \
   -DCMAKE_BUILD_TYPE=Debug \
   -DSKBUILD_PROJECT_NAME=attention_service \
+  -DSKBUILD_PROJECT_VERSION="$VERSION" \
   -DCMAKE_CXX_FLAGS="$FLAGS" \
   -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
   -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \

@@ -1,12 +1,30 @@
-// Small helpers shared by the per-ISA kernel translation units (kernel.cpp, maps_kernel.cpp).
-// Like simd.h, it is included INSIDE each TU's per-ISA anonymous namespace, so every ISA gets
-// its own copy and no inline function is shared across instruction sets.
+// What every file in kernels/ starts from: the SIMD layer and small helpers. Included INSIDE
+// each file's per-ISA anonymous namespace (after <immintrin.h>, <cmath>, <cstdint> and
+// <cstdlib>), so every ISA gets its own copy and no inline function is shared across
+// instruction sets.
+#include "simd.h"
+
+using simd::VL;
+using simd::vf;
 
 constexpr float NEG_INF = -INFINITY;
 constexpr float LOG2E = 1.44269504088896341f;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Index of the first element >= x in the sorted array v[0..n).
+inline int64_t lower_bound64(const int64_t* v, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (v[mid] < x)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
 
 // Grow-only, 64-byte aligned buffer (kept per thread between calls).
 template <class T>

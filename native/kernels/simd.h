@@ -1,108 +1,80 @@
-// Thin SIMD layer for the kernel TU: the same names map to SSE4.2, AVX2+FMA or AVX-512
-// depending on the flags this TU is compiled with. Included only by kernel.cpp, inside its
-// per-ISA namespace (after <immintrin.h> and <cstdint>), so that no inline function here is
-// shared between the ISA builds of that TU.
+// Thin SIMD layer for the kernels: the same names map to SSE4.2, AVX2+FMA or AVX-512
+// depending on the flags the including TU is compiled with. Included only by the files in
+// kernels/, inside their per-ISA anonymous namespace (after <immintrin.h> and <cstdint>), so
+// that no inline function here is shared between the ISA builds.
 #pragma once
 
 namespace simd {
+
+// The operations whose intrinsics differ only in their prefix P (_mm512, _mm256, _mm) and
+// integer-vector width W. max/min return the second operand when either is NaN (like maxps),
+// so put the value that should propagate NaN second. pow2i(n) is 2^n for integral-valued n in
+// [-127, 127] (n = -127 gives +0): n + 127 written into the exponent bits.
+#define ATTN_SIMD_COMMON(P, W)                                                            \
+  inline vf load(const float* p) { return P##_loadu_ps(p); }                              \
+  inline void store(float* p, vf x) { P##_storeu_ps(p, x); }                              \
+  inline vf set1(float x) { return P##_set1_ps(x); }                                      \
+  inline vf zero() { return P##_setzero_ps(); }                                           \
+  inline vf add(vf a, vf b) { return P##_add_ps(a, b); }                                  \
+  inline vf sub(vf a, vf b) { return P##_sub_ps(a, b); }                                  \
+  inline vf mul(vf a, vf b) { return P##_mul_ps(a, b); }                                  \
+  inline vf div(vf a, vf b) { return P##_div_ps(a, b); }                                  \
+  inline vf max(vf a, vf b) { return P##_max_ps(a, b); }                                  \
+  inline vf min(vf a, vf b) { return P##_min_ps(a, b); }                                  \
+  inline vf bit_and(vf a, vf b) { return P##_and_ps(a, b); }                              \
+  inline vf bit_or(vf a, vf b) { return P##_or_ps(a, b); }                                \
+  inline vf bit_andnot(vf a, vf b) { return P##_andnot_ps(a, b); } /* ~a & b */          \
+  inline vf pow2i(vf n) {                                                                 \
+    return P##_castsi##W##_ps(                                                            \
+        P##_slli_epi32(P##_add_epi32(P##_cvtps_epi32(n), P##_set1_epi32(127)), 23));      \
+  }
 
 #if defined(__AVX512F__)
 constexpr int VL = 16;
 using vf = __m512;
 using vm = __mmask16;
-inline vf load(const float* p) { return _mm512_loadu_ps(p); }
-inline void store(float* p, vf x) { _mm512_storeu_ps(p, x); }
-inline vf set1(float x) { return _mm512_set1_ps(x); }
-inline vf zero() { return _mm512_setzero_ps(); }
-inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
-inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+ATTN_SIMD_COMMON(_mm512, 512)  // and/or/andnot_ps are AVX512DQ, which this build requires
 inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
-// max/min return the second operand when either is NaN (like maxps), so put the value that
-// should propagate NaN second.
-inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
-inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
-inline vf abs(vf a) { return _mm512_abs_ps(a); }
 inline vf round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vm lt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 inline vm eq(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 inline vf select(vm m, vf if_true, vf if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
-inline vf copysign(vf mag, vf sgn) {
-  const __m512i sign = _mm512_set1_epi32(int32_t(0x80000000u));
-  return _mm512_castsi512_ps(_mm512_or_si512(
-      _mm512_andnot_si512(sign, _mm512_castps_si512(mag)),
-      _mm512_and_si512(sign, _mm512_castps_si512(sgn))));
-}
-// 2^n for integral-valued n in [-127, 127] (n = -127 gives +0).
-inline vf pow2i(vf n) {
-  __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-}
 
 #elif defined(__AVX2__)
 constexpr int VL = 8;
 using vf = __m256;
 using vm = __m256;
-inline vf load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, vf x) { _mm256_storeu_ps(p, x); }
-inline vf set1(float x) { return _mm256_set1_ps(x); }
-inline vf zero() { return _mm256_setzero_ps(); }
-inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
-inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
-inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+ATTN_SIMD_COMMON(_mm256, 256)
 inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 inline vf fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
-inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
-inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
-inline vf abs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 inline vf round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vm lt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 inline vm eq(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
 inline vf select(vm m, vf if_true, vf if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
-inline vf copysign(vf mag, vf sgn) {
-  const vf sign = _mm256_set1_ps(-0.0f);
-  return _mm256_or_ps(_mm256_andnot_ps(sign, mag), _mm256_and_ps(sign, sgn));
-}
-inline vf pow2i(vf n) {
-  __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
-}
 
 #elif defined(__SSE4_1__)
 constexpr int VL = 4;
 using vf = __m128;
 using vm = __m128;
-inline vf load(const float* p) { return _mm_loadu_ps(p); }
-inline void store(float* p, vf x) { _mm_storeu_ps(p, x); }
-inline vf set1(float x) { return _mm_set1_ps(x); }
-inline vf zero() { return _mm_setzero_ps(); }
-inline vf add(vf a, vf b) { return _mm_add_ps(a, b); }
-inline vf sub(vf a, vf b) { return _mm_sub_ps(a, b); }
-inline vf mul(vf a, vf b) { return _mm_mul_ps(a, b); }
-inline vf div(vf a, vf b) { return _mm_div_ps(a, b); }
+ATTN_SIMD_COMMON(_mm, 128)
+// No FMA in the baseline: a separate multiply and add (the portable path's numerics).
 inline vf fma(vf a, vf b, vf c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
 inline vf fnma(vf a, vf b, vf c) { return _mm_sub_ps(c, _mm_mul_ps(a, b)); }
-inline vf max(vf a, vf b) { return _mm_max_ps(a, b); }
-inline vf min(vf a, vf b) { return _mm_min_ps(a, b); }
-inline vf abs(vf a) { return _mm_andnot_ps(_mm_set1_ps(-0.0f), a); }
 inline vf round(vf a) { return _mm_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vm lt(vf a, vf b) { return _mm_cmplt_ps(a, b); }
 inline vm eq(vf a, vf b) { return _mm_cmpeq_ps(a, b); }
 inline vf select(vm m, vf if_true, vf if_false) { return _mm_blendv_ps(if_false, if_true, m); }
-inline vf copysign(vf mag, vf sgn) {
-  const vf sign = _mm_set1_ps(-0.0f);
-  return _mm_or_ps(_mm_andnot_ps(sign, mag), _mm_and_ps(sign, sgn));
-}
-inline vf pow2i(vf n) {
-  __m128i e = _mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127));
-  return _mm_castsi128_ps(_mm_slli_epi32(e, 23));
-}
 #else
-#error "kernel.cpp needs at least SSE4.1 (build it with -msse4.2 or higher)"
+#error "the kernels need at least SSE4.1 (build them with -msse4.2 or higher)"
 #endif
+#undef ATTN_SIMD_COMMON
+
+inline vf abs(vf a) { return bit_andnot(set1(-0.0f), a); }
+inline vf copysign(vf mag, vf sgn) {
+  const vf sign = set1(-0.0f);
+  return bit_or(bit_andnot(sign, mag), bit_and(sign, sgn));
+}
 
 // exp(x) for float lanes (Cephes polynomial, ~1-2 ulp). x <= -87.7 (and -inf) gives exactly 0;
 // NaN propagates. Inputs are clamped above at 88 (callers only pass x <= 0).

@@ -1,14 +1,12 @@
 // Plain-data interface between the ISA-neutral code (checks, dispatch, thread pool, bindings)
-// and the kernel translation unit, which is compiled once per instruction set.
+// and the kernels in kernels/, which are compiled once per instruction set.
 //
 // This header must stay free of templates and inline functions: anything inline that both a
 // baseline and an AVX TU instantiate could be merged by the linker into the AVX copy and then
 // run on a CPU without AVX.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
-#include <stdexcept>
 
 namespace attn {
 
@@ -57,13 +55,33 @@ struct GemmArgs {
   int num_threads;
 };
 
+// Pass 2 of attention_maps. `a` is a checked AttnArgs whose lse (B, Hq, Lq) pass 1 (the
+// attention kernel) has filled in. Query row i falls in query bin (i+1)*Pq-1 / Lq (integer
+// division; the bins of numpy's (arange(P+1)*L)//P edges), key j likewise; 1 <= Pq <= Lq,
+// 1 <= Pk <= Lk. Outputs (all dense, zeroed by the caller where they are sums):
+//   pooled  (B, Hq, Pq, Pk)  sum of the probabilities of each bin's cells (not yet divided)
+//   entropy (B, Hq, Lq)      -sum_j p log p of each row (0 for a row with no allowed key)
+//   top_idx, top_w (B, Hq, Lq, K)  the K largest probabilities of each row, largest first,
+//                            ties by the smaller key index; -1 / 0 past the allowed keys
+//   colsum  (B, Hq, Lk)      sum over query rows of the probabilities of each key
+struct MapArgs {
+  const AttnArgs* a;
+  int64_t Pq, Pk, K;
+  double* pooled;
+  float* entropy;
+  int64_t* top_idx;
+  float* top_w;
+  double* colsum;
+};
+
+// The entry points of one instruction set's build (kernels/table.cpp).
 struct KernelTable {
   const char* name;
   void (*attention)(const AttnArgs&);
   void (*gemm)(const GemmArgs&);
+  void (*maps)(const MapArgs&);
 };
 
-// One table per ISA translation unit (defined in kernel.cpp under a per-ISA namespace).
 namespace isa_baseline {
 extern const KernelTable table;
 }
@@ -74,30 +92,4 @@ namespace isa_avx512 {
 extern const KernelTable table;
 }
 
-// Thread pool (thread_pool.cpp): runs fn(ctx, i) for i in [0, n) on at most max_threads
-// threads, the caller included; items are handed out dynamically in index order.
-// A parallel_for made while a CancelScope is active on the calling thread stops handing out
-// items once the scope's flag is non-zero (each thread finishes the item it is on) and then
-// throws Cancelled; a flag already set when it starts throws at once.
-void parallel_for(int64_t n, int max_threads, void (*fn)(void* ctx, int64_t item), void* ctx);
-int default_num_threads();
-void set_default_num_threads(int n);
-
-struct Cancelled : std::runtime_error {
-  Cancelled() : std::runtime_error("native call cancelled") {}
-};
-
-// Binds a cancel flag (owned by the caller, alive for the scope) to this thread's
-// parallel_for calls: a thread-local so every kernel and GEMM pass of one entry point sees it
-// without threading it through each argument struct.
-class CancelScope {
- public:
-  explicit CancelScope(const std::atomic<int>* flag);
-  ~CancelScope();
-  CancelScope(const CancelScope&) = delete;
-  CancelScope& operator=(const CancelScope&) = delete;
-
- private:
-  const std::atomic<int>* previous_;
-};
 }  // namespace attn

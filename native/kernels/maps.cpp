@@ -1,5 +1,5 @@
-// Pass 2 of the exact attention maps, compiled once per instruction set like kernel.cpp (same
-// rules: everything in a per-ISA anonymous namespace, no library templates instantiated).
+// Pass 2 of the exact attention maps, compiled once per instruction set like every file in
+// kernels/ (everything in a per-ISA anonymous namespace, no library templates instantiated).
 //
 // Given each row's log-sum-exp from pass 1 (the attention kernel), a work item (batch, head,
 // tile of BR query rows) recomputes the scores tile by tile (BC keys), with the kernel's
@@ -22,21 +22,15 @@
 #include <cstring>
 #include <new>
 
-#include "maps.h"
+#include "entries.h"
+#include "thread_pool.h"
 
-#ifndef ATTN_ISA_NS
-#error "compile with -DATTN_ISA_NS=isa_<name>"
-#endif
 
 namespace attn {
 namespace ATTN_ISA_NS {
 namespace {
 
-#include "simd.h"
 #include "tile_util.h"
-
-using simd::VL;
-using simd::vf;
 
 constexpr int BR = 64;        // query rows per work item
 constexpr int BC = 96;        // keys per tile (a multiple of 3 vectors for every ISA)
@@ -79,15 +73,7 @@ thread_local Scratch tls;
 uint64_t g_calls = 0;  // atomic: tells the calls apart for the slot assignment
 
 int64_t first_global_at_or_after(const Ctx& c, int64_t pos) {
-  int64_t lo = 0, hi = c.n_globals;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (c.globals[mid] < pos)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
+  return lower_bound64(c.globals, c.n_globals, pos);
 }
 
 // S[r][jj] = sum_d Qs[r][d] Kt[d][jj] for rows [0, nr) (a multiple of MR) and all BC keys.
@@ -482,8 +468,7 @@ void maps_impl(const MapArgs& m) {
 
 }  // namespace
 
-extern const MapTable map_table;
-const MapTable map_table = {&maps_impl};
+void maps(const MapArgs& m) { maps_impl(m); }
 
 }  // namespace ATTN_ISA_NS
 }  // namespace attn
