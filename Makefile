@@ -24,7 +24,7 @@ $(VENV)/.runtime: $(BIN)/activate
 $(VENV)/.testdeps: $(VENV)/.runtime
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "pytest>=8" "ruff>=0.6" "tritonclient[http]>=2.40" "playwright>=1.45" \
-		"schemathesis>=4.0" "hypothesis>=6.100"
+		"schemathesis>=4.0" "hypothesis>=6.100" "import-linter>=2.1" "mypy>=1.10"
 	@touch $@
 
 # Always re-run: scikit-build-core's build dir makes this incremental (seconds when unchanged).
@@ -38,9 +38,14 @@ test: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -m pytest -q
 
+# Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
+# the types (mypy over the whole package, the extension through service/_native.pyi).
 lint: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # Side-by-side benchmarks against torch; QUICK=1 for a short smoke run.
 bench: $(VENV)/.testdeps build
@@ -70,7 +75,7 @@ sanitize: $(VENV)/.testdeps
 fuzz: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/test_fuzz_schema.py tests/test_fuzz_native.py
+		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py
 
 # Load test: the real server under 32 locust users for 60 s (DURATION=n to change); writes
 # and prints tests/load/results/last.md (p50/p99, throughput, status codes, peak RSS).

@@ -22,7 +22,7 @@ from service.core.inputs import (
     to_output,
 )
 from service.core.masking import native_masking
-from service.core.options import AttentionOptions
+from service.core.options import AttentionOptions, MaskingOptions
 from service.core.results import AttentionResult
 
 
@@ -30,7 +30,7 @@ def attention(
     q: ArrayLike,
     k: ArrayLike,
     v: ArrayLike,
-    options: AttentionOptions | None = None,
+    options: MaskingOptions | dict[str, Any] | None = None,
     *,
     num_threads: int | None = None,
     **option_kwargs: Any,

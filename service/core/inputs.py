@@ -118,7 +118,7 @@ def as_4d(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]
         if a.ndim != q.ndim:
             raise InputError(name, f"has {a.ndim} dimensions but q has {q.ndim}; use one rank")
     pad = (1,) * (4 - q.ndim)
-    q4, k4, v4 = (a.reshape(pad + a.shape) for a in (q, k, v))
+    q4, k4, v4 = (np.reshape(a, pad + a.shape) for a in (q, k, v))
     b, hq, _, d = q4.shape
     bk, hkv, lk, dk = k4.shape
     bv, hv, lv, dv = v4.shape

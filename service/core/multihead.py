@@ -4,7 +4,7 @@ projections and attention in one native call."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import ValidationError
@@ -147,5 +147,5 @@ def multihead_attention(
         param_count=parameter_count(w),
         elapsed_ms=elapsed,
         flops=flops,
-        weights_used=MultiheadWeights.model_construct(**w),
+        weights_used=MultiheadWeights.model_construct(**cast(dict[str, Any], w)),
     )

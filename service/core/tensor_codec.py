@@ -204,7 +204,7 @@ def encode_tensor(arr: np.ndarray, encoding: Encoding = "list") -> Any:
         return {
             "dtype": arr.dtype.name,
             "shape": list(arr.shape),
-            "b64": base64.b64encode(data).decode("ascii"),
+            "b64": base64.b64encode(data.data).decode("ascii"),
         }
     return arr.tolist()
 

@@ -130,6 +130,7 @@ def self_attention(
         options=masking,
         num_threads=num_threads,
     )
+    assert res.weights is not None  # need_weights=True
     return TokensResult(res.output, res.weights, table, res.param_count, res.elapsed_ms, res.flops)
 
 
@@ -164,6 +165,7 @@ def _rope_attention(
     out = concat @ arrays["out_proj"].T  # type: ignore[union-attr]
     if arrays["out_bias"] is not None:
         out = out + arrays["out_bias"]
+    assert res.weights is not None  # return_weights=True
     param_count = parameter_count(arrays)
     proj_flops = 2 * length * d_model * (2 * d_model + 2 * hkv * head_dim)
     return TokensResult(

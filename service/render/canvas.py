@@ -69,7 +69,7 @@ def _ticks(n: int, labels: Sequence[str] | None) -> tuple[np.ndarray, list[str]]
     if labels is not None:
         step = max(1, math.ceil(n / _MAX_TICK_LABELS))
         pos = np.arange(0, n, step)
-        return pos, [_short(labels[i]) for i in pos]
+        return pos, [_short(labels[int(i)]) for i in pos]
     pos = np.unique(np.linspace(0, n - 1, min(n, _NUMERIC_TICKS)).round().astype(int))
     return pos, [str(i) for i in pos]
 
@@ -179,8 +179,8 @@ class _MapCanvas(_Layered):
         rows, cols = matrix.shape
         xpos, xtext = _ticks(cols, xlabels)
         ypos, ytext = _ticks(rows, ylabels)
-        key = (rows, cols, tuple(xtext), tuple(ytext), xlabels is None, ylabels is None)
-        key += (xlabel, ylabel)
+        key: tuple[object, ...] = (rows, cols, tuple(xtext), tuple(ytext))
+        key += (xlabels is None, ylabels is None, xlabel, ylabel)
         # Wider margins when token labels need room.
         left = 0.2 if ylabels is not None else 0.12
         bottom = 0.2 if xlabels is not None else 0.1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def plan_heads(num_heads: int, heads: Sequence[int] | str) -> tuple[list[int], b
         return [], True, False
     if heads == "all":
         return list(range(num_heads)), num_heads > 1, num_heads > 1
-    chosen = list(dict.fromkeys(heads))
+    chosen = list(dict.fromkeys(cast(Sequence[int], heads)))  # "all"/"mean" handled above
     return chosen, False, len(chosen) > 1
 
 
@@ -130,7 +130,8 @@ def render_comparison(
     if exact is None:
         notes.append("exact map not computed at this size")
     images = []
-    for head in [*chosen, *(["mean"] if mean else [])]:
+    drawn: list[HeadKey] = [*chosen, "mean"] if mean else [*chosen]
+    for head in drawn:
         if head == "mean":
             imp, ex, err = implied.mean(0), None if exact is None else exact.mean(0), None
         else:

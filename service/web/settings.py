@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         60.0,
         ge=0,
-        description="Most seconds a request may spend in the compute core (queued plus "
+        description="Most seconds a request may spend in the scheduler (queued plus "
         "computing) before it is answered 504; 0 = no limit.",
     )
 

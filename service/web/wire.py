@@ -78,7 +78,7 @@ def _bulk_floats(value: simdjson.Array) -> tuple[np.ndarray, int] | None:
     # As the general path: a float first means float data (ints in it are converted too).
     if type(node) is not float:
         return None
-    level = [value]
+    level: list[Any] = [value]
     for want in shape[1:]:
         level = [child for array in level for child in array]
         if any(type(child) is not simdjson.Array or len(child) != want for child in level):
@@ -138,6 +138,7 @@ def _parse_bulk_tensors(body: bytes, tensors: frozenset[str]) -> dict[str, Any] 
         return None
     out: dict[str, Any] = {}
     expected = 0  # JSON arrays the parsed values account for
+    arrays: int | None
     for key in keys:
         value = doc[key]
         if key in tensors and type(value) is simdjson.Array:

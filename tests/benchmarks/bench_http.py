@@ -252,7 +252,8 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
-    from service.heatmaps import render_map, render_weights
+    from service.render.canvas import render_map
+    from service.render.views import render_weights
 
     rng = np.random.default_rng(0)
     # Each call draws a different map (another colour scale, so the colorbar is redrawn).

@@ -247,7 +247,7 @@ def bench_memory(rows: list[Row], n: int) -> None:
 
 
 def bench_heatmap(rows: list[Row], budget: float) -> None:
-    from service.heatmaps import render_map  # the service's own renderer
+    from service.render.canvas import render_map  # the service's own renderer
 
     w = np.random.default_rng(0).random((512, 512), dtype=np.float32)
     ms = _median_ms(lambda: render_map(w, title="bench"), budget)

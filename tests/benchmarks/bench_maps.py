@@ -1,4 +1,4 @@
-"""Time of the exact attention maps (service.maps) against L, per head, beside pass 1 alone.
+"""Time of the exact attention maps (service.core.maps) against L, per head, beside pass 1 alone.
 
 Pass 1 is the attention kernel (which also yields each row's log-sum-exp); the maps add pass 2
 (scores recomputed, reduced into a 1024x1024 pooled map, entropy, top-8, column sums).

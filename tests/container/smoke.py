@@ -517,7 +517,7 @@ print("read-only")
 SETTINGS_DEFAULTS = r"""
 import json
 from pydantic_core import PydanticUndefined
-from service.settings import Settings
+from service.web.settings import Settings
 print(json.dumps({name: (None if f.default is PydanticUndefined else f.default)
                   for name, f in Settings.model_fields.items()}, default=str))
 """

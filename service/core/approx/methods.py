@@ -140,7 +140,7 @@ def compute(
     if opts.method == "linformer":
         num, pooled, flops = _linformer(q, k, v, opts, pool)
         out = _finish(num, np.ones(num.shape[:-1], num.dtype), counts, opts.empty_rows)
-        grouped = (out, None, None, pooled)
+        grouped: tuple[np.ndarray | None, ...] = (out, None, None, pooled)
     else:
         f, flops = features(q, k, opts)
         num, den = feature_attention(f.phiq, f.phik, v, f.last, chunk)
@@ -160,7 +160,7 @@ def compute(
                 weights[np.broadcast_to(empty, weights.shape[:-1])] = np.nan
         pooled = feature_map(f, den, *pool) if pool is not None else None
         grouped = (out, weights, lse, pooled)
-    out, weights, lse, pooled = (
+    out, weights, lse, pooled = (  # type: ignore[assignment]  # out is never None
         None if a is None else a.reshape(b, hq, *a.shape[3:]) for a in grouped
     )
     return out, weights, lse, pooled, flops

@@ -380,7 +380,7 @@ def infer_response(
     headers: dict[str, str] = {}
     if buffers:
         headers[HEADER_LENGTH] = str(len(header))
-        body = b"".join([header, *(memoryview(b).cast("B") for b in buffers)])
+        body = b"".join([header, *(b.data.cast("B") for b in buffers)])
         media_type = "application/octet-stream"
     else:
         body, media_type = header, "application/json"

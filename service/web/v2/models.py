@@ -215,7 +215,7 @@ def _attention(
     requested: tuple[str, ...] | None,
 ) -> tuple[Outputs, dict[str, Any]]:
     _check_parameters(params, _ATTENTION_PARAMETERS)
-    options = {"key_lengths": _key_lengths(tensors.get("key_lengths"))}
+    options: dict[str, Any] = {"key_lengths": _key_lengths(tensors.get("key_lengths"))}
     if "mask" in tensors:
         options["mask"] = tensors["mask"]
     opts = _parse_options(AttentionOptions, params, options, _ATTENTION_PARAMETERS)
