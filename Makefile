@@ -49,19 +49,19 @@ lint: $(VENV)/.testdeps
 
 # Side-by-side benchmarks against torch; QUICK=1 for a short smoke run.
 bench: $(VENV)/.testdeps build
-	$(BIN)/python tests/benchmarks/bench_kernel.py $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_kernel $(if $(QUICK),--quick)
 
 # Approximate methods against exact: time and error vs L (1k..64k); QUICK=1 stops at 4k.
 .PHONY: bench-approx
 bench-approx: $(VENV)/.testdeps build
-	$(BIN)/python tests/benchmarks/bench_approx.py $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_approx $(if $(QUICK),--quick)
 
 # HTTP requests/s through the real server (wrk, 8 connections; apt-get install wrk) and heatmap
 # render times; QUICK=1 for a short run.
 .PHONY: bench-http
 bench-http: $(VENV)/.testdeps build
 	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
-	$(BIN)/python tests/benchmarks/bench_http.py $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_http $(if $(QUICK),--quick)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
 # own venv; the normal build is untouched), then the native tests and native fuzz tests on it.
@@ -82,7 +82,7 @@ fuzz: $(VENV)/.testdeps
 .PHONY: load
 load: build
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[load]"
-	$(BIN)/python tests/load/run.py $(if $(DURATION),--duration $(DURATION))
+	$(BIN)/python -m tests.load.run $(if $(DURATION),--duration $(DURATION))
 
 clean:
 	rm -rf $(VENV) build dist build.lock

@@ -7,10 +7,27 @@ every problem is a ValueError whose message starts with the argument's name.
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypedDict, Unpack
 
 __version__: str
 
 _Float32 = npt.NDArray[np.float32]
+
+class _Masking(TypedDict, total=False):
+    """Keyword arguments every entry point takes: which keys each query sees, how scores form
+    (service.core.masking builds them from the options model), threads and cancellation."""
+
+    causal: int  # 0 none, 1 top-left, 2 bottom-right
+    mask: np.ndarray | None  # bool (True = attend) or float32 added to the scores
+    key_lengths: np.ndarray | None
+    window_left: int  # -1: unbounded
+    window_right: int
+    dilation: int
+    global_tokens: np.ndarray | None
+    alibi_slopes: np.ndarray | None
+    softcap: float  # 0: none
+    num_threads: int  # 0: the default
+    cancel: CancelFlag | None
 
 class Cancelled(RuntimeError):
     """A call stopped because its CancelFlag was set."""
@@ -32,18 +49,8 @@ def attention(
     v: np.ndarray,
     *,
     scale: float,
-    causal: int = 0,
-    mask: np.ndarray | None = None,
-    key_lengths: np.ndarray | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    dilation: int = 1,
-    global_tokens: np.ndarray | None = None,
-    alibi_slopes: np.ndarray | None = None,
-    softcap: float = 0.0,
     return_weights: bool = False,
-    num_threads: int = 0,
-    cancel: CancelFlag | None = None,
+    **masking: Unpack[_Masking],
 ) -> tuple[_Float32, _Float32, _Float32 | None]:
     """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or None)."""
 
@@ -63,18 +70,8 @@ def multihead(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
-    causal: int = 0,
-    mask: np.ndarray | None = None,
-    key_lengths: np.ndarray | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    dilation: int = 1,
-    global_tokens: np.ndarray | None = None,
-    alibi_slopes: np.ndarray | None = None,
-    softcap: float = 0.0,
     return_weights: bool = False,
-    num_threads: int = 0,
-    cancel: CancelFlag | None = None,
+    **masking: Unpack[_Masking],
 ) -> tuple[_Float32, _Float32, _Float32 | None]:
     """torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads:
     (out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None)."""
@@ -85,20 +82,10 @@ def attention_maps(
     v: np.ndarray,
     *,
     scale: float,
-    causal: int = 0,
-    mask: np.ndarray | None = None,
-    key_lengths: np.ndarray | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    dilation: int = 1,
-    global_tokens: np.ndarray | None = None,
-    alibi_slopes: np.ndarray | None = None,
-    softcap: float = 0.0,
     bins_q: int = 1,
     bins_k: int = 1,
     top_k: int = 0,
-    num_threads: int = 0,
-    cancel: CancelFlag | None = None,
+    **masking: Unpack[_Masking],
 ) -> tuple[
     _Float32,
     _Float32,

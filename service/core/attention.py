@@ -13,15 +13,8 @@ from typing import Any
 import numpy as np
 
 from service.core import approx, exact
-from service.core.inputs import (
-    ArrayLike,
-    caller_rank,
-    parse_options,
-    qkv_4d,
-    thread_count,
-    to_output,
-)
-from service.core.masking import native_masking
+from service.core.inputs import ArrayLike, caller_rank, parse_options, thread_count, to_output
+from service.core.masking import prepare
 from service.core.options import AttentionOptions, MaskingOptions
 from service.core.results import AttentionResult
 
@@ -44,9 +37,7 @@ def attention(
     """
     opts = parse_options(AttentionOptions, options, option_kwargs)
     threads = thread_count(num_threads)
-    q4, k4, v4, rank = qkv_4d(q, k, v)
-    b, hq, lq, _ = q4.shape
-    kw = native_masking(opts, (b, hq, lq, k4.shape[2]))
+    q4, k4, v4, rank, kw = prepare(q, k, v, opts)
     approx.check_options(opts)  # options the chosen method does not support are errors
     if opts.method != "exact":
         return _approximation(q, q4, k4, v4, opts, rank)

@@ -2,9 +2,9 @@
 
 The HTTP service's scheduler (service.web.scheduler) gives each job a CancelToken and binds it
 to the worker thread while the job runs. When the client disconnects or the request times out,
-the scheduler cancels the token; the job stops at its next `checkpoint()` (before the native kernel, between heatmap images) instead
-of finishing work whose result would be thrown away. Outside a compute worker (the Python API
-used directly) `checkpoint()` does nothing.
+the scheduler cancels the token; the job stops at its next `checkpoint()` (before the native
+kernel, between heatmap images) instead of finishing work whose result would be thrown away.
+Outside a compute worker (the Python API used directly) `checkpoint()` does nothing.
 
 A native call already running is stopped too: each token owns a `_native.CancelFlag` that
 `cancel()` sets, and service.core.native_call passes it to the kernel, whose workers stop taking

@@ -45,11 +45,16 @@ def run(
         **masking,
     )
     if opts.empty_rows == "nan":
-        empty = np.isneginf(lse)
-        out[empty] = np.nan
-        if weights is not None:
-            weights[empty] = np.nan
+        nan_where_empty(lse, out, weights)
     return out, lse, weights, elapsed
+
+
+def nan_where_empty(lse: np.ndarray, *arrays: np.ndarray | None) -> None:
+    """empty_rows="nan": NaN in every row (B, H, Lq, ...) whose lse is -inf (no allowed key)."""
+    empty = np.isneginf(lse)
+    for a in arrays:
+        if a is not None:
+            a[empty] = np.nan
 
 
 def dense_flops(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray) -> int:

@@ -15,16 +15,9 @@ import numpy as np
 
 from service import _native
 from service.core.errors import InputError
-from service.core.exact import checked_scale
-from service.core.inputs import (
-    ArrayLike,
-    caller_rank,
-    parse_options,
-    qkv_4d,
-    thread_count,
-    to_output,
-)
-from service.core.masking import native_masking
+from service.core.exact import checked_scale, nan_where_empty
+from service.core.inputs import ArrayLike, caller_rank, parse_options, thread_count, to_output
+from service.core.masking import prepare
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
 from service.core.results import AttentionMaps
@@ -77,10 +70,9 @@ def attention_map(
     pq, pk = _bins(bins)
     kk = _top_k(top_k)
     threads = thread_count(num_threads)
-    q4, k4, v4, rank = qkv_4d(q, k, v)
+    q4, k4, v4, rank, kw = prepare(q, k, v, opts)
     b, hq, lq, d = q4.shape
     lk, dv = k4.shape[2], v4.shape[3]
-    kw = native_masking(opts, (b, hq, lq, lk))
     (out, lse, pooled, entropy, idx, weights, colsum), elapsed = call_native(
         _native.attention_maps,
         q4,
@@ -94,10 +86,7 @@ def attention_map(
         **kw,
     )
     if opts.empty_rows == "nan":
-        empty = np.isneginf(lse)
-        out[empty] = np.nan
-        entropy[empty] = np.nan
-        weights[empty] = np.nan
+        nan_where_empty(lse, out, entropy, weights)
 
     def shaped(a: np.ndarray, dtype: type = np.float32) -> ArrayLike:
         return to_output(caller_rank(a.astype(dtype, copy=False), rank), q)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import InputError
-from service.core.inputs import F32_SAFE, check_magnitude
+from service.core.inputs import F32_SAFE, check_magnitude, qkv_4d
 from service.core.options import MaskingOptions
 
 CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
@@ -50,6 +50,16 @@ def mask_4d(mask: np.ndarray, convention: str, shape: tuple[int, int, int, int])
             "mask",
             f"shape {tuple(mask.shape)} is not broadcastable to (B, H, Lq, Lk) = {shape}",
         ) from None
+
+
+def prepare(
+    q: Any, k: Any, v: Any, opts: MaskingOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """q, k, v checked and 4-D in float32, the rank the caller used, and the masking options
+    as the kernel's arguments (checked against the shapes)."""
+    q4, k4, v4, rank = qkv_4d(q, k, v)
+    b, hq, lq, _ = q4.shape
+    return q4, k4, v4, rank, native_masking(opts, (b, hq, lq, k4.shape[2]))
 
 
 def native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.core.tensor_field import Tensor
 
@@ -80,18 +80,11 @@ class MaskingOptions(BaseModel):
         'SDPA); "nan" gives NaN (like torch.nn.MultiheadAttention).',
     )
 
-    @field_validator("scale")
+    @field_validator("scale", "softcap")
     @classmethod
-    def _finite_scale(cls, v: float | None) -> float | None:
+    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
         if v is not None and not math.isfinite(v):
-            raise ValueError("scale must be a finite number")
-        return v
-
-    @field_validator("softcap")
-    @classmethod
-    def _finite_softcap(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("softcap must be a finite number")
+            raise ValueError(f"{info.field_name} must be a finite number")
         return v
 
     @field_validator("key_lengths")

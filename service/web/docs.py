@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
@@ -49,6 +49,11 @@ def install_docs(app: FastAPI) -> None:
     @app.get(redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
+
+
+def example_config(example: dict[str, Any], **config: Any) -> ConfigDict:
+    """A model's config whose JSON schema shows `example` (Swagger UI fills requests with it)."""
+    return ConfigDict(json_schema_extra={"examples": [example]}, **config)  # type: ignore[typeddict-item]
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -5,36 +5,33 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from service import _native
 from service.core.version import VERSION
 from service.web import wire
 from service.web.deps import AppState, StateDep
+from service.web.docs import example_config
 from service.web.problems import PROBLEM_MEDIA_TYPE, NotReady
 
 router = APIRouter(tags=["operations"])
 
 
 class Health(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    model_config = example_config({"status": "ok"})
 
     status: Literal["ok"]
 
 
 class Readiness(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "status": "ready",
-                    "version": "0.1.0",
-                    "native": {"version": "0.1.0", "isa": "avx2", "threads_per_computation": 1},
-                    "store": {"directory": "/tmp/attention-service-heatmaps", "writable": True},
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "status": "ready",
+            "version": "0.1.0",
+            "native": {"version": "0.1.0", "isa": "avx2", "threads_per_computation": 1},
+            "store": {"directory": "/tmp/attention-service-heatmaps", "writable": True},
+        },
     )
 
     status: Literal["ready"]

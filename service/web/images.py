@@ -12,7 +12,7 @@ import base64
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from service.core.approx import MAP_SIDE
 from service.core.errors import InputError
@@ -23,6 +23,7 @@ from service.render.views import (
     render_positional,
     render_weights,
 )
+from service.web.docs import example_config
 from service.web.limits import Limits
 from service.web.store import HeatmapStore
 
@@ -32,10 +33,7 @@ URL_PREFIX = "/v1/heatmaps"  # where service.web.v1.heatmaps serves stored image
 class HeatmapSpec(BaseModel):
     """Which attention maps to draw. `"heatmap": true` means all defaults."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"batch": 0, "heads": [0, 1], "inline": False}]},
-    )
+    model_config = example_config({"batch": 0, "heads": [0, 1], "inline": False}, extra="forbid")
 
     batch: int = Field(0, ge=0, description="Batch item to draw.")
     heads: list[int] | Literal["all", "mean"] = Field(

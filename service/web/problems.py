@@ -11,12 +11,12 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -24,6 +24,7 @@ from starlette.responses import Response
 from service.core.errors import InputError, LimitError
 from service.core.tensor_codec import TensorError, TensorLimitError
 from service.core.tensor_field import LIMIT_ERROR_TYPE
+from service.web.docs import example_config
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_PREFIX = "urn:attention-service:problem:"
@@ -41,19 +42,15 @@ class ErrorItem(BaseModel):
 class Problem(BaseModel):
     """An RFC 9457 problem document."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "type": _TYPE_PREFIX + "invalid-input",
-                    "title": "Invalid input",
-                    "status": 422,
-                    "detail": "q: shape (4, 8) and k: shape (4, 16) differ in the head dim",
-                    "instance": "/v1/attention",
-                    "errors": [{"loc": ["q"], "msg": "head dim differs from k (8 vs 16)"}],
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "type": _TYPE_PREFIX + "invalid-input",
+            "title": "Invalid input",
+            "status": 422,
+            "detail": "q: shape (4, 8) and k: shape (4, 16) differ in the head dim",
+            "instance": "/v1/attention",
+            "errors": [{"loc": ["q"], "msg": "head dim differs from k (8 vs 16)"}],
+        },
     )
 
     type: str = Field(description="A URI naming the kind of problem ('about:blank' = plain HTTP).")
@@ -65,11 +62,16 @@ class Problem(BaseModel):
 
 
 class ServiceError(Exception):
-    """An error the service raises on purpose; it knows its status and problem type."""
+    """An error the service raises on purpose; it knows its status and problem type, which a
+    subclass declares: `class Gone(ServiceError, status=410, slug="gone", title="Gone")`."""
 
-    status: int = 500
-    slug: str = "internal"
-    title: str = "Internal error"
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init_subclass__(cls, *, status: int, slug: str, title: str) -> None:
+        super().__init_subclass__()
+        cls.status, cls.slug, cls.title = status, slug, title
 
     def __init__(
         self,
@@ -84,41 +86,45 @@ class ServiceError(Exception):
         self.errors = errors
 
 
-class MalformedBody(ServiceError):
-    status, slug, title = 400, "malformed-body", "Malformed request body"
+class MalformedBody(
+    ServiceError, status=400, slug="malformed-body", title="Malformed request body"
+):
+    """The body is not JSON, or not the JSON object a route reads."""
 
 
-class BodyTooLarge(ServiceError):
-    status, slug, title = 413, "body-too-large", "Request body too large"
+class BodyTooLarge(ServiceError, status=413, slug="body-too-large", title="Request body too large"):
+    """The body is over ATTN_MAX_BODY_BYTES: declared, streamed, or once decompressed."""
 
 
-class BodyTimeout(ServiceError):
-    status, slug, title = 408, "body-timeout", "Request body too slow"
+class BodyTimeout(ServiceError, status=408, slug="body-timeout", title="Request body too slow"):
+    """The body did not arrive within ATTN_BODY_TIMEOUT_S of the request's start."""
 
 
-class Overloaded(ServiceError):
-    status, slug, title = 503, "overloaded", "Service overloaded"
+class Overloaded(ServiceError, status=503, slug="overloaded", title="Service overloaded"):
+    """The scheduler's workers and queue are full; Retry-After says when to retry."""
 
 
-class NotReady(ServiceError):
-    status, slug, title = 503, "not-ready", "Service not ready"
+class NotReady(ServiceError, status=503, slug="not-ready", title="Service not ready"):
+    """The extension is unusable or the heatmap store is not writable (/readyz)."""
 
 
-class ComputeTimeout(ServiceError):
-    status, slug, title = 504, "timeout", "Computation timed out"
+class ComputeTimeout(ServiceError, status=504, slug="timeout", title="Computation timed out"):
+    """The job spent longer than ATTN_REQUEST_TIMEOUT_S in the scheduler."""
 
 
-class ClientClosed(ServiceError):
-    # nginx's 499: nobody reads this answer, but the access log and the metrics do.
-    status, slug, title = 499, "client-closed", "Client closed the request"
+class ClientClosed(
+    ServiceError, status=499, slug="client-closed", title="Client closed the request"
+):
+    """The client left before the answer (nginx's 499): nobody reads this answer, but the
+    access log and the metrics do."""
 
 
-class Unauthorized(ServiceError):
-    status, slug, title = 401, "unauthorized", "Unauthorized"
+class Unauthorized(ServiceError, status=401, slug="unauthorized", title="Unauthorized"):
+    """No API key, or not one of ATTN_API_KEYS."""
 
 
-class RateLimited(ServiceError):
-    status, slug, title = 429, "rate-limited", "Too many requests"
+class RateLimited(ServiceError, status=429, slug="rate-limited", title="Too many requests"):
+    """The caller is over ATTN_RATE_LIMIT; Retry-After says when to retry."""
 
 
 def problem_response(
@@ -163,23 +169,13 @@ class ErrorForms:
         """Errors on `prefix` and the paths below it are answered by `form`."""
         self._forms.append((prefix, form))
 
-    def answer(
-        self,
-        path: str,
-        status: int,
-        detail: str,
-        *,
-        title: str | None = None,
-        slug: str | None = None,
-        errors: list[dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Response:
+    def answer(self, path: str, status: int, detail: str, **problem: Any) -> Response:
+        """The error's answer on `path`; `problem`: problem_response's title, slug, errors and
+        headers (a front's own form keeps only the headers)."""
         for prefix, form in self._forms:
             if path == prefix or path.startswith(prefix + "/"):
-                return form(status, detail, headers or {})
-        return problem_response(
-            status, detail, title=title, slug=slug, errors=errors, headers=headers, instance=path
-        )
+                return form(status, detail, problem.get("headers") or {})
+        return problem_response(status, detail, instance=path, **problem)
 
 
 def _clean_msg(msg: str) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 import service
 from service import _native
+from tests.benchmarks.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
@@ -269,25 +268,6 @@ def _fmt(row: Row) -> str:
     return "  ".join(parts)
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "isa": _native.isa(),
-        "threads": str(THREADS),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def write_results(rows: list[Row], info: dict[str, str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"machine": info, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
@@ -351,7 +331,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     _native.set_num_threads(THREADS)
-    info = machine()
+    info = describe(isa=_native.isa(), threads=str(THREADS), torch=torch.__version__)
     print("machine:", info, flush=True)
     rows: list[Row] = []
     if args.quick:

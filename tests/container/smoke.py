@@ -585,6 +585,16 @@ def check_compose_settings(defaults: dict[str, Any]) -> None:
         log(f"note: settings not listed in docker-compose.yml: {', '.join(missing)}")
 
 
+def containers(
+    engine: Engine, project: str, env: dict[str, str], stopped: bool = False
+) -> list[str]:
+    """Names of the compose project's containers (running ones, or all with `stopped`)."""
+    flags = ["-a"] if stopped else []
+    label = f"label=com.docker.compose.project={project}"
+    cmd = [*engine.cli, "ps", *flags, "--filter", label, "--format", "{{.Names}}"]
+    return run(cmd, env=env, quiet=True, check=not stopped).stdout.split()
+
+
 def compose_phase(engine: Engine, tag: str) -> float | None:
     """Runs docker-compose.yml itself and the README's curl against it."""
     compose = engine.compose_cmd()
@@ -603,18 +613,7 @@ def compose_phase(engine: Engine, tag: str) -> float | None:
     try:
         t0 = time.monotonic()
         run([*base, "up", "-d", "--no-build"], env=env, timeout=600)
-        names = run(
-            [
-                *engine.cli,
-                "ps",
-                "--filter",
-                f"label=com.docker.compose.project={project}",
-                "--format",
-                "{{.Names}}",
-            ],
-            env=env,
-            quiet=True,
-        ).stdout.split()
+        names = containers(engine, project, env)
         if not names:
             raise SmokeError("compose started no container")
         ready = wait_ready(engine, names[0], port, t0)
@@ -662,20 +661,7 @@ def compose_phase(engine: Engine, tag: str) -> float | None:
         log("ok: compose service healthy by its own HEALTHCHECK")
         return ready
     except BaseException:
-        for name in run(
-            [
-                *engine.cli,
-                "ps",
-                "-a",
-                "--filter",
-                f"label=com.docker.compose.project={project}",
-                "--format",
-                "{{.Names}}",
-            ],
-            env=env,
-            quiet=True,
-            check=False,
-        ).stdout.split():
+        for name in containers(engine, project, env, stopped=True):
             log(f"--- logs of {name}:\n{engine.logs(name)}")
         raise
     finally:

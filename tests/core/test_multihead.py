@@ -16,18 +16,10 @@ from tests.support.reference import reference_attention, torch_mha
 ATOL = 1e-4
 
 
-def weights_with_biases(
-    e: int,
-    h: int,
-    hkv: int | None = None,
-    kdim: int | None = None,
-    vdim: int | None = None,
-    *,
-    seed: int = 0,
-    bias: bool = True,
-) -> MultiheadWeights:
-    """Xavier weights plus random (non-zero) biases, so that bias handling is really tested."""
-    w = init_multihead_weights(e, h, hkv, kdim, vdim, seed=seed)
+def weights_with_biases(*dims: int | None, seed: int = 0, bias: bool = True) -> MultiheadWeights:
+    """Xavier weights (init_multihead_weights of `dims`: embed_dim, num_heads, num_kv_heads,
+    kdim, vdim) plus random (non-zero) biases, so that bias handling is really tested."""
+    w = init_multihead_weights(*dims, seed=seed)
     rng = np.random.default_rng(seed + 100)
     fields = {name: getattr(w, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
     if bias:

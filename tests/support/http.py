@@ -1,5 +1,6 @@
 """Helpers of the HTTP tests: an in-process app with test settings, the real server started on
-a free port (the fixtures in tests/conftest.py use both), tensor encoders, problem checks."""
+a free port (the fixtures in tests/conftest.py use both; so does `make load`), tensor encoders,
+problem checks."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
 from service.web.app import create_app
@@ -124,7 +124,7 @@ def console_script() -> str:
     """The `attention-service` script installed next to this interpreter (the venv's)."""
     script = Path(sys.executable).with_name("attention-service")
     if not script.exists():
-        pytest.fail("the attention-service console script is not installed (make build)")
+        raise RuntimeError("the attention-service console script is not installed (make build)")
     return str(script)
 
 
@@ -171,14 +171,14 @@ def running_server(log: Path, env: dict[str, str], *args: str) -> Iterator[Serve
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {log.read_text()}")
+                raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"server did not become ready within 120 s: {log.read_text()}")
+                raise RuntimeError(f"server did not become ready within 120 s: {log.read_text()}")
             time.sleep(0.1)
         yield Server(proc, port, log)
     finally:

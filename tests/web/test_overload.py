@@ -72,6 +72,27 @@ def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0)
         time.sleep(0.005)
 
 
+def _hold(
+    monkeypatch: pytest.MonkeyPatch,
+    route: Any,
+    name: str,
+    gate: threading.Event,
+    started: threading.Event | None = None,
+    timeout: float = 30,
+) -> None:
+    """Make the core function a route calls (`route.name`) wait for `gate` before computing,
+    after setting `started`: a long computation, under the test's control."""
+    real = getattr(route, name)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if started is not None:
+            started.set()
+        gate.wait(timeout=timeout)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(route, name, held)
+
+
 def _pngs(directory: Path) -> list[Path]:
     return list(directory.glob("*.png")) if directory.exists() else []
 
@@ -160,14 +181,8 @@ def test_excess_requests_get_503_at_once_while_accepted_ones_finish(
 ) -> None:
     app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=1, retry_after_s=2))
     gate = threading.Event()
-    real = multihead_route.multihead_attention
-
-    def gated(*args: Any, **kwargs: Any) -> Any:
-        # The accepted requests keep their slots until the refusals have been measured.
-        gate.wait(timeout=60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(multihead_route, "multihead_attention", gated)
+    # The accepted requests keep their slots until the refusals have been measured.
+    _hold(monkeypatch, multihead_route, "multihead_attention", gate, timeout=60)
     x = np.random.default_rng(0).standard_normal((2, 96, 32)).astype(np.float32)
     accepted_body = {"query": x.tolist(), "num_heads": 4, "seed": 3}
     with (
@@ -258,15 +273,8 @@ def test_a_running_request_whose_client_left_stops_at_its_next_checkpoint(
     app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=4))
     store_dir = tmp_path / "heatmaps"
     started, gate = threading.Event(), threading.Event()
-    real = attention_route.attention
-
-    def slow_attention(*args: Any, **kwargs: Any) -> Any:
-        # Stands for a long computation: the job is running when the client leaves.
-        started.set()
-        gate.wait(timeout=30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attention_route, "attention", slow_attention)
+    # A long computation: the job is running when the client leaves.
+    _hold(monkeypatch, attention_route, "attention", gate, started)
     with LiveServer(app) as srv:
         sock = srv.send_raw("/v1/attention", orjson.dumps(HEATMAP))
         assert started.wait(timeout=20)
@@ -330,13 +338,7 @@ def test_a_running_request_past_the_timeout_is_504_and_stops_at_its_next_checkpo
     app = create_app(app_settings(tmp_path, max_concurrency=1, request_timeout_s=0.2))
     scheduler: Scheduler = app.state.services.scheduler
     gate = threading.Event()
-    real = attention_route.attention
-
-    def slow_attention(*args: Any, **kwargs: Any) -> Any:
-        gate.wait(timeout=30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attention_route, "attention", slow_attention)
+    _hold(monkeypatch, attention_route, "attention", gate)
 
     async def scenario(ac: httpx.AsyncClient) -> tuple[httpx.Response, int]:
         r = await ac.post("/v1/attention", json=HEATMAP)

@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from service.core.errors import InputError
 from service.core.options import AttentionOptions, MultiheadOptions
 from service.core.tensor_codec import Encoding, encoding_of
 from service.core.tensor_field import Tensor
 from service.core.tokens import Positional
-from service.web.images import HeatmapSpec
+from service.web.docs import example_config
+from service.web.images import URL_PREFIX, HeatmapSpec
 
 _ENCODING_DOC = (
     'How result tensors are encoded: "list" (nested lists; NaN/Inf become null) or "b64" '
@@ -53,18 +54,22 @@ class _WithHeatmap(BaseModel):
         return value
 
 
+# Example ids of a heatmap and of a positional-encoding picture.
+_HEATMAP_ID, _PICTURE_ID = "Qm9vZ3VzLUV4YW1wbGUtSUQ", "UG9zaXRpb25hbC1FeGFtcGxl"
+
+
+def _image_example(image_id: str, **shows: Any) -> dict[str, Any]:
+    return {"id": image_id, "url": f"{URL_PREFIX}/{image_id}.png", **shows}
+
+
+_HEATMAP_EXAMPLE = _image_example(_HEATMAP_ID, batch=0, head=0)
+
+
 class ImageRef(BaseModel):
     """An image: stored (id and url) or inline (png)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "UG9zaXRpb25hbC1FeGFtcGxl",
-                    "url": "/v1/heatmaps/UG9zaXRpb25hbC1FeGFtcGxl.png",
-                }
-            ]
-        }
+    model_config = example_config(
+        _image_example(_PICTURE_ID),
     )
 
     id: str | None = Field(None, description="Store id (absent when inline).")
@@ -75,17 +80,8 @@ class ImageRef(BaseModel):
 class HeatmapRef(ImageRef):
     """One heatmap image: stored (id and url) or inline (png), and what it shows."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "Qm9vZ3VzLUV4YW1wbGUtSUQ",
-                    "url": "/v1/heatmaps/Qm9vZ3VzLUV4YW1wbGUtSUQ.png",
-                    "batch": 0,
-                    "head": 0,
-                }
-            ]
-        }
+    model_config = example_config(
+        _HEATMAP_EXAMPLE,
     )
 
     batch: int
@@ -127,19 +123,15 @@ def _json_numbers_as_float(value: Any) -> Any:
 class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
     """Scaled dot-product attention. q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k and v alike."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "q": _QKV_EXAMPLE,
-                    "k": _QKV_EXAMPLE,
-                    "v": _QKV_EXAMPLE,
-                    "causal": True,
-                    "return_weights": True,
-                    "heatmap": {"tokens": ["a", "b", "c"], "inline": False},
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "q": _QKV_EXAMPLE,
+            "k": _QKV_EXAMPLE,
+            "v": _QKV_EXAMPLE,
+            "causal": True,
+            "return_weights": True,
+            "heatmap": {"tokens": ["a", "b", "c"], "inline": False},
+        },
     )
 
     q: Tensor = Field(description="Queries (.., Hq, Lq, D).")
@@ -213,25 +205,14 @@ class AttentionStats(BaseModel):
 class AttentionResponse(BaseModel):
     """Attention output; weights and lse only when return_weights."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "output": [[0.1, 0.2, 0.3, 0.4], [0.33, 0.43, 0.53, 0.63]],
-                    "weights": [[1.0, 0.0], [0.45, 0.55]],
-                    "lse": [0.03, 0.85],
-                    "heatmaps": [
-                        {
-                            "id": "Qm9vZ3VzLUV4YW1wbGUtSUQ",
-                            "url": "/v1/heatmaps/Qm9vZ3VzLUV4YW1wbGUtSUQ.png",
-                            "batch": 0,
-                            "head": 0,
-                        }
-                    ],
-                    "meta": {"shape": [2, 4], "elapsed_ms": 0.02, "flops": 64, "method": "exact"},
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "output": [[0.1, 0.2, 0.3, 0.4], [0.33, 0.43, 0.53, 0.63]],
+            "weights": [[1.0, 0.0], [0.45, 0.55]],
+            "lse": [0.03, 0.85],
+            "heatmaps": [_HEATMAP_EXAMPLE],
+            "meta": {"shape": [2, 4], "elapsed_ms": 0.02, "flops": 64, "method": "exact"},
+        },
     )
 
     output: Tensor = Field(description="(.., Hq, Lq, Dv), q's rank.")
@@ -252,12 +233,8 @@ _X_EXAMPLE: Any = [[[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 
 class MultiheadRequest(_WithHeatmap, _Encoded, MultiheadOptions):
     """torch.nn.MultiheadAttention(batch_first=True), with grouped-query heads."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"query": _X_EXAMPLE, "num_heads": 2, "seed": 0, "need_weights": True},
-            ]
-        }
+    model_config = example_config(
+        {"query": _X_EXAMPLE, "num_heads": 2, "seed": 0, "need_weights": True},
     )
 
     query: Tensor = Field(description="(B, Lq, E) or (Lq, E).")
@@ -287,23 +264,19 @@ class MultiheadMeta(Meta):
 class MultiheadResponse(BaseModel):
     """Multi-head output; weights only when need_weights (averaged over heads by default)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "output": [[[0.1, -0.2, 0.3, 0.0], [0.1, -0.2, 0.3, 0.1]]],
-                    "weights": [[[0.5, 0.5], [0.4, 0.6]]],
-                    "heatmaps": [],
-                    "meta": {
-                        "shape": [1, 2, 4],
-                        "elapsed_ms": 0.05,
-                        "flops": 512,
-                        "method": "exact",
-                        "param_count": 40,
-                    },
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "output": [[[0.1, -0.2, 0.3, 0.0], [0.1, -0.2, 0.3, 0.1]]],
+            "weights": [[[0.5, 0.5], [0.4, 0.6]]],
+            "heatmaps": [],
+            "meta": {
+                "shape": [1, 2, 4],
+                "elapsed_ms": 0.05,
+                "flops": 512,
+                "method": "exact",
+                "param_count": 40,
+            },
+        },
     )
 
     output: Tensor = Field(description="(B, Lq, E), query's rank.")
@@ -322,19 +295,15 @@ class MultiheadResponse(BaseModel):
 class TokensRequest(_WithHeatmap, MultiheadOptions):
     """Token sequence -> embeddings -> positional encoding -> multi-head self-attention."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "text": "the cat sat on the mat",
-                    "d_model": 32,
-                    "num_heads": 4,
-                    "positional": "sinusoidal",
-                    "seed": 0,
-                    "causal": True,
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "text": "the cat sat on the mat",
+            "d_model": 32,
+            "num_heads": 4,
+            "positional": "sinusoidal",
+            "seed": 0,
+            "causal": True,
+        },
     )
 
     tokens: list[str] | None = Field(None, description="The tokens; or give `text`.")
@@ -382,38 +351,24 @@ class TokensMeta(MultiheadMeta):
 class TokensResponse(BaseModel):
     """The self-attention of a token sequence, its weights, heatmaps and positional picture."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "tokens": ["the", "cat"],
-                    "output": [[0.1, -0.3, 0.2, 0.4], [0.0, 0.2, -0.1, 0.3]],
-                    "weights": [[[1.0, 0.0], [0.4, 0.6]], [[1.0, 0.0], [0.7, 0.3]]],
-                    "heatmaps": [
-                        {
-                            "id": "Qm9vZ3VzLUV4YW1wbGUtSUQ",
-                            "url": "/v1/heatmaps/Qm9vZ3VzLUV4YW1wbGUtSUQ.png",
-                            "batch": 0,
-                            "head": 0,
-                        }
-                    ],
-                    "positional_encoding": {
-                        "id": "UG9zaXRpb25hbC1FeGFtcGxl",
-                        "url": "/v1/heatmaps/UG9zaXRpb25hbC1FeGFtcGxl.png",
-                    },
-                    "meta": {
-                        "shape": [2, 4],
-                        "elapsed_ms": 0.05,
-                        "flops": 512,
-                        "method": "exact",
-                        "param_count": 64,
-                        "positional": "sinusoidal",
-                        "d_model": 4,
-                        "num_heads": 2,
-                    },
-                }
-            ]
-        }
+    model_config = example_config(
+        {
+            "tokens": ["the", "cat"],
+            "output": [[0.1, -0.3, 0.2, 0.4], [0.0, 0.2, -0.1, 0.3]],
+            "weights": [[[1.0, 0.0], [0.4, 0.6]], [[1.0, 0.0], [0.7, 0.3]]],
+            "heatmaps": [_HEATMAP_EXAMPLE],
+            "positional_encoding": _image_example(_PICTURE_ID),
+            "meta": {
+                "shape": [2, 4],
+                "elapsed_ms": 0.05,
+                "flops": 512,
+                "method": "exact",
+                "param_count": 64,
+                "positional": "sinusoidal",
+                "d_model": 4,
+                "num_heads": 2,
+            },
+        },
     )
 
     tokens: list[str]

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.tensor_codec import MAX_NDIM
+from service.web.docs import example_config
 
 
 class RequestInput(BaseModel):
@@ -36,21 +37,17 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     """$inference_request."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "42",
-                    "parameters": {"causal": True},
-                    "inputs": [
-                        {"name": n, "shape": [2, 2], "datatype": "FP32", "data": [1, 0, 0, 1]}
-                        for n in ("q", "k", "v")
-                    ],
-                    "outputs": [{"name": "output"}],
-                }
-            ]
+    model_config = example_config(
+        {
+            "id": "42",
+            "parameters": {"causal": True},
+            "inputs": [
+                {"name": n, "shape": [2, 2], "datatype": "FP32", "data": [1, 0, 0, 1]}
+                for n in ("q", "k", "v")
+            ],
+            "outputs": [{"name": "output"}],
         },
+        extra="forbid",
     )
 
     id: str | None = None

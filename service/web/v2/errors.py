@@ -10,19 +10,16 @@ from starlette.responses import Response
 from service.web.problems import ServiceError
 
 
-class ProtocolError(ServiceError):
+class ProtocolError(ServiceError, status=400, slug="bad-request", title="Bad request"):
     """A request that does not follow the protocol (400)."""
 
-    status, slug, title = 400, "bad-request", "Bad request"
+
+class UnknownModel(ServiceError, status=404, slug="unknown-model", title="Unknown model"):
+    """No model (or no version of it) by that name (404)."""
 
 
-class UnknownModel(ServiceError):
-    status, slug, title = 404, "unknown-model", "Unknown model"
-
-
-class ModelNotReady(ServiceError):
-    # The health API's "false" is a 4xx status; the body says why.
-    status, slug, title = 400, "not-ready", "Not ready"
+class ModelNotReady(ServiceError, status=400, slug="not-ready", title="Not ready"):
+    """A model cannot infer now: the health API's "false" is a 4xx status; the body says why."""
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str]) -> Response:

@@ -10,10 +10,11 @@ list options (global_tokens, alibi_slopes) take a JSON list or a comma-separated
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -30,11 +31,12 @@ from service.web.v2.errors import ProtocolError, UnknownModel
 VERSION = "1"
 PLATFORM = "attention_native"
 
-Outputs = dict[str, np.ndarray]
-Infer = Callable[
-    [AppState, dict[str, np.ndarray], dict[str, Any], tuple[str, ...] | None],
-    tuple[Outputs, dict[str, Any]],
-]
+Tensors = dict[str, np.ndarray]  # inputs or outputs, by name
+Params = dict[str, Any]  # request or response parameters
+Requested = tuple[str, ...] | None  # the outputs a request names (None: the defaults)
+Result = tuple[Tensors, Params]  # the outputs, and the response parameters
+Infer = Callable[[AppState, Tensors, Params, Requested], Result]
+OptionsT = TypeVar("OptionsT", AttentionOptions, MultiheadOptions)
 
 # Options that are tensors travel as inputs; `window` is split into three scalar parameters.
 _TENSOR_OPTIONS = frozenset({"mask", "key_lengths", "weights"})
@@ -51,6 +53,7 @@ _BIASES = ("q_bias", "k_bias", "v_bias", "out_bias")
 _SEPARATORS = re.compile(r"[,\s]+")
 
 
+@functools.cache
 def _parameter_names(options: type[BaseModel]) -> tuple[str, ...]:
     """Every option of `options` as a parameter name (so new options become parameters too)."""
     names = [n for n in options.model_fields if n not in _TENSOR_OPTIONS and n != "window"]
@@ -131,14 +134,18 @@ def _v2_loc(loc: tuple[str | int, ...], names: frozenset[str]) -> tuple[str | in
     return loc
 
 
-def _parse_options(
-    model: type[BaseModel],
-    params: Mapping[str, Any],
-    tensors: Mapping[str, Any],
-    names: tuple[str, ...],
-) -> BaseModel:
-    """Validate parameters (and tensor options given as inputs) with the options model."""
-    data: dict[str, Any] = dict(tensors)
+def _parse_options(model: type[OptionsT], params: Params, tensors: Tensors) -> OptionsT:
+    """The options model from the parameters and the tensor options given as inputs (mask,
+    key_lengths, projection weights); every name checked, errors named as /v2 names them."""
+    names = _parameter_names(model)
+    _check_parameters(params, names)
+    data: dict[str, Any] = {"key_lengths": _key_lengths(tensors.get("key_lengths"))}
+    if "mask" in tensors:
+        data["mask"] = tensors["mask"]
+    if "weights" in model.model_fields:
+        weights = _projection_weights(tensors)
+        if weights is not None:
+            data["weights"] = weights
     window: dict[str, Any] = {}
     for name, value in params.items():
         if name in _WINDOW:
@@ -176,9 +183,7 @@ def _key_lengths(arr: np.ndarray | None) -> list[int] | None:
     return arr.tolist()
 
 
-def _wanted(
-    requested: tuple[str, ...] | None, weights_flag: bool, extra: tuple[str, ...]
-) -> tuple[str, ...]:
+def _wanted(requested: Requested, weights_flag: bool, extra: tuple[str, ...]) -> tuple[str, ...]:
     """Outputs to return: the requested ones (default `output`), plus `extra` when the flag
     (return_weights / need_weights) is set."""
     names = list(requested) if requested is not None else ["output"]
@@ -208,18 +213,8 @@ def _response_parameters(result: Any, drawn: list[dict], method: str) -> dict[st
 _ATTENTION_PARAMETERS = _parameter_names(AttentionOptions)
 
 
-def _attention(
-    state: AppState,
-    tensors: dict[str, np.ndarray],
-    params: dict[str, Any],
-    requested: tuple[str, ...] | None,
-) -> tuple[Outputs, dict[str, Any]]:
-    _check_parameters(params, _ATTENTION_PARAMETERS)
-    options: dict[str, Any] = {"key_lengths": _key_lengths(tensors.get("key_lengths"))}
-    if "mask" in tensors:
-        options["mask"] = tensors["mask"]
-    opts = _parse_options(AttentionOptions, params, options, _ATTENTION_PARAMETERS)
-    assert isinstance(opts, AttentionOptions)
+def _attention(state: AppState, tensors: Tensors, params: Params, requested: Requested) -> Result:
+    opts = _parse_options(AttentionOptions, params, tensors)
     spec = _heatmap_spec(params)
     if spec is not None and opts.compare:
         raise InputError(
@@ -269,21 +264,8 @@ def _projection_weights(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return {n: tensors[n] for n in given}
 
 
-def _multihead(
-    state: AppState,
-    tensors: dict[str, np.ndarray],
-    params: dict[str, Any],
-    requested: tuple[str, ...] | None,
-) -> tuple[Outputs, dict[str, Any]]:
-    _check_parameters(params, _MULTIHEAD_PARAMETERS)
-    options: dict[str, Any] = {"key_lengths": _key_lengths(tensors.get("key_lengths"))}
-    if "mask" in tensors:
-        options["mask"] = tensors["mask"]
-    weights = _projection_weights(tensors)
-    if weights is not None:
-        options["weights"] = weights
-    opts = _parse_options(MultiheadOptions, params, options, _MULTIHEAD_PARAMETERS)
-    assert isinstance(opts, MultiheadOptions)
+def _multihead(state: AppState, tensors: Tensors, params: Params, requested: Requested) -> Result:
+    opts = _parse_options(MultiheadOptions, params, tensors)
     spec = _heatmap_spec(params)
     wanted = _wanted(requested, opts.need_weights, ("weights", "lse"))
     job = run_multihead(
@@ -333,12 +315,8 @@ class Model:
         }
 
     def infer(
-        self,
-        state: AppState,
-        tensors: dict[str, np.ndarray],
-        params: dict[str, Any],
-        requested: tuple[str, ...] | None,
-    ) -> tuple[Outputs, dict[str, Any]]:
+        self, state: AppState, tensors: Tensors, params: Params, requested: Requested
+    ) -> Result:
         """Run the model; InputErrors name parameters and inputs as the protocol does."""
         try:
             return self.run(state, tensors, params, requested)

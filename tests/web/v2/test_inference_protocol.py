@@ -26,6 +26,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 import service
+from service.core.weights import expected_shapes
 from service.web.v2 import models as inference_models
 from tests.support.http import Server, app_client, b64, bfloat16_round, decode
 from tests.support.reference import reference_attention
@@ -479,16 +480,7 @@ def test_long_heatmaps_are_pooled_like_v1(tmp_path: Path) -> None:
 
 def _projections(e: int, kv: int, kdim: int, vdim: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    shapes = {
-        "q_proj": (e, e),
-        "k_proj": (kv, kdim),
-        "v_proj": (kv, vdim),
-        "out_proj": (e, e),
-        "q_bias": (e,),
-        "k_bias": (kv,),
-        "v_bias": (kv,),
-        "out_bias": (e,),
-    }
+    shapes = expected_shapes(e, kv, kdim, vdim)  # torch's layout, every weight and bias
     return {n: (rng.standard_normal(s) * 0.3).astype(np.float32) for n, s in shapes.items()}
 
 
