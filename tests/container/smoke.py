@@ -442,6 +442,19 @@ def wait_ready(engine: Engine, name: str, port: int, t0: float) -> float:
     raise SmokeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s")
 
 
+def check_packaged(base_url: str) -> None:
+    """The wheel carried the viewer's static files, and one version shows everywhere."""
+    for path, kind in (("/", "text/html"), ("/static/viewer.js", "text/javascript")):
+        status, headers, _ = http("GET", base_url + path)
+        if status != 200 or not headers.get("content-type", "").startswith(kind):
+            raise SmokeError(f"GET {path} -> {status} {headers.get('content-type')}")
+    ready = json.loads(http("GET", base_url + "/readyz")[2])
+    api = json.loads(http("GET", base_url + "/openapi.json")[2])["info"]["version"]
+    if not ready["version"] == ready["native"]["version"] == api:
+        raise SmokeError(f"versions differ: /readyz {ready}, OpenAPI {api}")
+    log(f"ok: the viewer and its static files are served; version {api} everywhere")
+
+
 def attention_request(base_url: str) -> tuple[str, bytes]:
     """POST a real request with a heatmap; check the numbers; return the PNG's URL and bytes."""
     rng = random.Random(5)
@@ -722,6 +735,7 @@ def main() -> int:
         if status != 200:
             raise SmokeError(f"GET /healthz -> {status}")
         url, png = attention_request(f"http://127.0.0.1:{port_a}")
+        check_packaged(f"http://127.0.0.1:{port_a}")
         passed += 1
         check_container(engine, a, args.tag)
         passed += 4
