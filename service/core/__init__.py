@@ -1,7 +1,7 @@
 """The compute core: attention on numpy arrays (or torch tensors) through the C++ extension.
 
-numpy, pydantic and `service._native` only; never FastAPI, Starlette, uvicorn, matplotlib or
-Pillow (`make lint` checks it). What is where:
+numpy, pydantic and `service._native` (and threadpoolctl, to keep BLAS serial in approx/); never
+FastAPI, Starlette, uvicorn, matplotlib or Pillow (`make lint` checks it). What is where:
 
 - options.py: the one options model shared by the Python API and every HTTP front.
 - tensor_codec.py: tensors in and out of JSON-friendly forms (the client uses it too, so it

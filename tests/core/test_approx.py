@@ -1,7 +1,7 @@
 """Approximate attention (service/core/approx/) against float64 torch references of each formula.
 
 The references materialise the Lq x Lk matrix of each method the plain way (phi(Q) phi(K)^T
-normalised, causality and padding through tests/reference.py's allowed matrix, performer and
+normalised, causality and padding through tests/support/reference.py's allowed matrix, performer and
 linformer with the same random features / projections rebuilt from the seed), so they share
 no code path with the chunked products under test.
 """

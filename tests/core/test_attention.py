@@ -1,4 +1,5 @@
-"""service.attention against the float64 reference (tests/reference.py) and torch's own SDPA."""
+"""service.attention against the float64 reference (tests/support/reference.py) and torch's
+own SDPA."""
 
 from __future__ import annotations
 

@@ -3,11 +3,12 @@
 service._native.attention / .multihead are called directly with random shapes (zero-size
 dimensions included), memory layouts (padded, reversed, broadcast, Fortran-ordered,
 misaligned), dtypes, NaN/Inf values and every option, valid or not. Each example knows whether
-its input is valid: a valid one must give the float64 reference's result (tests/reference.py),
-an invalid one a ValueError or TypeError; NaN/Inf inputs must give an answer of the right shape
-(the values are then whatever IEEE arithmetic makes of them). Nothing may crash the process.
-Huge claimed shapes (zero-stride views of a few bytes) must be refused, or answered when the
-work they imply is small. service.attention must answer an InputError or the reference.
+its input is valid: a valid one must give the float64 reference's result
+(tests/support/reference.py), an invalid one a ValueError or TypeError; NaN/Inf inputs must give
+an answer of the right shape (the values are then whatever IEEE arithmetic makes of them).
+Nothing may crash the process. Huge claimed shapes (zero-stride views of a few bytes) must be
+refused, or answered when the work they imply is small. service.attention must answer an
+InputError or the reference.
 
 ATTN_FUZZ_SCALE multiplies the number of examples (`make fuzz` runs 10x).
 """
@@ -301,7 +302,7 @@ def masking_options(
 
 
 def reference_kwargs(kw: dict[str, Any], lq: int, lk: int) -> dict[str, Any]:
-    """The native masking arguments in tests/reference.py's terms."""
+    """The native masking arguments in tests/support/reference.py's terms."""
     wl, wr, dil = kw.get("window_left", -1), kw.get("window_right", -1), kw.get("dilation", 1)
     window = None
     if wl >= 0 or wr >= 0 or dil > 1:
@@ -520,7 +521,7 @@ def multihead_calls(draw: st.DrawFn) -> tuple[Case, list[Any], dict[str, Any]]:
 
 
 def multihead_reference(args: list[Any], kw: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """Projections in float64, tests/reference.py per head, output projection."""
+    """Projections in float64, tests/support/reference.py per head, output projection."""
     query, key, value, wq, wk, wv, wo, bq, bk, bv, bo = (
         None if a is None else f64(a) for a in args
     )

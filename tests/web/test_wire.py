@@ -1,4 +1,4 @@
-"""service.wire's bulk reading of nested float lists: the same values as the general JSON path,
+"""service.web.wire's bulk reading of nested float lists: the same values as the general JSON path,
 and every body it must not read in bulk still answered by the general path (same errors)."""
 
 from __future__ import annotations

@@ -28,7 +28,11 @@ normaliser (performer: an estimate of the exact log-sum-exp). "compare" returns 
 at most MAP_SIDE x MAP_SIDE bins of cell means, computed from per-bin sums of phi(K) (and F),
 so it never forms Lq x Lk.
 
-BLAS runs on one thread here (see `_serial`), so `num_threads` of the API does not apply.
+BLAS runs on one thread here (see methods._serial), so `num_threads` of the API does not apply.
+
+By job: supported.py (the options each method accepts), features.py (feature maps and the random
+matrices), products.py (feature attention, causal chunks), pooling.py (implied maps in bins),
+compare.py (against exact attention), methods.py (`run`: sizes, methods, timing).
 """
 
 from service.core.approx.features import (

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 import service
 from service.core.weights import expected_shapes
-from service.web.v2 import models as inference_models
+from service.web.v2 import models
 from tests.support.http import Server, app_client, b64, bfloat16_round, decode
 from tests.support.reference import reference_attention
 
@@ -830,8 +830,8 @@ def test_a_bug_is_a_logged_500_in_the_protocol_form(tmp_path: Path, monkeypatch,
     def boom(*args: Any) -> Any:
         raise RuntimeError("internal detail")
 
-    model = inference_models.MODELS["attention"]
-    monkeypatch.setitem(inference_models.MODELS, "attention", dataclasses.replace(model, run=boom))
+    model = models.MODELS["attention"]
+    monkeypatch.setitem(models.MODELS, "attention", dataclasses.replace(model, run=boom))
     # The 500 is answered by Starlette's ServerErrorMiddleware, which then re-raises for the
     # server's log; the test client reports the answer instead of raising.
     with app_client(tmp_path, raise_server_exceptions=False) as c:
