@@ -93,10 +93,17 @@ def _torch_exportable(t: Any) -> Any:
 
 
 def _tensorflow_exportable(t: Any) -> Any:
-    """tf.Variable has no DLPack; its current value, a tensor on the variable's device, has."""
-    if hasattr(t, "__dlpack__"):
-        return t
-    return _module("tensorflow").convert_to_tensor(t)
+    """tf.Variable has no DLPack; its current value, a tensor on the variable's device, has.
+    TensorFlow aborts the process when asked to export strings (or quantized, resource or
+    variant tensors) through DLPack: those are refused first."""
+    if not hasattr(t, "__dlpack__"):
+        t = _module("tensorflow").convert_to_tensor(t)
+    dtype = t.dtype
+    if dtype.is_quantized or not (
+        dtype.is_floating or dtype.is_integer or dtype.is_bool or dtype.is_complex
+    ):
+        raise ArrayError(f"unsupported dtype {dtype.name}: only numbers and bools can be read")
+    return t
 
 
 # What a library's arrays need before DLPack takes them (the rest of the rule is the same).
@@ -158,7 +165,7 @@ def to_numpy(x: Any) -> np.ndarray:
         if hasattr(x, "__dlpack__"):
             try:
                 return np.from_dlpack(x)
-            except (BufferError, RuntimeError, TypeError, ValueError):
+            except Exception:  # e.g. a dtype DLPack lacks (strings): the array protocol may say
                 if not hasattr(x, "__array__"):
                     raise
         return np.asarray(x)  # the array protocol, for what DLPack does not carry
