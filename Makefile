@@ -34,9 +34,14 @@ build: $(VENV)/.runtime
 run: build
 	$(BIN)/attention-service --host $(HOST) --port $(PORT)
 
+# TensorFlow and JAX (the `frameworks` extra) are tested in a pytest process of their own: once
+# imported they keep threads running, and other tests fork.
+FRAMEWORK_TESTS := tests/core/test_frameworks.py
+
 test: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
-	$(BIN)/python -m pytest -q
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks]"
+	$(BIN)/python -m pytest -q --ignore=$(FRAMEWORK_TESTS)
+	$(BIN)/python -m pytest -q $(FRAMEWORK_TESTS)
 
 # Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
 # the types (mypy over the whole package, the extension through service/_native.pyi).

@@ -1,4 +1,4 @@
-"""`attention`: scaled dot-product attention on numpy arrays or torch tensors.
+"""`attention`: scaled dot-product attention on numpy arrays or any library's (frameworks.py).
 
 Inputs are normalised and checked (service.core.inputs), the options validated into the one
 options model, the masking options turned into the kernel's arguments; then the exact kernel
@@ -31,7 +31,8 @@ def attention(
     """Exact scaled dot-product attention (see service.core.options for every option's meaning).
 
     q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k (.., Hkv, Lk, D); v (.., Hkv, Lk, Dv), one rank
-    for all three; numpy arrays or torch tensors of any float dtype (computed in float32).
+    for all three; arrays of any library (numpy, torch, TensorFlow, JAX, DLPack) and any float
+    dtype (computed in float32); results in q's library.
     Keyword options override those in `options`. A rank-2/3 q is treated as B = 1 (and Hq = 1),
     so a mask is broadcast right-aligned against (B, Hq, Lq, Lk) as numpy and torch would.
     """
