@@ -1,0 +1,1 @@
+"""The compute core: numpy and the native extension only (no web framework, no plotting)."""
