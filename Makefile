@@ -61,6 +61,13 @@ bench: $(VENV)/.testdeps build
 bench-approx: $(VENV)/.testdeps build
 	$(BIN)/python tests/benchmarks/bench_approx.py $(if $(QUICK),--quick)
 
+# The real model: one 128-wordpiece sentence through MiniLM-L6's 6 layers, ours against
+# transformers' BertModel; time and share in our kernel. QUICK=1 for fewer repetitions.
+.PHONY: bench-model
+bench-model: $(VENV)/.testdeps build
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python tests/benchmarks/bench_model.py $(if $(QUICK),--quick)
+
 # HTTP requests/s through the real server (wrk, 8 connections; apt-get install wrk) and heatmap
 # render times; QUICK=1 for a short run.
 .PHONY: bench-http
