@@ -22,6 +22,7 @@ from service.heatmaps import render_map
 from service.inference_protocol import ErrorResponse, ProtocolErrorMiddleware
 from service.limits import Limits
 from service.metrics import Metrics, MetricsMiddleware
+from service.model_schemas import ModelTokensRequest
 from service.problems import (
     BodyTimeout,
     BodyTooLarge,
@@ -235,7 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 description=app.description,
                 routes=app.routes,
             )
-            add_component_schemas(schema, (*REQUEST_MODELS, Problem))
+            add_component_schemas(schema, (*REQUEST_MODELS, ModelTokensRequest, Problem))
             if not access.keys.enabled:
                 # Started without keys: {} (no credentials) is an accepted alternative.
                 for operations in schema["paths"].values():

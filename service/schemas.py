@@ -491,16 +491,12 @@ class Readiness(BaseModel):
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (AttentionRequest, MultiheadRequest, TokensRequest)
 
 
-def request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """openapi_extra documenting a JSON body of `model` (components added by the app)."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
-        }
-    }
+def request_body(*models: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra documenting a JSON body of `model` (or one of several; components added
+    by the app)."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def add_component_schemas(openapi: dict[str, Any], models: tuple[type[BaseModel], ...]) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import heatmaps, wire
+from service import heatmaps, model_tokens, wire
+from service.model_schemas import ModelTokensRequest, ModelTokensResponse
 from service.problems import PROBLEM_RESPONSES
 from service.schemas import TokensRequest, TokensResponse, request_body
 from service.state import AppState, app_state
@@ -17,13 +18,18 @@ router = APIRouter(tags=["attention"])
 
 @router.post(
     "/v1/tokens",
-    response_model=TokensResponse,
+    response_model=TokensResponse | ModelTokensResponse,
     responses=PROBLEM_RESPONSES,
-    openapi_extra=request_body(TokensRequest),
-    summary="Self-attention over a token sequence",
+    openapi_extra=request_body(TokensRequest, ModelTokensRequest),
+    summary="Self-attention over a token sequence, or a real model's attention over a text",
 )
 async def post_tokens(request: Request) -> Response:
-    """The same token always gets the same embedding for a seed; heatmaps are token-labelled."""
+    """Without "model": random embeddings (the same token always gets the same embedding for
+    a seed), positional encoding, one multi-head self-attention; heatmaps token-labelled.
+
+    With "model" (GET /v1/models lists them): the text through a real pretrained model, every
+    layer's and head's attention computed by this service's kernel, the sentence embedding,
+    and BertViz's pictures (model view, head view, one head's map) as PNG and SVG."""
     state = app_state(request)
     state.core.raise_if_full("tokens")
     body = await request.body()
@@ -31,7 +37,11 @@ async def post_tokens(request: Request) -> Response:
 
 
 def _job(state: AppState, body: bytes) -> Response:
-    req = wire.validate(TokensRequest, wire.parse_json(body), state.settings.max_elements)
+    data = wire.parse_json(body)
+    if isinstance(data, dict) and "model" in data:  # a real model instead of random embeddings
+        req_model = wire.validate(ModelTokensRequest, data, state.settings.max_elements)
+        return wire.json_response(model_tokens.run(state, req_model))
+    req = wire.validate(TokensRequest, data, state.settings.max_elements)
     tokens = req.token_list()
     n, d, h = len(tokens), req.d_model, req.num_heads
     spec = req.heatmap

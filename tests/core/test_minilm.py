@@ -8,7 +8,6 @@ pooling written out here (mean over the attention mask, then F.normalize).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,12 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from minilm_reference import hf_model, hf_tokenizer, model_dir, reference, st_embedding
+from transformers import BertModel, BertTokenizerLegacy
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference reads local files only
-
-from transformers import AutoTokenizer, BertModel, BertTokenizerLegacy  # noqa: E402
-
-from service.core.model import (  # noqa: E402
+from service.core.model import (
     ModelIntegrityError,
     ModelNotInstalled,
     ModelSpec,
@@ -33,9 +30,9 @@ from service.core.model import (  # noqa: E402
     registry,
     unload,
 )
-from service.core.model import bert as bert_module  # noqa: E402
-from service.core.model.package import installed, locate, read_files  # noqa: E402
-from service.errors import InputError  # noqa: E402
+from service.core.model import bert as bert_module
+from service.core.model.package import installed, read_files
+from service.errors import InputError
 
 TOL = 1e-4
 SENTENCES = [
@@ -53,40 +50,19 @@ def model() -> Any:
     return get_model("minilm-l6")
 
 
-@pytest.fixture(scope="module")
-def model_dir(model: Any) -> Path:
-    return locate(model.spec)
+@pytest.fixture(scope="module", name="model_dir")
+def model_dir_fixture() -> Path:
+    return model_dir()
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir: Path) -> BertModel:
-    torch.manual_seed(0)
-    m = BertModel.from_pretrained(str(model_dir), attn_implementation="eager")
-    return m.eval().float()
+def hf() -> BertModel:
+    return hf_model()
 
 
 @pytest.fixture(scope="module")
-def hf_tok(model_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def reference(hf: BertModel, enc: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """(layers, heads, L, L) attentions and (L, H) last hidden state of one unpadded input."""
-    with torch.no_grad():
-        out = hf(**enc, output_attentions=True)
-    attn = torch.stack([a[0] for a in out.attentions]).numpy()
-    return attn, out.last_hidden_state[0].numpy()
-
-
-def st_embedding(hf: BertModel, hf_tok: Any, text: str, pair: str | None = None) -> np.ndarray:
-    """sentence-transformers' all-MiniLM-L6-v2: tokenise cut to 256 (longest_first), mean over
-    the attention mask, L2-normalise (its Transformer, Pooling and Normalize modules)."""
-    enc = hf_tok(text, pair, truncation="longest_first", max_length=256, return_tensors="pt")
-    with torch.no_grad():
-        hidden = hf(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)[0].numpy()
+def hf_tok() -> Any:
+    return hf_tokenizer()
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
@@ -108,7 +84,7 @@ def test_a_batch_of_sentences_matches_bertmodel_in_every_layer_and_head(
     out = model.run(encs, layers=range(model.num_layers))
     assert out.attentions.shape[:3] == (6, len(SENTENCES), 12)
     for i, (sentence, enc) in enumerate(zip(SENTENCES, encs, strict=True)):
-        attn, hidden = reference(hf, hf_tok(sentence, return_tensors="pt"))
+        attn, hidden = reference(hf_tok(sentence, return_tensors="pt"))
         n = len(enc)
         assert_close(out.attentions[:, i, :, :n, :n], attn, f"attentions of {sentence!r}")
         # No query looks at another sentence's padding.
@@ -123,10 +99,10 @@ def test_a_sentence_pair_with_token_types_matches_bertmodel(
     enc = hf_tok(*PAIR, return_tensors="pt")
     assert a.encoding.type_ids.tolist() == enc["token_type_ids"][0].tolist()
     assert 1 in a.encoding.type_ids  # the second text really has token type 1
-    attn, hidden = reference(hf, enc)
+    attn, hidden = reference(enc)
     assert_close(a.attentions, attn, "pair attentions")
     assert_close(a.hidden, hidden, "pair last hidden state")
-    assert_close(a.embedding, st_embedding(hf, hf_tok, *PAIR), "pair embedding")
+    assert_close(a.embedding, st_embedding(*PAIR), "pair embedding")
 
 
 def test_embeddings_match_sentence_transformers_pooling(
@@ -134,7 +110,7 @@ def test_embeddings_match_sentence_transformers_pooling(
 ) -> None:
     embs = model.embed(SENTENCES)
     for sentence, emb in zip(SENTENCES, embs, strict=True):
-        ref = st_embedding(hf, hf_tok, sentence)
+        ref = st_embedding(sentence)
         assert_close(emb, ref, f"embedding of {sentence!r}")
         assert math.isclose(float(np.linalg.norm(emb)), 1.0, abs_tol=1e-6)
         a = model.analyse(sentence)
@@ -149,9 +125,9 @@ def test_an_input_over_256_wordpieces_gets_the_embedding_of_its_first_256(
     a = model.analyse(text, layers=[0], heads=[0])
     assert 256 < len(a.encoding) <= 512
     assert a.embedding_truncated and a.embedding_length == 256
-    assert_close(a.embedding, st_embedding(hf, hf_tok, text), "embedding of a long text")
+    assert_close(a.embedding, st_embedding(text), "embedding of a long text")
     # The attention still covers the whole input.
-    attn, hidden = reference(hf, hf_tok(text, return_tensors="pt"))
+    attn, hidden = reference(hf_tok(text, return_tensors="pt"))
     assert_close(a.attentions[0, 0], attn[0, 0], "layer 0 head 0 of a long text")
     assert_close(a.hidden, hidden, "last hidden state of a long text")
 
@@ -168,10 +144,10 @@ def test_over_512_wordpieces_is_refused_unless_truncated(
     assert len(a.encoding) == 512 and a.encoding.full_length == 602 and a.encoding.truncated
     enc = hf_tok(text, truncation=True, max_length=512, return_tensors="pt")
     assert a.encoding.ids.tolist() == enc["input_ids"][0].tolist()
-    attn, hidden = reference(hf, enc)
+    attn, hidden = reference(enc)
     assert_close(a.attentions[0], attn[5], "layer 5 of a truncated text")
     assert_close(a.hidden, hidden, "last hidden state of a truncated text")
-    assert_close(a.embedding, st_embedding(hf, hf_tok, text), "embedding of a truncated text")
+    assert_close(a.embedding, st_embedding(text), "embedding of a truncated text")
 
 
 def test_a_long_pair_is_truncated_longest_first(model: Any, hf_tok: Any) -> None:
@@ -190,9 +166,9 @@ def test_empty_text_is_cls_sep_and_matches_bertmodel(
 ) -> None:
     a = model.analyse("")
     assert a.encoding.tokens == ["[CLS]", "[SEP]"]
-    attn, hidden = reference(hf, hf_tok("", return_tensors="pt"))
+    attn, hidden = reference(hf_tok("", return_tensors="pt"))
     assert_close(a.attentions, attn, "attentions of the empty text")
-    assert_close(a.embedding, st_embedding(hf, hf_tok, ""), "embedding of the empty text")
+    assert_close(a.embedding, st_embedding(""), "embedding of the empty text")
 
 
 def test_layers_and_heads_asked_for_are_slices_of_the_full_analysis(model: Any) -> None:

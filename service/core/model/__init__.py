@@ -9,7 +9,7 @@
 
 from service.core.model.package import ModelIntegrityError, ModelNotInstalled, ModelSpec
 from service.core.model.registry import MODELS, get_model, model_spec, model_status, unload
-from service.core.model.sentence import Analysis, SentenceModel
+from service.core.model.sentence import Analysis, Prepared, SentenceModel
 from service.core.model.tokenizer import Encoding
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ModelIntegrityError",
     "ModelNotInstalled",
     "ModelSpec",
+    "Prepared",
     "SentenceModel",
     "get_model",
     "model_spec",

@@ -47,6 +47,17 @@ class Analysis:
     elapsed_ms: float
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An input checked and tokenised, ready to run: what the limits are checked against."""
+
+    text: str
+    text_pair: str | None
+    encoding: Encoding
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+
+
 def _indices(loc: str, values: Sequence[int] | None, count: int, what: str) -> tuple[int, ...]:
     """Checked indices in [0, count) (None = all), in the order given, without repeats."""
     if values is None:
@@ -103,7 +114,7 @@ class SentenceModel:
             raise InputError(
                 "text_pair" if text_pair is not None else "text",
                 f"{len(enc)} wordpieces ([CLS] and [SEP] included) exceed the model's "
-                f"{self.max_positions} positions; shorten the input, or ask for truncation to "
+                f"{self.max_positions} positions; shorten the input, or set truncate to true to "
                 f"keep the first {self.max_positions}",
             )
         return enc
@@ -147,6 +158,21 @@ class SentenceModel:
         out = self.run(encs, num_threads=num_threads)
         return np.stack([self.pool(out.hidden[i], len(e)) for i, e in enumerate(encs)])
 
+    def prepare(
+        self,
+        text: str,
+        text_pair: str | None = None,
+        *,
+        truncate: bool = False,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> Prepared:
+        """Check the layers and heads (None = all) and tokenise, before anything runs."""
+        layer_ids = _indices("layers", layers, self.num_layers, "layer")
+        head_ids = _indices("heads", heads, self.num_heads, "head")
+        enc = self.tokenize(text, text_pair, truncate=truncate)
+        return Prepared(text, text_pair, enc, layer_ids, head_ids)
+
     def analyse(
         self,
         text: str,
@@ -158,28 +184,30 @@ class SentenceModel:
         num_threads: int | None = None,
     ) -> Analysis:
         """Tokenise, run every layer, keep the attention of `layers` x `heads` (None = all)."""
+        prepared = self.prepare(text, text_pair, truncate=truncate, layers=layers, heads=heads)
+        return self.analyse_prepared(prepared, num_threads=num_threads)
+
+    def analyse_prepared(self, p: Prepared, *, num_threads: int | None = None) -> Analysis:
         start = time.perf_counter()
-        layer_ids = _indices("layers", layers, self.num_layers, "layer")
-        head_ids = _indices("heads", heads, self.num_heads, "head")
-        enc = self.tokenize(text, text_pair, truncate=truncate)
-        out = self.run([enc], layers=layer_ids, num_threads=num_threads)
+        enc = p.encoding
+        out = self.run([enc], layers=p.layers, num_threads=num_threads)
         assert out.attentions is not None
         attentions = out.attentions[:, 0]
-        if head_ids != tuple(range(self.num_heads)):
-            attentions = attentions[:, list(head_ids)]
+        if p.heads != tuple(range(self.num_heads)):
+            attentions = attentions[:, list(p.heads)]
         kernel_ms = out.kernel_ms
         limit = self.embedding_max_length
         if enc.full_length <= limit:
             embedding, emb_len = self.pool(out.hidden[0], len(enc)), len(enc)
         else:  # sentence-transformers reads the input cut to `limit`: a pass of its own
-            short = self.tokenizer.encode(text, text_pair, max_length=limit)
+            short = self.tokenizer.encode(p.text, p.text_pair, max_length=limit)
             short_out = self.run([short], num_threads=num_threads)
             kernel_ms += short_out.kernel_ms
             embedding, emb_len = self.pool(short_out.hidden[0], len(short)), len(short)
         return Analysis(
             encoding=enc,
-            layers=layer_ids,
-            heads=head_ids,
+            layers=p.layers,
+            heads=p.heads,
             attentions=attentions,
             hidden=out.hidden[0],
             embedding=embedding,
