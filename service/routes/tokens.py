@@ -19,7 +19,14 @@ router = APIRouter(tags=["attention"])
 @router.post(
     "/v1/tokens",
     response_model=TokensResponse | ModelTokensResponse,
-    responses=PROBLEM_RESPONSES,
+    responses={
+        **PROBLEM_RESPONSES,
+        404: {
+            "description": 'The "model" asked for is not installed on this server (the '
+            "detail says how to install it).",
+            "content": PROBLEM_RESPONSES[422]["content"],
+        },
+    },
     openapi_extra=request_body(TokensRequest, ModelTokensRequest),
     summary="Self-attention over a token sequence, or a real model's attention over a text",
 )
