@@ -30,9 +30,10 @@ class ModelHeatmapSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    views: list[ModelView] = Field(["model", "head"], description=_VIEWS_DOC)
+    views: list[ModelView] = Field(default=["model", "head"], description=_VIEWS_DOC)
     inline: bool = Field(
-        False, description="Return the PNGs base64-encoded in the response instead of storing."
+        default=False,
+        description="Return the PNGs base64-encoded in the response instead of storing.",
     )
 
     @field_validator("views")

@@ -8,6 +8,7 @@ as SVG under one id), answer. The model loads on first use and is shared by ever
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 from service import wire
@@ -51,7 +52,7 @@ def models_listing() -> dict[str, Any]:
     return {"models": [model_status(name) for name in MODELS]}
 
 
-def _image_count(views: list[str], layers: int, heads: int) -> int:
+def _image_count(views: Sequence[str], layers: int, heads: int) -> int:
     per_view = {"model": 1, "head": layers, "map": layers * heads}
     return sum(per_view[v] for v in views)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from matplotlib import colormaps
@@ -171,14 +171,17 @@ def head_view(
     floor = _line_floor(attentions)
     segments, colours = [], []
     for k, head in enumerate(heads):
-        i, j = np.nonzero(attentions[k] >= floor)
-        seg = np.empty((i.size, 2, 2))
-        seg[:, 0, 0], seg[:, 0, 1] = x_left, i
-        seg[:, 1, 0], seg[:, 1, 1] = x_right, j
+        rows, cols = np.nonzero(attentions[k] >= floor)
+        seg = np.empty((rows.size, 2, 2))
+        seg[:, 0, 0], seg[:, 0, 1] = x_left, rows
+        seg[:, 1, 0], seg[:, 1, 1] = x_right, cols
         segments.append(seg)
-        colours.append(_line_colours(attentions[k][i, j], head_colour(head)))
+        colours.append(_line_colours(attentions[k][rows, cols], head_colour(head)))
+    # An (N, 2, 2) array is N segments (matplotlib's annotation wants a sequence).
     lines = LineCollection(
-        np.concatenate(segments), colors=np.concatenate(colours), linewidths=1.6 if n <= 64 else 0.8
+        cast(Any, np.concatenate(segments)),
+        colors=np.concatenate(colours),
+        linewidths=1.6 if n <= 64 else 0.8,
     )
     ax.add_collection(lines)
     font = 9 if n <= 64 else 7 if n <= 160 else 5

@@ -92,6 +92,6 @@ def _wrap(raw: _RawEncoding, full_length: int) -> Encoding:
         tokens=list(raw.tokens),
         ids=np.asarray(raw.ids, dtype=np.int64),
         type_ids=np.asarray(raw.type_ids, dtype=np.int64),
-        offsets=[tuple(o) for o in raw.offsets],
+        offsets=[(int(a), int(b)) for a, b in raw.offsets],
         full_length=full_length,
     )
