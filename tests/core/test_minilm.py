@@ -376,3 +376,21 @@ def test_gelu_uses_an_erf_within_6e_7_of_math_erf() -> None:
     assert np.abs(bert_module.erf(x32).astype(np.float64) - ref32).max() < 6e-7
     g = torch.nn.functional.gelu(torch.from_numpy(x), approximate="none").numpy()
     assert np.abs(bert_module.gelu(x.astype(np.float32)) - g).max() < 2e-6
+
+
+def test_requests_from_several_threads_at_once_get_their_own_answers(model: Any) -> None:
+    """One model shared by concurrent callers (as the server's workers share it)."""
+    serial = [model.analyse(s, layers=[0, 5]) for s in SENTENCES]
+    got: dict[int, Any] = {}
+
+    def work(i: int) -> None:
+        got[i] = model.analyse(SENTENCES[i], layers=[0, 5], num_threads=1)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(SENTENCES))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ref in enumerate(serial):
+        np.testing.assert_allclose(got[i].attentions, ref.attentions, atol=1e-6)
+        np.testing.assert_allclose(got[i].embedding, ref.embedding, atol=1e-6)
