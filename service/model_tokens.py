@@ -65,9 +65,11 @@ def run(state: AppState, req: ModelTokensRequest) -> dict[str, Any]:
     )
     enc = prepared.encoding
     n, nl, nh = len(enc), len(prepared.layers), len(prepared.heads)
-    # One (heads, L, L) tensor per layer is what the kernel makes; the answer holds them all.
+    # The kernel makes one (heads, L, L) tensor per layer, and the model has a fixed number of
+    # layers (6 for MiniLM), so a layer is what ATTN_MAX_ELEMENTS bounds: the defaults admit
+    # every weight of a 512-wordpiece input (6 x 12 x 512 x 512 in all).
     if req.need_weights or req.heatmap is not None:
-        state.limits.elements("layers", (nl, nh, n, n), "the attention weights")
+        state.limits.elements("heads", (nh, n, n), f"each of the {nl} layers' attention weights")
     spec = req.heatmap
     if spec is not None:
         state.limits.heatmap("heatmap", n, n, _image_count(spec.views, nl, nh))

@@ -81,10 +81,8 @@ class Settings(BaseSettings):
         "headers (408 after that: a stalled or trickling body cannot hold a connection); "
         "0 = no limit.",
     )
-    # 2^25: room for every attention weight of the real model on its longest input
-    # (6 layers x 12 heads x 512 x 512 = 18.9M).
     max_elements: int = Field(
-        1 << 25, ge=1, description="Elements per tensor, inputs and outputs (weights included)."
+        1 << 24, ge=1, description="Elements per tensor, inputs and outputs (weights included)."
     )
     max_weight_elements: int = Field(
         1 << 24, ge=1, description="Total elements of the multi-head projection weights."

@@ -126,10 +126,13 @@ def test_text_that_is_not_valid_unicode_is_422(c: Any) -> None:
 
 
 def test_limits_are_checked_before_the_model_runs(tmp_path: Any) -> None:
-    with client(tmp_path, max_elements=6 * 12 * 10 * 10, heatmap_max_images=8) as small:
+    with client(tmp_path, max_elements=12 * 10 * 10, heatmap_max_images=8) as small:
         ok = model_post(small, text="one two three four five six seven eight")  # 10 wordpieces
         assert ok.status_code == 200, ok.text
-        assert_problem(model_post(small, text="one two three four five six seven eight nine"), 413)
+        problem = assert_problem(
+            model_post(small, text="one two three four five six seven eight nine"), 413, ["heads"]
+        )
+        assert "each of the 6 layers' attention weights of shape [12, 11, 11]" in problem["detail"]
         body = model_post(
             small, text="a b c", layers=[0, 1], heads=[0, 1, 2], heatmap={"views": ["map"]}
         )
