@@ -45,8 +45,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # The virtual environment, made from the builder's wheels alone (offline) on the bare base
 # image, so it holds the service and its run-time dependencies and nothing else: pip,
-# setuptools and the dependencies' own test suites are removed. Byte-code is compiled here,
-# once, so a read-only container starts fast without writing any.
+# setuptools and the dependencies' own test suites are removed, and so are huggingface_hub and
+# hf_xet (19 MB): tokenizers requires them only for Tokenizer.from_pretrained, a download from
+# the Hub; the service reads tokenizer.json from disk and never imports them. Byte-code is
+# compiled here, once, so a read-only container starts fast without writing any.
 FROM ${BASE_IMAGE} AS venv
 COPY --from=builder /wheels /wheels
 RUN python3 -m venv /opt/venv \
@@ -57,8 +59,9 @@ RUN python3 -m venv /opt/venv \
         --disable-pip-version-check /wheels/model/*.whl; \
     fi \
  && /opt/venv/bin/pip uninstall -y --disable-pip-version-check pip setuptools \
+        huggingface_hub hf-xet \
  && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
- && /opt/venv/bin/python -c "import service._native"
+ && /opt/venv/bin/python -c "import service._native, tokenizers, safetensors.numpy"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG APP_UID=10001
