@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "attention.h"
+#include "kernel_abi.h"
+#include "thread_pool.h"
 
 namespace attn {
 

@@ -78,8 +78,35 @@ attn::MaskOptions mask_options(int causal, const py::object& mask, const py::obj
   return o;
 }
 
-py::array_t<float> empty_f32(const std::vector<int64_t>& shape) {
-  return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+template <class T>
+py::array_t<T> empty(const std::vector<int64_t>& shape) {
+  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+// The outputs of attention() and multihead(): out, lse and, when asked for, the weights.
+struct Outputs {
+  py::array_t<float> out, lse;
+  py::object weights = py::none();
+  float* weights_data = nullptr;
+
+  Outputs(const std::vector<int64_t>& out_shape, const std::vector<int64_t>& lse_shape,
+          bool with_weights, const std::vector<int64_t>& weights_shape)
+      : out(empty<float>(out_shape)), lse(empty<float>(lse_shape)) {
+    if (with_weights) {
+      auto w = empty<float>(weights_shape);
+      weights_data = w.mutable_data();
+      weights = std::move(w);
+    }
+  }
+  py::tuple as_tuple() const { return py::make_tuple(out, lse, weights); }
+};
+
+// Runs `work` without the GIL, with `cancel` bound to every parallel pass it makes.
+template <class Work>
+void run_released(const std::optional<CancelFlag*>& cancel, Work&& work) {
+  py::gil_scoped_release nogil;
+  attn::CancelScope scope(flag_ptr(cancel));
+  work();
 }
 
 py::tuple attention(const py::object& q, const py::object& k, const py::object& v, double scale,
@@ -94,23 +121,11 @@ py::tuple attention(const py::object& q, const py::object& k, const py::object& 
   attn::AttentionPlan plan =
       attn::plan_attention(to_ref(q, "q", false), to_ref(k, "k", false), to_ref(v, "v", false),
                            scale, opts, return_weights, num_threads);
-  auto out = empty_f32(plan.out_shape);
-  auto lse = empty_f32(plan.lse_shape);
-  py::object weights = py::none();
-  float* wp = nullptr;
-  if (return_weights) {
-    auto w = empty_f32(plan.weights_shape);
-    wp = w.mutable_data();
-    weights = std::move(w);
-  }
-  float* op = out.mutable_data();
-  float* lp = lse.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    attn::CancelScope scope(flag_ptr(cancel));
-    attn::run_attention(plan, op, lp, wp);
-  }
-  return py::make_tuple(out, lse, weights);
+  Outputs o(plan.out_shape, plan.lse_shape, plan.return_weights, plan.weights_shape);
+  run_released(cancel, [&] {
+    attn::run_attention(plan, o.out.mutable_data(), o.lse.mutable_data(), o.weights_data);
+  });
+  return o.as_tuple();
 }
 
 py::tuple multihead(const py::object& query, const py::object& key, const py::object& value,
@@ -141,23 +156,12 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
                                               window_right, dilation, global_tokens,
                                               alibi_slopes, softcap);
   attn::MultiheadPlan plan = attn::plan_multihead(in, scale, opts, return_weights, num_threads);
-  auto out = empty_f32(plan.out_shape);
-  auto lse = empty_f32(plan.attn.lse_shape);
-  py::object weights = py::none();
-  float* wp = nullptr;
-  if (return_weights) {
-    auto w = empty_f32(plan.attn.weights_shape);
-    wp = w.mutable_data();
-    weights = std::move(w);
-  }
-  float* op = out.mutable_data();
-  float* lp = lse.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    attn::CancelScope scope(flag_ptr(cancel));
-    attn::run_multihead(plan, op, lp, wp);
-  }
-  return py::make_tuple(out, lse, weights);
+  Outputs o(plan.out_shape, plan.attn.lse_shape, plan.attn.return_weights,
+            plan.attn.weights_shape);
+  run_released(cancel, [&] {
+    attn::run_multihead(plan, o.out.mutable_data(), o.lse.mutable_data(), o.weights_data);
+  });
+  return o.as_tuple();
 }
 
 py::tuple attention_maps(const py::object& q, const py::object& k, const py::object& v,
@@ -173,29 +177,18 @@ py::tuple attention_maps(const py::object& q, const py::object& k, const py::obj
   attn::MapsPlan plan =
       attn::plan_maps(to_ref(q, "q", false), to_ref(k, "k", false), to_ref(v, "v", false),
                       scale, opts, bins_q, bins_k, top_k, num_threads);
-  auto out = empty_f32(plan.attn.out_shape);
-  auto lse = empty_f32(plan.attn.lse_shape);
-  const auto& ps = plan.pooled_shape;
-  py::array_t<double> pooled(std::vector<py::ssize_t>(ps.begin(), ps.end()));
-  auto entropy = empty_f32(plan.attn.lse_shape);
-  const auto& ts = plan.top_shape;
-  py::array_t<int64_t> top_idx(std::vector<py::ssize_t>(ts.begin(), ts.end()));
-  auto top_w = empty_f32(plan.top_shape);
-  const auto& cs = plan.colsum_shape;
-  py::array_t<double> colsum(std::vector<py::ssize_t>(cs.begin(), cs.end()));
-  float* op = out.mutable_data();
-  float* lp = lse.mutable_data();
-  double* pp = pooled.mutable_data();
-  float* ep = entropy.mutable_data();
-  int64_t* ip = top_idx.mutable_data();
-  float* wp = top_w.mutable_data();
-  double* cp = colsum.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    attn::CancelScope scope(flag_ptr(cancel));
-    attn::run_maps(plan, op, lp, pp, ep, ip, wp, cp);
-  }
-  return py::make_tuple(out, lse, pooled, entropy, top_idx, top_w, colsum);
+  Outputs o(plan.attn.out_shape, plan.attn.lse_shape, false, {});
+  auto pooled = empty<double>(plan.pooled_shape);
+  auto entropy = empty<float>(plan.attn.lse_shape);
+  auto top_idx = empty<int64_t>(plan.top_shape);
+  auto top_w = empty<float>(plan.top_shape);
+  auto colsum = empty<double>(plan.colsum_shape);
+  run_released(cancel, [&] {
+    attn::run_maps(plan, o.out.mutable_data(), o.lse.mutable_data(), pooled.mutable_data(),
+                   entropy.mutable_data(), top_idx.mutable_data(), top_w.mutable_data(),
+                   colsum.mutable_data());
+  });
+  return py::make_tuple(o.out, o.lse, pooled, entropy, top_idx, top_w, colsum);
 }
 
 void set_num_threads(int n) {
@@ -211,7 +204,9 @@ void warn(const std::string& msg) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "Fused attention kernels (tiled online-softmax attention, projections, dispatch).";
-  m.def("version", [] { return "0.2.0"; });
+  // One version, one source: pyproject.toml, through scikit-build-core and CMake.
+  m.attr("__version__") = ATTN_VERSION;
+  m.def("version", [] { return ATTN_VERSION; }, "The package version (same as __version__).");
 
   py::register_exception<attn::Cancelled>(m, "Cancelled", PyExc_RuntimeError);
   py::class_<CancelFlag>(m, "CancelFlag",
@@ -273,10 +268,6 @@ PYBIND11_MODULE(_native, m) {
       warn(std::string("ATTN_ISA ignored: ") + e.what() + "; using " + attn::current_isa());
     }
   }
-  if (const char* nt = std::getenv("ATTN_NUM_THREADS"); nt != nullptr && *nt != '\0') {
-    char* end = nullptr;
-    const long n = std::strtol(nt, &end, 10);
-    if (*end != '\0' || n < 1)
-      warn(std::string("ATTN_NUM_THREADS ignored: expected an integer >= 1, got '") + nt + "'");
-  }
+  if (const std::string problem = attn::num_threads_env_problem(); !problem.empty())
+    warn(problem);
 }

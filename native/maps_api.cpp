@@ -38,13 +38,8 @@ void run_maps(MapsPlan& p, float* out, float* lse, double* pooled, float* entrop
   std::memset(pooled, 0, sizeof(double) * npool);
   std::memset(colsum, 0, sizeof(double) * size_t(a.B * a.Hq * a.Lk));
   if (a.B == 0 || a.Hq == 0 || a.Lq == 0) return;
-  // The map kernel built for the same instruction set as the attention kernel in use.
-  const std::string isa = kernels().name;
-  const MapTable& t = isa == "avx512" ? isa_avx512::map_table
-                      : isa == "avx2" ? isa_avx2::map_table
-                                      : isa_baseline::map_table;
   MapArgs m{&a, p.Pq, p.Pk, p.K, pooled, entropy, top_idx, top_w, colsum};
-  t.maps(m);
+  kernels().maps(m);
   // Sums -> means over each bin's cells.
   if (p.Pq == 0 || p.Pk == 0) return;
   for (int64_t bh = 0; bh < a.B * a.Hq; ++bh)

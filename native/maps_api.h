@@ -1,12 +1,12 @@
 // The checked entry point of attention_maps (maps_api.cpp), for the bindings. Kept apart from
-// maps.h, which the per-ISA kernel includes and which must stay free of library templates.
+// kernel_abi.h (MapArgs), which the per-ISA kernels include and which must stay free of
+// library templates.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "api.h"
-#include "maps.h"
 
 namespace attn {
 

@@ -14,10 +14,11 @@
 #include <deque>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
-#include "attention.h"
+#include "thread_pool.h"
 
 namespace attn {
 namespace {
@@ -33,14 +34,31 @@ int hardware_threads() {
   return n <= 0 ? 1 : std::min(n, kMaxThreads);
 }
 
-int env_threads() {
-  const char* s = std::getenv("ATTN_NUM_THREADS");
-  if (s == nullptr || *s == '\0') return 0;
-  char* end = nullptr;
-  const long n = std::strtol(s, &end, 10);
-  if (*end != '\0' || n < 1) return 0;  // ignored; the bindings warn about it
-  return int(std::min<long>(n, kMaxThreads));
+// ATTN_NUM_THREADS, parsed once: the thread count (0 when unset or invalid) and, when it is
+// invalid, why (the bindings turn that into a warning at import).
+struct EnvThreads {
+  int n = 0;
+  std::string problem;
+};
+
+const EnvThreads& env_threads_setting() {
+  static const EnvThreads parsed = [] {
+    EnvThreads e;
+    const char* s = std::getenv("ATTN_NUM_THREADS");
+    if (s == nullptr || *s == '\0') return e;
+    char* end = nullptr;
+    const long n = std::strtol(s, &end, 10);
+    if (*end != '\0' || n < 1)
+      e.problem = std::string("ATTN_NUM_THREADS ignored: expected an integer >= 1, got '") + s +
+                  "'";
+    else
+      e.n = int(std::min<long>(n, kMaxThreads));
+    return e;
+  }();
+  return parsed;
 }
+
+int env_threads() { return env_threads_setting().n; }
 
 struct Job {
   void (*fn)(void*, int64_t);
@@ -195,6 +213,10 @@ void parallel_for(int64_t n, int max_threads, void (*fn)(void*, int64_t), void* 
   if (max_threads <= 0) max_threads = default_num_threads();
   pool().run(n, max_threads, fn, ctx, t_cancel);
 }
+
+Cancelled::Cancelled() : std::runtime_error("native call cancelled") {}
+
+std::string num_threads_env_problem() { return env_threads_setting().problem; }
 
 CancelScope::CancelScope(const std::atomic<int>* flag) : previous_(t_cancel) { t_cancel = flag; }
 CancelScope::~CancelScope() { t_cancel = previous_; }

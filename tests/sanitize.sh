@@ -27,9 +27,13 @@ if [ -f "$SAN/cmake/CMakeCache.txt" ] && ! grep -q "CMAKE_GENERATOR:INTERNAL=${G
   rm -rf "$SAN/cmake"  # configured with another generator: start over
 fi
 
+# The version scikit-build-core would pass: the installed package's metadata (pyproject.toml).
+VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("attention-service"))')
+
 "$CMAKE" -S native -B "$SAN/cmake" "${GENERATOR[@]}" \
   -DCMAKE_BUILD_TYPE=Debug \
   -DSKBUILD_PROJECT_NAME=attention_service \
+  -DSKBUILD_PROJECT_VERSION="$VERSION" \
   -DCMAKE_CXX_FLAGS="$FLAGS" \
   -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
   -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
@@ -45,9 +49,11 @@ dev_site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 san_site=$("$SAN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$dev_site" >"$san_site/dev-venv.pth"
 
+# The tests are copied beside the sanitized package: pytest puts the directory holding the
+# `tests` package first on sys.path, and there `service` is the sanitized copy.
 rm -rf "$SAN/site"
 mkdir -p "$SAN/site"
-cp -r service "$SAN/site/"
+cp -r service tests "$SAN/site/"
 find "$SAN/site/service" -name '_native*.so' -delete
 cp "$SAN"/cmake/_native*.so "$SAN/site/service/"
 
@@ -80,6 +86,6 @@ EOF
 start=$(date +%s)
 # --capture=sys: a sanitizer writes its report to file descriptor 2 and then kills the
 # process, so pytest must not be holding fd 2 in a temporary file that dies with it.
-"$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py \
-  tests/test_fuzz_native.py "$@"
+(cd "$SAN/site" && "$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys \
+  tests/native/test_kernels.py tests/native/test_fuzz.py "$@")
 echo "sanitize: ASan + UBSan clean in $(($(date +%s) - start)) s"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -29,10 +30,12 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from service.approx import _pool_dense
-from service.heatmaps import _short, _ticks
+from service.core.approx.pooling import pool_dense
+from service.core.cancel import checkpoint
+from service.render.canvas import _short, _ticks
 
 ImageFormat = Literal["png", "svg"]
+ModelView = Literal["model", "head", "map"]
 
 _DPI = 100
 _PANEL_PX = 80  # a model view panel's side; maps longer than this are pooled to it
@@ -80,7 +83,7 @@ def panel_maps(attentions: np.ndarray) -> np.ndarray:
     pq, pk = min(lq, _PANEL_PX), min(lk, _PANEL_PX)
     if (pq, pk) == (lq, lk):
         return attentions
-    return _pool_dense(attentions, pq, pk)
+    return pool_dense(attentions, pq, pk)
 
 
 def model_view(
@@ -239,3 +242,77 @@ def head_map(
     fig.colorbar(image, cax=cax)
     fig.text(0.5, 0.985, title, ha="center", va="top", fontsize=11, parse_math=False)
     return _save(fig, fmt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pictures of one input: which view shows which layers and heads
+
+
+@dataclass(frozen=True)
+class ModelPicture:
+    """One picture of a model's attention: "model" (every layer and head asked for), "head"
+    (one layer, those heads) or "map" (one layer and head); as PNG, and as SVG when asked."""
+
+    view: ModelView
+    layer: int | None
+    heads: list[int]
+    png: bytes
+    svg: bytes | None
+
+
+def picture_count(views: Sequence[str], layers: int, heads: int) -> int:
+    """How many pictures `render_pictures` draws (checked against the limits beforehand)."""
+    per_view = {"model": 1, "head": layers, "map": layers * heads}
+    return sum(per_view[v] for v in views)
+
+
+def render_pictures(
+    attentions: np.ndarray,
+    tokens: Sequence[str],
+    *,
+    layers: Sequence[int],
+    heads: Sequence[int],
+    views: Sequence[ModelView],
+    title: str,
+    svg: bool,
+) -> list[ModelPicture]:
+    """attentions (len(layers), len(heads), L, L): the model view, then per layer its head view
+    and each head's map, as `views` asks; PNG always, the same figure as SVG when `svg`."""
+    head_ids = list(heads)
+    out: list[ModelPicture] = []
+
+    def add(view: ModelView, layer: int | None, shown: list[int], draw: Any) -> None:
+        checkpoint()  # an abandoned request stops between pictures
+        out.append(ModelPicture(view, layer, shown, draw("png"), draw("svg") if svg else None))
+
+    if "model" in views:
+        add(
+            "model",
+            None,
+            head_ids,
+            lambda fmt: model_view(attentions, layers=layers, heads=heads, title=title, fmt=fmt),
+        )
+    for i, layer in enumerate(layers):
+        if "head" in views:
+            add(
+                "head",
+                layer,
+                head_ids,
+                lambda fmt, i=i, layer=layer: head_view(
+                    attentions[i], tokens, layer=layer, heads=heads, title=title, fmt=fmt
+                ),
+            )
+        if "map" in views:
+            for k, head in enumerate(head_ids):
+                add(
+                    "map",
+                    layer,
+                    [head],
+                    lambda fmt, i=i, k=k, layer=layer, head=head: head_map(
+                        attentions[i, k],
+                        tokens,
+                        title=f"{title}, layer {layer}, head {head}",
+                        fmt=fmt,
+                    ),
+                )
+    return out

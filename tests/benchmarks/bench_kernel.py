@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 import service
 from service import _native
+from tests.benchmarks.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2
@@ -247,7 +246,7 @@ def bench_memory(rows: list[Row], n: int) -> None:
 
 
 def bench_heatmap(rows: list[Row], budget: float) -> None:
-    from service.heatmaps import render_map  # the service's own renderer
+    from service.render.canvas import render_map  # the service's own renderer
 
     w = np.random.default_rng(0).random((512, 512), dtype=np.float32)
     ms = _median_ms(lambda: render_map(w, title="bench"), budget)
@@ -267,25 +266,6 @@ def _fmt(row: Row) -> str:
     if row.goal:
         parts.append(f"[{row.goal}: {'ok' if row.passed else 'MISSED'}]")
     return "  ".join(parts)
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "isa": _native.isa(),
-        "threads": str(THREADS),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def write_results(rows: list[Row], info: dict[str, str]) -> None:
@@ -351,7 +331,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     _native.set_num_threads(THREADS)
-    info = machine()
+    info = describe(isa=_native.isa(), threads=str(THREADS), torch=torch.__version__)
     print("machine:", info, flush=True)
     rows: list[Row] = []
     if args.quick:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from minilm_reference import hf_model, hf_tokenizer, model_dir, reference, st_embedding
 from transformers import BertModel, BertTokenizerLegacy
 
+from service.core.errors import InputError
 from service.core.model import (
     ModelIntegrityError,
     ModelNotInstalled,
@@ -32,7 +32,7 @@ from service.core.model import (
 )
 from service.core.model import bert as bert_module
 from service.core.model.package import installed, read_files
-from service.errors import InputError
+from tests.support.minilm import hf_model, hf_tokenizer, model_dir, reference, st_embedding
 
 TOL = 1e-4
 SENTENCES = [

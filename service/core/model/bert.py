@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from service import attention
+from service.core.attention import attention
 from service.core.model.package import ModelIntegrityError
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t(a1 + t(a2 + ...)) e^(-x^2), t = 1 / (1 + p x), x >= 0,

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from service.core.errors import InputError
 from service.core.model.package import (
     ModelIntegrityError,
     ModelNotInstalled,
@@ -18,7 +19,6 @@ from service.core.model.package import (
     read_files,
 )
 from service.core.model.sentence import SentenceModel
-from service.errors import InputError
 
 MINILM_L6 = ModelSpec(
     name="minilm-l6",

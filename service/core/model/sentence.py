@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from typing_extensions import TypedDict, Unpack
 
+from service.core.errors import InputError
 from service.core.model.bert import BertConfig, BertWeights, EncoderOutput, forward
 from service.core.model.package import ModelFiles, ModelIntegrityError, ModelSpec
 from service.core.model.tokenizer import Encoding, WordPiece
-from service.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ class Analysis:
     embedding_truncated: bool
     kernel_ms: float
     elapsed_ms: float
+
+
+class Choices(TypedDict, total=False):
+    """What `prepare` (and so `analyse`) takes besides the texts."""
+
+    truncate: bool
+    layers: Sequence[int] | None
+    heads: Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -178,14 +187,14 @@ class SentenceModel:
         text: str,
         text_pair: str | None = None,
         *,
-        truncate: bool = False,
-        layers: Sequence[int] | None = None,
-        heads: Sequence[int] | None = None,
         num_threads: int | None = None,
+        **choices: Unpack[Choices],
     ) -> Analysis:
-        """Tokenise, run every layer, keep the attention of `layers` x `heads` (None = all)."""
-        prepared = self.prepare(text, text_pair, truncate=truncate, layers=layers, heads=heads)
-        return self.analyse_prepared(prepared, num_threads=num_threads)
+        """Tokenise, run every layer, keep the attention of `layers` x `heads` (None = all);
+        `truncate`, `layers` and `heads` as for `prepare`."""
+        return self.analyse_prepared(
+            self.prepare(text, text_pair, **choices), num_threads=num_threads
+        )
 
     def analyse_prepared(self, p: Prepared, *, num_threads: int | None = None) -> Analysis:
         start = time.perf_counter()

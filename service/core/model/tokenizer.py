@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Encoding as _RawEncoding
 from tokenizers import Tokenizer
 
-from service.errors import InputError
+from service.core.errors import InputError
 
 
 @dataclass(frozen=True)
