@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.core.errors import InputError
-from service.core.frameworks import ArrayError, from_numpy, is_array, is_bfloat16, to_numpy
+from service.core.frameworks import ArrayError, from_numpy, is_bfloat16, to_numpy
 from service.core.options import AttentionOptions, MultiheadOptions, MultiheadWeights, Window
 
 # A numpy array or another library's array (none is a dependency, so no stricter annotation).
@@ -37,8 +37,6 @@ _FIELD_NAMES = frozenset(
     | set(Window.model_fields)
     | set(MultiheadWeights.model_fields)
 )
-# List options that may be given as arrays or tensors.
-_LIST_FIELDS = frozenset({"key_lengths", "global_tokens", "alibi_slopes"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,13 +165,6 @@ def input_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> Inp
     return InputError(prefix + loc or ("options",), "; ".join(msgs))
 
 
-def _plain(name: str, value: Any) -> Any:
-    """Arrays of any library given for the list options (key_lengths, ...) -> lists."""
-    if name in _LIST_FIELDS and (isinstance(value, np.ndarray) or is_array(value)):
-        return to_array(name, value).tolist()
-    return value
-
-
 def parse_options(
     model: type[ModelT], options: BaseModel | dict[str, Any] | None, overrides: dict[str, Any]
 ) -> ModelT:
@@ -186,7 +177,7 @@ def parse_options(
         base = dict(options)
     else:
         raise InputError("options", f"expected {model.__name__} or a dict, got {type(options)}")
-    data = {**base, **{name: _plain(name, v) for name, v in overrides.items()}}
+    data = {**base, **overrides}
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -13,10 +13,12 @@ Semantics (see README "Semantics"):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from service.core.frameworks import is_array, is_bfloat16, to_numpy
 from service.core.tensor_field import Tensor
 
 CausalMode = Literal["top_left", "bottom_right"]
@@ -79,6 +81,18 @@ class MaskingOptions(BaseModel):
         description='A row with no allowed key: "zero" gives output 0 and weights 0 (like torch '
         'SDPA); "nan" gives NaN (like torch.nn.MultiheadAttention).',
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _arrays_as_lists(cls, v: Any, info: ValidationInfo) -> Any:
+        """An array of any library given for a list option (key_lengths, global_tokens, ...,
+        in this model or a subclass) becomes a list; tensor fields read arrays themselves."""
+        if not (isinstance(v, np.ndarray) or is_array(v)) or info.field_name is None:
+            return v
+        if "list[" not in str(cls.model_fields[info.field_name].annotation):
+            return v
+        arr = to_numpy(v)
+        return (arr.astype(np.float32) if is_bfloat16(arr.dtype) else arr).tolist()
 
     @field_validator("scale", "softcap")
     @classmethod

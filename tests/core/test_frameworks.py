@@ -6,6 +6,7 @@ Needs the `frameworks` test extra (tensorflow-cpu, jax[cpu]); `make test` instal
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +28,10 @@ import torch
 
 import service
 from service import InputError
+from service.client import AttentionClient
 from service.core.frameworks import from_numpy, to_numpy
 from service.core.inputs import as_float32
+from service.core.tensor_codec import decode_tensor
 from tests.support.reference import (
     bin_means,
     random_qkv,
@@ -239,6 +243,58 @@ def test_mixed_libraries_answer_in_the_library_of_q() -> None:
     numpy_q = service.attention(q, tf.constant(k), jnp.asarray(v), mask=torch.from_numpy(mask))
     assert type(numpy_q.output) is np.ndarray and numpy_q.output.dtype == np.float32
     np.testing.assert_allclose(numpy_q.output, no_lengths.output.numpy(), atol=ATOL)
+
+
+def test_list_options_take_arrays_of_any_library_wherever_options_are_given() -> None:
+    """key_lengths, global_tokens, alibi_slopes: as keywords, in an options dict, and in the
+    options model itself."""
+    opts = service.AttentionOptions(
+        key_lengths=tf.constant([8, 5]),
+        global_tokens=jnp.asarray([1]),
+        alibi_slopes=torch.tensor([0.5, 0.25], dtype=torch.bfloat16),
+        window={"left": 1, "right": 1},
+    )
+    assert opts.key_lengths == [8, 5] and opts.global_tokens == [1]
+    assert opts.alibi_slopes == [0.5, 0.25]
+    q, k, v = random_qkv(2, 2, 2, 6, 8, 16, seed=31)
+    window = {"left": 1, "right": 1}
+    ref = reference_attention(
+        q, k, v, key_lengths=[8, 5], global_tokens=[1], window=window, alibi_slopes=[0.5, 0.25]
+    )
+    as_dict = {
+        "key_lengths": jnp.asarray([8, 5]),
+        "global_tokens": tf.constant([1]),
+        "alibi_slopes": np.array([0.5, 0.25]),
+        "window": window,
+    }
+    for result in (
+        service.attention(q, k, v, opts),
+        service.attention(q, k, v, as_dict),
+        service.attention(q, k, v, **as_dict),
+    ):
+        np.testing.assert_allclose(result.output, ref.output.numpy(), atol=ATOL)
+
+
+def test_the_http_client_sends_any_library_as_its_bytes() -> None:
+    """service.client encodes TensorFlow, JAX and torch arrays as numpy would (b64 of the
+    float32 values; bfloat16 widened, as the wire has no bfloat16 for requests)."""
+    rng = np.random.default_rng(32)
+    q, k, v = (a[0] for a in random_qkv(1, 2, 2, 3, 4, 8, seed=rng))
+    sent: dict[str, Any] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.update(json.loads(request.content))
+        return httpx.Response(200, json={"output": sent["q"], "meta": {}})
+
+    with AttentionClient(transport=httpx.MockTransport(answer)) as client:
+        client.attention(tf.constant(q), jnp.asarray(k, dtype=jnp.bfloat16), torch.from_numpy(v))
+    decoded = {n: decode_tensor(sent[n]) for n in "qkv"}
+    np.testing.assert_array_equal(decoded["q"], q)
+    np.testing.assert_array_equal(
+        decoded["k"], LIBRARIES["jax"].values(jnp.asarray(k, jnp.bfloat16))
+    )
+    np.testing.assert_array_equal(decoded["v"], v)
+    assert all(sent[n]["dtype"] == "float32" and "b64" in sent[n] for n in "qkv")
 
 
 # ---------------------------------------------------------------------------------------------
