@@ -5,12 +5,13 @@ array protocol), which is known by the top-level module of the array's type: not
 imports a library unless the caller passed one of its arrays (it is loaded by then).
 
 - In (`to_numpy`): DLPack (`np.from_dlpack`), a view of the library's CPU buffer with its own
-  strides and dtype, never a copy; the array protocol (`__array__`, `__array_interface__`) for
-  objects without DLPack (tf.Variable, pandas, ...); never Python lists. bfloat16, which numpy
-  lacks, arrives as ml_dtypes.bfloat16 (a view; ml_dtypes comes with JAX and TensorFlow) or,
-  where ml_dtypes is not installed, widened to float32 exactly. Arrays on a GPU or another
-  accelerator are refused: the service computes on the CPU and copies nothing off a device
-  behind the caller's back.
+  strides and dtype, never a copy (a tf.Variable's current value is read first); the array
+  protocol (`__array__`, `__array_interface__`) for objects without DLPack (pandas, ...) or
+  whose DLPack export fails; never Python lists. bfloat16, which numpy lacks, arrives as
+  ml_dtypes.bfloat16 (a view; ml_dtypes comes with JAX and TensorFlow) or, where ml_dtypes is
+  not installed, widened to float32 exactly. Arrays on a GPU or another accelerator are
+  refused: the service computes on the CPU and copies nothing off a device behind the caller's
+  back.
 - Out (`from_numpy`): the library's own from_dlpack (torch, TensorFlow, or the Array API
   namespace that JAX and others expose), which takes numpy's buffer without a copy where the
   library allows it: torch always; TensorFlow and JAX need 64-byte aligned buffers, and
