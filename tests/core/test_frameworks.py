@@ -328,6 +328,28 @@ def test_conversion_is_a_view_in_the_library_dtype(name: str, dtype: str) -> Non
         np.testing.assert_array_equal(converted, lib.values(x).astype(np.float32))
 
 
+def test_torch_bfloat16_without_ml_dtypes_is_widened_to_float32() -> None:
+    """ml_dtypes is no dependency of the service: without it, torch's bfloat16 bits become
+    float32 (exactly) instead of an ml_dtypes.bfloat16 view."""
+    code = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ml_dtypes":
+            raise ModuleNotFoundError(name, name=name)
+sys.meta_path.insert(0, Missing())
+import numpy as np, torch, service
+from service.core.frameworks import to_numpy
+t = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+arr = to_numpy(t)
+assert arr.dtype == np.float32 and (arr == t.float().numpy()).all(), arr.dtype
+out = service.attention(t, t, t).output
+assert out.dtype == torch.float32 and "ml_dtypes" not in sys.modules
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_strided_torch_views_are_copied_only_for_the_kernel() -> None:
     base = torch.randn(2, 7, 3, 16)
     t = base.transpose(1, 2)
