@@ -43,6 +43,9 @@ void plan_options(AttentionPlan& p, const CallOptions& o, double scale) {
   a.n_weight_rows = a.Lq;
   if (o.weights_rows.given) {
     check_1d(o.weights_rows, "weights_rows", DType::i64, -1, "(n,)");
+    if (o.weights_rows.shape[0] > a.Lq)  // distinct rows of [0, Lq): checked before reading
+      fail("weights_rows: " + str(o.weights_rows.shape[0]) + " rows asked for, but Lq=" +
+           str(a.Lq));
     const std::vector<int64_t> rows = read_ints(o.weights_rows);
     p.weight_index.assign(size_t(a.Lq), -1);
     for (size_t w = 0; w < rows.size(); ++w) {

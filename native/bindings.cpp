@@ -64,49 +64,52 @@ attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
   return r;
 }
 
-// Keyword options of every entry point, in the signatures' order (after the tensors).
-#define ATTN_OPTION_PARAMS                                                                   \
-  double scale, int causal, const py::object &mask, const py::object &key_lengths,          \
-      int64_t window_left, int64_t window_right, int64_t dilation,                          \
-      const py::object &global_tokens, const py::object &alibi_slopes, double softcap,      \
+// Keyword options of every entry point, in the signatures' order (after the tensors): the
+// masking ones, and with them the score ones.
+#define ATTN_MASK_PARAMS                                                                     \
+  int causal, const py::object &mask, const py::object &key_lengths, int64_t window_left,   \
+      int64_t window_right, int64_t dilation, const py::object &global_tokens,              \
       const py::object &block_layout, int64_t block_q, int64_t block_k,                     \
       const py::object &cu_seqlens, const py::object &cu_seqlens_q,                         \
       const py::object &cu_seqlens_k
-#define ATTN_OPTION_VALUES                                                                   \
-  scale, causal, mask, key_lengths, window_left, window_right, dilation, global_tokens,     \
-      alibi_slopes, softcap, block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q,      \
-      cu_seqlens_k
+#define ATTN_MASK_VALUES                                                                     \
+  causal, mask, key_lengths, window_left, window_right, dilation, global_tokens,            \
+      block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q, cu_seqlens_k
+#define ATTN_OPTION_PARAMS \
+  double scale, const py::object &alibi_slopes, double softcap, ATTN_MASK_PARAMS
+#define ATTN_OPTION_VALUES scale, alibi_slopes, softcap, ATTN_MASK_VALUES
 
-// The keyword arguments matching ATTN_OPTION_PARAMS, for m.def.
-auto option_args() {
+// The keyword arguments matching ATTN_MASK_PARAMS and ATTN_OPTION_PARAMS, for m.def.
+auto mask_args() {
   return std::make_tuple(
-      py::arg("scale"), py::arg("causal") = 0, py::arg("mask") = py::none(),
-      py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
-      py::arg("window_right") = -1, py::arg("dilation") = 1,
-      py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
-      py::arg("softcap") = 0.0, py::arg("block_layout") = py::none(), py::arg("block_q") = 0,
-      py::arg("block_k") = 0, py::arg("cu_seqlens") = py::none(),
+      py::arg("causal") = 0, py::arg("mask") = py::none(), py::arg("key_lengths") = py::none(),
+      py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("dilation") = 1,
+      py::arg("global_tokens") = py::none(), py::arg("block_layout") = py::none(),
+      py::arg("block_q") = 0, py::arg("block_k") = 0, py::arg("cu_seqlens") = py::none(),
       py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none());
 }
+auto option_args() {
+  return std::tuple_cat(std::make_tuple(py::arg("scale"), py::arg("alibi_slopes") = py::none(),
+                                        py::arg("softcap") = 0.0),
+                        mask_args());
+}
 
-// m.def(name, f, <head...>, <option_args...>, <tail...>).
-template <class F, class Head, class Tail>
-void def_with_options(py::module_& m, const char* name, F f, Head head, Tail tail) {
+// m.def(name, f, <head...>, <options...>, <tail...>).
+template <class F, class Head, class Options, class Tail>
+void def_with(py::module_& m, const char* name, F f, Head head, Options options, Tail tail) {
   std::apply(
       [&](auto&&... h) {
         std::apply(
             [&](auto&&... o) {
               std::apply([&](auto&&... t) { m.def(name, f, h..., o..., t...); }, tail);
             },
-            option_args());
+            options);
       },
       head);
 }
 
-attn::CallOptions call_options(ATTN_OPTION_PARAMS) {
-  attn::CallOptions c;
-  (void)scale;  // passed to the plan separately
-  attn::MaskOptions& o = c.masking;
+attn::MaskOptions mask_options(ATTN_MASK_PARAMS) {
+  attn::MaskOptions o;
   o.causal = causal;
   o.mask = to_ref(mask, "mask", true);
   o.key_lengths = to_ref(key_lengths, "key_lengths", true);
@@ -127,6 +130,13 @@ attn::CallOptions call_options(ATTN_OPTION_PARAMS) {
     o.cu_seqlens_q = to_ref(cu_seqlens_q, "cu_seqlens_q", true);
     o.cu_seqlens_k = to_ref(cu_seqlens_k, "cu_seqlens_k", true);
   }
+  return o;
+}
+
+attn::CallOptions call_options(ATTN_OPTION_PARAMS) {
+  attn::CallOptions c;
+  (void)scale;  // passed to the plan on its own
+  c.masking = mask_options(ATTN_MASK_VALUES);
   c.alibi_slopes = to_ref(alibi_slopes, "alibi_slopes", true);
   c.softcap = softcap;
   return c;
@@ -234,6 +244,33 @@ py::tuple attention_maps(const py::object& q, const py::object& k, const py::obj
   return py::make_tuple(o.out, o.lse, pooled, entropy, top_idx, top_w, colsum);
 }
 
+// The mask plan a call with these shapes and masking options would follow, summarised: for
+// benchmarks (its build time) and tests (its size follows the tiles, never Lq x Lk).
+py::dict mask_plan(int64_t b, int64_t hq, int64_t lq, int64_t lk, ATTN_MASK_PARAMS,
+                   const std::string& kernel) {
+  if (kernel != "attention" && kernel != "maps")
+    throw std::invalid_argument("kernel: expected 'attention' or 'maps', got '" + kernel + "'");
+  for (const int64_t n : {b, hq, lq, lk})
+    if (n < 0 || n >= attn::kMaxLen)
+      throw std::invalid_argument("shape: each of b, hq, lq, lk must be in [0, 2^31)");
+  const attn::MaskOptions opts = mask_options(ATTN_MASK_VALUES);
+  attn::PlanStats st;
+  {
+    py::gil_scoped_release nogil;
+    st = attn::plan_stats(opts, kernel == "maps" ? attn::kMapsTiles : attn::kAttentionTiles, b,
+                          hq, lq, lk);
+  }
+  py::dict d;
+  d["groups"] = st.groups;
+  d["items"] = st.items;
+  d["spans"] = st.spans;
+  d["full_spans"] = st.full_spans;
+  d["pairs"] = st.pairs;
+  d["head_dependent"] = st.head_dependent;
+  d["build_seconds"] = st.build_seconds;
+  return d;
+}
+
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("n: must be >= 1, got " + std::to_string(n));
   attn::set_default_num_threads(n);
@@ -264,31 +301,41 @@ PYBIND11_MODULE(_native, m) {
   const auto tail = [](auto... extra) {
     return std::make_tuple(extra..., py::arg("num_threads") = 0, py::arg("cancel") = py::none());
   };
-  def_with_options(
+  def_with(
       m, "attention", &attention,
-      std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()),
+      std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()), option_args(),
       tail(py::arg("return_weights") = false, py::arg("weights_rows") = py::none(),
            "Exact attention. Returns (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the "
            "weights are (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for "
            "the rows asked for."));
-  def_with_options(
+  def_with(
       m, "multihead", &multihead,
       std::make_tuple(py::arg("query"), py::arg("key"), py::arg("value"), py::arg("q_weight"),
                       py::arg("k_weight"), py::arg("v_weight"), py::arg("out_weight"),
                       py::arg("q_bias") = py::none(), py::arg("k_bias") = py::none(),
                       py::arg("v_bias") = py::none(), py::arg("out_bias") = py::none(),
                       py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads")),
+      option_args(),
       tail(py::arg("return_weights") = false, py::arg("weights_rows") = py::none(),
            "torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads. Returns "
            "(out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq or len(weights_rows),Lk) or None)."));
-  def_with_options(
+  def_with(
       m, "attention_maps", &attention_maps,
-      std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()),
+      std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()), option_args(),
       tail(py::arg("bins_q") = 1, py::arg("bins_k") = 1, py::arg("top_k") = 0,
            "Exact attention maps in O(L) memory. Returns (out, lse, pooled (B,Hq,Pq,Pk) bin "
            "means, entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk)); "
            "Pq, Pk, K are clamped to Lq, Lk, Lk."));
 
+  def_with(m, "mask_plan", &mask_plan,
+           std::make_tuple(py::arg("b"), py::arg("hq"), py::arg("lq"), py::arg("lk"),
+                           py::kw_only()),
+           mask_args(),
+           std::make_tuple(py::arg("kernel") = "attention",
+                           "Summary of the mask plan of a call with these shapes and masking "
+                           "options: groups of query rows, work items, key spans (and how many "
+                           "are full), (query, key) pairs visited over all heads, whether it "
+                           "differs by head, and the seconds its checks and building took."));
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
         "Default number of threads for calls with num_threads=0.");
   m.def("get_num_threads", &attn::default_num_threads);

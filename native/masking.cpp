@@ -12,6 +12,7 @@
 // per-element work); the others name the parts of the rule the kernel applies to them.
 #include "masking.h"
 
+#include <chrono>
 #include <cmath>
 #include <string>
 
@@ -35,12 +36,16 @@ int64_t window_side(int64_t w, int64_t dilation, int64_t lim) {
 }
 
 // Offsets of packed sequences: 1-D int, at least 2, 0 first, non-decreasing, total last.
+// At most max_docs documents (bounds the cost of reading them before anything else).
 std::vector<int64_t> check_offsets(const ArrayRef& a, const char* name, int64_t total,
-                                   const char* total_name) {
+                                   const char* total_name, int64_t max_docs) {
   check_1d(a, name, DType::i32, -1, "(documents + 1,)");
   if (a.shape[0] < 2)
     fail(std::string(name) + ": expected at least 2 offsets (one document), got " +
          str(a.shape[0]));
+  if (a.shape[0] - 1 > max_docs)
+    fail(std::string(name) + ": " + str(a.shape[0] - 1) + " documents are more than Lq + Lk + 1 = " +
+         str(max_docs));
   std::vector<int64_t> v = read_ints(a);
   if (v[0] != 0) fail(std::string(name) + ": must start at 0, got " + str(v[0]));
   for (size_t d = 1; d < v.size(); ++d)
@@ -95,8 +100,8 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
   if (packed) {
     if (!o.cu_seqlens_q.given) fail("cu_seqlens_q: required with cu_seqlens_k");
     if (!o.cu_seqlens_k.given) fail("cu_seqlens_k: required with cu_seqlens_q");
-    const std::vector<int64_t> cq = check_offsets(o.cu_seqlens_q, "cu_seqlens_q", Lq, "Lq");
-    const std::vector<int64_t> ck = check_offsets(o.cu_seqlens_k, "cu_seqlens_k", Lk, "Lk");
+    const std::vector<int64_t> cq = check_offsets(o.cu_seqlens_q, "cu_seqlens_q", Lq, "Lq", lim);
+    const std::vector<int64_t> ck = check_offsets(o.cu_seqlens_k, "cu_seqlens_k", Lk, "Lk", lim);
     if (ck.size() != cq.size())
       fail("cu_seqlens_k: has " + str(int64_t(ck.size()) - 1) + " documents, cu_seqlens_q " +
            str(int64_t(cq.size()) - 1));
@@ -424,6 +429,30 @@ class Builder {
 PlanStorage build_plan(const MaskRule& rule, TileGeometry tiles, int64_t B, int64_t Hq,
                        int64_t Lq) {
   return Builder(rule, tiles, B, Hq, Lq).build();
+}
+
+PlanStats plan_stats(const MaskOptions& o, TileGeometry tiles, int64_t B, int64_t Hq, int64_t Lq,
+                     int64_t Lk) {
+  const auto start = std::chrono::steady_clock::now();
+  const Masking masking(o, B, Hq, Lq, Lk);
+  const MaskRule rule = masking.rule();
+  const PlanStorage p = build_plan(rule, tiles, B, Hq, Lq);
+  PlanStats s;
+  s.build_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  s.groups = int64_t(p.groups.size());
+  s.items = int64_t(p.items.size());
+  s.spans = int64_t(p.spans.size());
+  s.head_dependent = p.n_heads > 1;
+  for (const PlanSpan& sp : p.spans) s.full_spans += sp.checks == 0;
+  const int64_t ng = s.groups;
+  for (int64_t hp = 0; hp < p.n_heads; ++hp)
+    for (int64_t g = 0; g < ng; ++g)
+      for (int64_t x = p.span_ptr[size_t(hp * ng + g)]; x < p.span_ptr[size_t(hp * ng + g + 1)];
+           ++x)
+        s.pairs += int64_t(p.spans[size_t(x)].n) * p.groups[size_t(g)].n;
+  if (p.n_heads == 1) s.pairs *= Hq;
+  return s;
 }
 
 }  // namespace attn

@@ -57,4 +57,14 @@ struct PlanStorage {
 PlanStorage build_plan(const MaskRule& rule, TileGeometry tiles, int64_t B, int64_t Hq,
                        int64_t Lq);
 
+// The size and build time of the plan for some masking options and shapes (checks included).
+struct PlanStats {
+  int64_t groups = 0, items = 0, spans = 0, full_spans = 0;
+  int64_t pairs = 0;  // (query row, key) pairs the kernel visits, over every batch and head
+  bool head_dependent = false;
+  double build_seconds = 0.0;
+};
+PlanStats plan_stats(const MaskOptions& o, TileGeometry tiles, int64_t B, int64_t Hq, int64_t Lq,
+                     int64_t Lk);
+
 }  // namespace attn

@@ -113,13 +113,14 @@ def test_random_combinations_match_the_reference(call: tuple, isa: str) -> None:
         _native.set_isa(previous)
 
 
-def _broken(kw: dict[str, Any], lq: int, how: int) -> tuple[dict[str, Any], str] | None:
+def _broken(kw: dict[str, Any], lq: int, lk: int, how: int) -> tuple[dict[str, Any], str] | None:
     """A broken copy of valid arguments and the field its error must name (None: no such
     break applies)."""
     kw = dict(kw)
     if how == 0 and "block_layout" in kw:
         lay = kw["block_layout"]
-        kw["block_layout"] = np.ones((*lay.shape[:3], lay.shape[3] + 1), dtype=bool)
+        nkb = -(-lk // (kw["block_k"] or kw["block_q"]))
+        kw["block_layout"] = np.ones((*lay.shape[:3], nkb + 2), dtype=bool)  # neither nkb nor 1
         return kw, "block_layout"
     if how == 1 and "cu_seqlens" in kw and len(kw["cu_seqlens"]) > 2 and kw["cu_seqlens"][-1]:
         cu = kw["cu_seqlens"].copy()
@@ -139,7 +140,7 @@ def _broken(kw: dict[str, Any], lq: int, how: int) -> tuple[dict[str, Any], str]
 @given(call=calls(), how=st.integers(0, 3))
 def test_broken_variants_name_the_field(call: tuple, how: int) -> None:
     (q, k, v), kw = call
-    broken = _broken(kw, q.shape[2], how)
+    broken = _broken(kw, q.shape[2], k.shape[2], how)
     if broken is None:
         return
     kw, field = broken

@@ -319,6 +319,11 @@ def _bad() -> list[tuple[dict, str]]:
         ({"weights_rows": np.array([3, 1, 3])}, r"^weights_rows: row 3 appears twice"),
         ({"weights_rows": np.array([1], np.int32)}, r"^weights_rows: expected dtype int64"),
         ({"weights_rows": np.array([[1]])}, r"^weights_rows: expected 1 dimension"),
+        ({"weights_rows": np.arange(9)}, r"^weights_rows: 9 rows asked for, but Lq=8"),
+        (
+            {"cu_seqlens": np.zeros(19, dtype=np.int64)},  # 18 documents: more than 8 + 8 + 1
+            r"^cu_seqlens_q: 18 documents are more than Lq \+ Lk \+ 1 = 17",
+        ),
     ]
 
 
@@ -346,3 +351,32 @@ def test_packed_sequences_refuse_key_lengths_and_global_tokens() -> None:
         _native.multihead(
             x, x, x, *w, num_heads=2, num_kv_heads=2, scale=0.3, weights_rows=np.array([9])
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan's size follows the tiles, never Lq x Lk
+
+
+def test_plan_size_follows_the_tiles() -> None:
+    n = 1 << 24  # a plan for 16M rows: only its groups and spans are built
+    plan = _native.mask_plan(1, 8, n, n, window_left=128, window_right=128)
+    groups = -(-n // 96)
+    assert plan["groups"] == groups and plan["spans"] <= 3 * groups
+    assert plan["pairs"] <= 8 * n * (257 + 2 * 96)  # the band and the rows of a group, no more
+    dense = _native.mask_plan(2, 4, 5000, 7000)
+    assert dense["spans"] == dense["groups"] == dense["full_spans"] == 2 * -(-5000 // 96)
+    assert dense["pairs"] == 2 * 4 * 5000 * 7000
+
+
+def test_plan_visits_only_kept_blocks_and_the_dilated_keys() -> None:
+    lay = np.random.default_rng(70).random((1, 8, 64, 64)) < 0.125
+    blocks = _native.mask_plan(1, 8, 8192, 8192, block_layout=lay, block_q=128)
+    assert blocks["head_dependent"] and blocks["pairs"] == lay.sum() * 128 * 128
+    assert blocks["full_spans"] == blocks["spans"]  # aligned blocks need no element checks
+    window = _native.mask_plan(1, 8, 8192, 8192, window_left=64, window_right=64)
+    dilated = _native.mask_plan(1, 8, 8192, 8192, window_left=64, window_right=64, dilation=2)
+    assert dilated["pairs"] <= window["pairs"]  # a dilated window visits its own keys only
+    packed = _native.mask_plan(1, 8, 8192, 8192, causal=1, cu_seqlens=np.arange(0, 8193, 1024))
+    assert packed["pairs"] <= 8 * 8 * 1024 * (1024 + 96)  # each document's causal triangle
+    with pytest.raises(ValueError, match="^kernel: expected 'attention' or 'maps'"):
+        _native.mask_plan(1, 1, 4, 4, kernel="gpu")
