@@ -42,9 +42,11 @@ lint: $(VENV)/.testdeps
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
 
-# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run.
+# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run; BASELINE=<git ref>
+# also builds that commit's kernel and runs it side by side (no-regression rows).
 bench: $(VENV)/.testdeps build
-	$(BIN)/python tests/benchmarks/bench_kernel.py $(if $(QUICK),--quick)
+	$(BIN)/python tests/benchmarks/bench_kernel.py $(if $(QUICK),--quick) \
+		$(if $(BASELINE),--baseline $(BASELINE))
 
 # Approximate methods against exact: time and error vs L (1k..64k); QUICK=1 stops at 4k.
 .PHONY: bench-approx
