@@ -84,6 +84,6 @@ EOF
 start=$(date +%s)
 # --capture=sys: a sanitizer writes its report to file descriptor 2 and then kills the
 # process, so pytest must not be holding fd 2 in a temporary file that dies with it.
-"$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py tests/test_mask_plan.py \
-  tests/test_fuzz_native.py "$@"
+"$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py \
+  tests/test_mask_plan.py tests/test_fuzz_mask_plan.py tests/test_fuzz_native.py "$@"
 echo "sanitize: ASan + UBSan clean in $(($(date +%s) - start)) s"
