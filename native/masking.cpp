@@ -278,6 +278,7 @@ class Builder {
 
   // One work item: the group, then its global rows (which override the group's results).
   void add_item(int64_t b, int64_t d, int64_t i0, int64_t n, int64_t rs) {
+    if (n == 1) rs = 1;  // (a dilation beyond 2^31 would not fit the int32 stride)
     const int64_t g0 = int64_t(p_.groups.size());
     p_.groups.push_back(PlanGroup{b, d, i0, int32_t(n), int32_t(rs), 0});
     if (r_.n_globals > 0) {
@@ -331,6 +332,7 @@ class Builder {
       b -= ((b - rho) % stride + stride) % stride;
     }
     if (a > b) return;
+    if (a == b) stride = 1;  // (a dilation beyond 2^31 would not fit the int32 stride)
     if (x.windowed && r_.n_globals > 0)
       for (int64_t g = first_global(r_, a); g < r_.n_globals && r_.globals[g] <= b; ++g)
         if ((r_.globals[g] - a) % stride == 0) {

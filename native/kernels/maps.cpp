@@ -331,10 +331,10 @@ void map_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const Pl
         for (int64_t q = 0; q < nqb; ++q) {
           const float* brow = bin + q * BC;
           double* lrow = loc + q * m.Pk;
-          for (int x = 0; x < nruns; ++x) {
+          for (int run = 0; run < nruns; ++run) {
             float sum = 0.0f;
-            for (int jj = int(kbin_at[x]); jj < kbin_at[x + 1]; ++jj) sum += brow[jj];
-            lrow[kbin[x]] += sum;
+            for (int jj = int(kbin_at[run]); jj < kbin_at[run + 1]; ++jj) sum += brow[jj];
+            lrow[kbin[run]] += sum;
           }
         }
       }
