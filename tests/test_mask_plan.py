@@ -321,8 +321,8 @@ def _bad() -> list[tuple[dict, str]]:
         ({"weights_rows": np.array([[1]])}, r"^weights_rows: expected 1 dimension"),
         ({"weights_rows": np.arange(9)}, r"^weights_rows: 9 rows asked for, but Lq=8"),
         (
-            {"cu_seqlens": np.zeros(19, dtype=np.int64)},  # 18 documents: more than 8 + 8 + 1
-            r"^cu_seqlens_q: 18 documents are more than Lq \+ Lk \+ 1 = 17",
+            {"cu_seqlens": np.zeros(1042, dtype=np.int64)},  # more documents than 8 + 8 + 1024
+            r"^cu_seqlens_q: 1041 documents are more than Lq \+ Lk \+ 1024 = 1040",
         ),
     ]
 
