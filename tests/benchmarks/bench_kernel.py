@@ -503,11 +503,14 @@ def write_results(rows: list[Row], info: dict[str, str]) -> None:
 def plot(rows: list[Row], info: dict[str, str]) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 5), dpi=110)
-    ax = fig.add_subplot()
+    sparse = [r for r in rows if r.group == "sparse"]
+    fig = Figure(figsize=(12 if sparse else 7, 5), dpi=110)
+    ax = fig.add_subplot(1, 2 if sparse else 1, 1)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         if r.group not in ("exact", "window") or "dilated" in r.case or "global" in r.case:
+            continue
+        if "±64" in r.case or "/" in r.case:
             continue
         n = int(r.case.split("N=")[1].split()[0])
         kind = (
@@ -524,9 +527,26 @@ def plot(rows: list[Row], info: dict[str, str]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N (B=1, H=8, D=64, fp32)")
     ax.set_ylabel("time (ms)")
-    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads")
+    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if sparse:
+        # Block-sparse time against the fraction of blocks kept, with the goal's bound.
+        bx = fig.add_subplot(1, 2, 2)
+        kept = [r.extra["kept"] for r in sparse]
+        bx.plot(kept, [r.ours_ms for r in sparse], "-o", label="ours (block_layout)")
+        bx.plot(kept, [r.torch_ms for r in sparse], "--s", label="torch SDPA, dense bool mask")
+        flex = [(r.extra["kept"], r.extra.get("flex_ms")) for r in sparse]
+        if all(ms is not None for _, ms in flex):
+            bx.plot([k for k, _ in flex], [ms for _, ms in flex], "--^", label="FlexAttention")
+        bx.plot(kept, [r.extra["bound_ms"] for r in sparse], ":", label="goal: ρ·dense·1.2 + 2 ms")
+        bx.set_xscale("log")
+        bx.set_yscale("log")
+        bx.set_xlabel(f"fraction of 128×128 blocks kept ({sparse[0].case.split()[-1]}, H=8)")
+        bx.set_ylabel("time (ms)")
+        bx.set_title("block-sparse attention", fontsize=9)
+        bx.grid(True, which="both", alpha=0.3)
+        bx.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "bench.png")
 
