@@ -102,17 +102,20 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
   const bool packed = o.cu_seqlens_q.given || o.cu_seqlens_k.given;
   r.packed = packed;
   if (packed) {
+    const char* qname = o.cu_seqlens_shared ? "cu_seqlens" : "cu_seqlens_q";
+    const char* kname = o.cu_seqlens_shared ? "cu_seqlens" : "cu_seqlens_k";
     if (!o.cu_seqlens_q.given) fail("cu_seqlens_q: required with cu_seqlens_k");
     if (!o.cu_seqlens_k.given) fail("cu_seqlens_k: required with cu_seqlens_q");
     const int64_t max_docs = Lq + Lk + kSpareDocs;
-    const std::vector<int64_t> cq = check_offsets(o.cu_seqlens_q, "cu_seqlens_q", Lq, "Lq", max_docs);
-    const std::vector<int64_t> ck = check_offsets(o.cu_seqlens_k, "cu_seqlens_k", Lk, "Lk", max_docs);
+    const std::vector<int64_t> cq = check_offsets(o.cu_seqlens_q, qname, Lq, "Lq", max_docs);
+    const std::vector<int64_t> ck = check_offsets(o.cu_seqlens_k, kname, Lk, "Lk", max_docs);
     if (ck.size() != cq.size())
       fail("cu_seqlens_k: has " + str(int64_t(ck.size()) - 1) + " documents, cu_seqlens_q " +
            str(int64_t(cq.size()) - 1));
     if (B != 1)
-      fail("cu_seqlens_q: packed sequences need a batch axis of 1 (documents back to back "
-           "along the sequence axis), got B=" + str(B));
+      fail(std::string(qname) +
+           ": packed sequences need a batch axis of 1 (documents back to back along the "
+           "sequence axis), got B=" + str(B));
     if (o.key_lengths.given)
       fail("key_lengths: cannot be combined with cu_seqlens (each packed document has its own "
            "keys)");

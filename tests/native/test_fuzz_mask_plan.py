@@ -113,7 +113,7 @@ def _broken(kw: dict[str, Any], lq: int, lk: int, how: int) -> tuple[dict[str, A
         cu = kw["cu_seqlens"].copy()
         cu[1] = cu[-1] + 1
         kw["cu_seqlens"] = cu
-        return kw, "cu_seqlens_q"
+        return kw, "cu_seqlens"
     if how == 2 and lq:
         kw["weights_rows"] = np.array([0, lq], dtype=np.int64)
         return kw, "weights_rows"
