@@ -14,7 +14,14 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.core.errors import InputError
-from service.core.options import AttentionOptions, MultiheadOptions, MultiheadWeights, Window
+from service.core.options import (
+    AttentionOptions,
+    BlockMask,
+    BlockPattern,
+    MultiheadOptions,
+    MultiheadWeights,
+    Window,
+)
 
 # A numpy array or a torch tensor (torch is not a dependency, so no stricter annotation).
 ArrayLike = Any
@@ -34,9 +41,21 @@ _FIELD_NAMES = frozenset(
     | set(AttentionOptions.model_fields)
     | set(Window.model_fields)
     | set(MultiheadWeights.model_fields)
+    | set(BlockMask.model_fields)
+    | set(BlockPattern.model_fields)
 )
 # List options that may be given as arrays or tensors.
-_LIST_FIELDS = frozenset({"key_lengths", "global_tokens", "alibi_slopes"})
+_LIST_FIELDS = frozenset(
+    {
+        "key_lengths",
+        "global_tokens",
+        "alibi_slopes",
+        "cu_seqlens",
+        "cu_seqlens_q",
+        "cu_seqlens_k",
+        "weights_rows",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,9 +160,14 @@ def test_model_metadata(tc) -> None:
     meta = tc.get_model_metadata("attention")
     assert meta["name"] == "attention" and meta["versions"] == ["1"]
     inputs = {t["name"]: t for t in meta["inputs"]}
-    assert list(inputs) == ["q", "k", "v", "mask", "key_lengths"]
+    assert list(inputs) == [
+        "q", "k", "v", "mask", "key_lengths",
+        "block_layout", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "weights_rows",
+    ]  # fmt: skip
     assert inputs["q"] == {"name": "q", "datatype": "FP32", "shape": [-1, -1, -1, -1]}
     assert inputs["mask"]["datatype"] == "BOOL" and inputs["key_lengths"]["shape"] == [-1]
+    assert inputs["block_layout"]["datatype"] == "BOOL"
+    assert inputs["cu_seqlens"]["datatype"] == inputs["weights_rows"]["datatype"] == "INT64"
     outputs = {t["name"]: t for t in meta["outputs"]}
     assert list(outputs) == ["output", "weights", "lse"]
     assert all(d == -1 for t in meta["inputs"] + meta["outputs"] for d in t["shape"])
@@ -172,6 +177,9 @@ def test_model_metadata(tc) -> None:
     names = [t["name"] for t in mh["inputs"]]
     assert names[:3] == ["query", "key", "value"]
     assert {"q_proj", "k_proj", "v_proj", "out_proj", "out_bias", "mask", "key_lengths"} <= set(
+        names
+    )
+    assert {"block_layout", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "weights_rows"} <= set(
         names
     )
     assert [t["name"] for t in mh["outputs"]] == ["output", "weights", "lse"]
