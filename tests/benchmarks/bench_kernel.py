@@ -265,7 +265,7 @@ def bench_block_sparse(rows: list[Row], n: int, budget: float, flex: Callable | 
         mask = torch.from_numpy(np.kron(layout[0, 0], np.ones((block, block), bool))[:n, :n])
 
         def ours(layout: np.ndarray = layout) -> object:
-            return _native.attention(q, k, v, scale=0.125, block_layout=layout, block_q=block)
+            return service.attention(q, k, v, block_mask={"block_size": block, "layout": layout})
 
         ours_ms, torch_ms = _side_by_side(
             ours, partial(F.scaled_dot_product_attention, tq, tk, tv, attn_mask=mask), budget
@@ -290,7 +290,7 @@ def bench_packed(rows: list[Row], docs: int, length: int, budget: float, flex: C
     doc = np.arange(n) // length
     same_doc_causal = (doc[:, None] == doc[None, :]) & (np.arange(n)[:, None] >= np.arange(n))
     ours_ms, torch_ms = _side_by_side(
-        partial(_native.attention, q, k, v, scale=0.125, causal=1, cu_seqlens=cu),
+        partial(service.attention, q, k, v, causal=True, cu_seqlens=cu),
         partial(
             F.scaled_dot_product_attention, tq, tk, tv, attn_mask=torch.from_numpy(same_doc_causal)
         ),
