@@ -12,7 +12,6 @@ import dataclasses
 import gzip
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,13 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 import service
 from service.core.weights import expected_shapes
 from service.web.v2 import models
-from tests.support.http import Server, app_client, b64, bfloat16_round, decode
+from tests.support.http import app_client, b64, bfloat16_round, decode
 from tests.support.reference import reference_attention
 
 MAX_ELEMENTS = 200_000
 # The `server` fixture's environment (tests/conftest.py).
 SERVER_ENV = {"ATTN_MAX_ELEMENTS": str(MAX_ELEMENTS)}
 HEADER = "Inference-Header-Content-Length"
-
-
-@pytest.fixture(scope="module")
-def tc(server: Server) -> Iterator[triton.InferenceServerClient]:
-    c = triton.InferenceServerClient(url=server.address)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ tests/core against the float64 reference); errors name the protocol's parameters
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,22 +15,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from tests.support.http import Server, decode
+from tests.support.http import decode
 
 SERVER_ENV = {"ATTN_MAX_ELEMENTS": "200000"}
-
-
-@pytest.fixture(scope="module")
-def tc(server: Server) -> Iterator[triton.InferenceServerClient]:
-    c = triton.InferenceServerClient(url=server.address)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def infer(
