@@ -60,18 +60,8 @@ def layout_4d(bm: BlockMask, shape: tuple[int, int, int, int]) -> dict[str, Any]
     blocks = (b, h, -(-lq // bq), -(-lk // bk))
     if bm.pattern is not None:
         p = bm.pattern
-        layout = block_layout(
-            p.kind,
-            lq,
-            lk,
-            (bq, bk),
-            window=p.window,
-            stride=p.stride,
-            global_blocks=p.global_blocks,
-            random_blocks=p.random_blocks,
-            seed=p.seed,
-            num_heads=h,
-        )
+        pattern = p.model_dump(exclude={"kind"})  # window, stride, global and random blocks, seed
+        layout = block_layout(p.kind, lq, lk, (bq, bk), num_heads=h, **pattern)
     else:
         assert bm.layout is not None  # the model holds exactly one of layout and pattern
         layout = bm.layout

@@ -532,6 +532,27 @@ def plot(rows: list[Row], info: dict[str, str]) -> None:
     fig.savefig(RESULTS / "bench.png")
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """Sequence lengths of each group, and seconds per side-by-side figure."""
+
+    exact: list[int]
+    shapes: int
+    windows: list[int]
+    long_window: int
+    sparse: int
+    packed: tuple[int, int]  # documents, tokens each
+    baseline: list[int]
+    threads: int
+    memory: int
+    budget: float
+
+
+FULL = Sizes([512, 2048, 8192], 2048, [2048, 8192], 32768, 8192, (8, 1024), [2048, 8192], 2048,
+             32768, 4.0)  # fmt: skip
+QUICK = Sizes([256, 512], 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096, 0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, short budgets")
@@ -542,28 +563,17 @@ def main() -> None:
     info = describe(isa=_native.isa(), threads=str(THREADS), torch=torch.__version__)
     print("machine:", info, flush=True)
     rows: list[Row] = []
-    if args.quick:
-        bench_exact(rows, [256, 512], 0.5)
-        bench_shapes(rows, 256, 0.5)
-        bench_windows(rows, [1024, 2048], 4096, 0.5)
-        flex = _flex_attention()
-        bench_block_sparse(rows, 1024, 0.5, flex)
-        bench_packed(rows, 4, 256, 0.5, flex)
-        if args.baseline:
-            bench_regression(rows, args.baseline, [512], 0.5)
-        bench_threads(rows, 512, 0.5)
-        bench_memory(rows, 4096)
-    else:
-        bench_exact(rows, [512, 2048, 8192], 4.0)
-        bench_shapes(rows, 2048, 3.0)
-        bench_windows(rows, [2048, 8192], 32768, 4.0)
-        flex = _flex_attention()
-        bench_block_sparse(rows, 8192, 4.0, flex)
-        bench_packed(rows, 8, 1024, 4.0, flex)
-        if args.baseline:
-            bench_regression(rows, args.baseline, [2048, 8192], 4.0)
-        bench_threads(rows, 2048, 3.0)
-        bench_memory(rows, 32768)
+    size = QUICK if args.quick else FULL
+    bench_exact(rows, size.exact, size.budget)
+    bench_shapes(rows, size.shapes, size.budget * 0.75)
+    bench_windows(rows, size.windows, size.long_window, size.budget)
+    flex = _flex_attention()
+    bench_block_sparse(rows, size.sparse, size.budget, flex)
+    bench_packed(rows, *size.packed, size.budget, flex)
+    if args.baseline:
+        bench_regression(rows, args.baseline, size.baseline, size.budget)
+    bench_threads(rows, size.threads, size.budget * 0.75)
+    bench_memory(rows, size.memory)
     bench_heatmap(rows, 2.0)
     write_results(rows, info)
     missed = [r for r in rows if r.passed is False]
