@@ -62,9 +62,11 @@ lint: $(VENV)/.testdeps
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run.
+# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run; BASELINE=<git ref>
+# also builds that commit's kernel and runs it side by side (no-regression rows).
 bench: $(VENV)/.testdeps build
-	$(BIN)/python -m tests.benchmarks.bench_kernel $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_kernel $(if $(QUICK),--quick) \
+		$(if $(BASELINE),--baseline $(BASELINE))
 
 # Approximate methods against exact: time and error vs L (1k..64k); QUICK=1 stops at 4k.
 .PHONY: bench-approx
@@ -97,7 +99,8 @@ sanitize: $(VENV)/.testdeps
 fuzz: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py
+		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py \
+		tests/native/test_fuzz_mask_plan.py
 
 # Load test: the real server under 32 locust users for 60 s (DURATION=n to change); writes
 # and prints tests/load/results/last.md (p50/p99, throughput, status codes, peak RSS).

@@ -42,13 +42,23 @@ def attention(
     approx.check_options(opts)  # options the chosen method does not support are errors
     if opts.method != "exact":
         return _approximation(q, q4, k4, v4, opts, rank)
+    rows = opts.weights_rows
     out, lse, weights, elapsed = exact.run(
-        q4, k4, v4, opts, kw, return_weights=opts.return_weights, threads=threads
+        q4,
+        k4,
+        v4,
+        opts,
+        kw,
+        return_weights=opts.return_weights,
+        threads=threads,
+        weights_rows=rows,
     )
+    if rows is not None:
+        lse = lse[:, :, rows]  # the rows asked for, in their order, as the weights
     return AttentionResult(
         output=to_output(caller_rank(out, rank), q),
         weights=to_output(caller_rank(weights, rank), q) if weights is not None else None,
-        lse=to_output(caller_rank(lse, rank), q) if opts.return_weights else None,
+        lse=to_output(caller_rank(lse, rank), q) if weights is not None else None,
         elapsed_ms=elapsed,
         flops=exact.dense_flops(q4, k4, v4),
     )

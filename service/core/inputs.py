@@ -16,7 +16,14 @@ from pydantic import BaseModel, ValidationError
 
 from service.core.errors import InputError
 from service.core.frameworks import ArrayError, from_numpy, is_bfloat16, to_numpy
-from service.core.options import AttentionOptions, MultiheadOptions, MultiheadWeights, Window
+from service.core.options import (
+    AttentionOptions,
+    BlockMask,
+    BlockPattern,
+    MultiheadOptions,
+    MultiheadWeights,
+    Window,
+)
 
 # A numpy array or another library's array (none is a dependency, so no stricter annotation).
 ArrayLike = Any
@@ -36,6 +43,8 @@ _FIELD_NAMES = frozenset(
     | set(AttentionOptions.model_fields)
     | set(Window.model_fields)
     | set(MultiheadWeights.model_fields)
+    | set(BlockMask.model_fields)
+    | set(BlockPattern.model_fields)
 )
 
 
