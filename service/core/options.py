@@ -130,6 +130,7 @@ class MemorySpec(BaseModel):
         None,
         ge=1,
         le=_MAX_LEN,
+        validate_default=True,
         description="c: positions pooled into one slot; required when compressed > 0 (it must "
         "divide length and the segments).",
     )
@@ -137,17 +138,19 @@ class MemorySpec(BaseModel):
         "mean", description="How a slot pools its positions' keys and values, elementwise."
     )
 
-    @model_validator(mode="after")
-    def _rate_divides(self) -> MemorySpec:
-        if self.compressed > 0:
-            if self.rate is None:
-                raise ValueError("rate is required when compressed > 0")
-            if self.length % self.rate:
-                raise ValueError(
-                    f"rate {self.rate} must divide length {self.length} (slots pool whole "
-                    "positions of the raw memory)"
-                )
-        return self
+    @field_validator("rate")
+    @classmethod
+    def _rate_divides_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if not info.data.get("compressed"):
+            return v
+        if v is None:
+            raise ValueError("required when compressed > 0")
+        length = info.data.get("length")
+        if length is not None and length % v:
+            raise ValueError(
+                f"{v} must divide length {length} (slots pool whole positions of the raw memory)"
+            )
+        return v
 
     @property
     def slot_rate(self) -> int:
@@ -162,14 +165,15 @@ class Memory(MemorySpec):
 
     segment: int = Field(..., ge=1, le=_MAX_LEN, description="S: positions per segment.")
 
-    @model_validator(mode="after")
-    def _rate_divides_segment(self) -> Memory:
-        if self.compressed > 0 and self.rate is not None and self.segment % self.rate:
+    @field_validator("segment")
+    @classmethod
+    def _rate_divides_segment(cls, v: int, info: ValidationInfo) -> int:
+        rate = info.data.get("rate")
+        if info.data.get("compressed") and rate and v % rate:
             raise ValueError(
-                f"rate {self.rate} must divide segment {self.segment} (slots pool whole "
-                "positions of each segment)"
+                f"must be a multiple of rate {rate} (slots pool whole positions of each segment)"
             )
-        return self
+        return v
 
 
 class MaskingOptions(BaseModel):
