@@ -122,9 +122,9 @@ class MemorySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    length: int = Field(..., ge=0, le=_MAX_LEN, description="M: raw positions kept before a segment.")
+    length: int = Field(..., ge=0, le=_MAX_LEN, description="M: raw positions before a segment.")
     compressed: int = Field(
-        0, ge=0, le=_MAX_LEN, description="C: compressed slots kept before the raw memory; 0 = none."
+        0, ge=0, le=_MAX_LEN, description="C: compressed slots before the raw memory; 0 = none."
     )
     rate: int | None = Field(
         None,

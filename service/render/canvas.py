@@ -129,13 +129,15 @@ def _separators(ax: Axes, sections: Sections | None) -> list[Artist]:
     return [ax.axvline(x - 0.5, color="white", linewidth=1.5, animated=True) for x in edges]
 
 
-def _section_labels(ax: Axes, sections: Sections | None, cols: int) -> list[Artist]:
+def _section_labels(
+    ax: Axes, sections: Sections | None, cols: int, figure_px: float
+) -> list[Artist]:
     """Each non-empty section's label and width above the axes, centred on it; a label that
     would run into its left neighbour goes one row up."""
     if not sections:
         return []
     trans = blended_transform_factory(ax.transData, ax.transAxes)
-    axes_px = ax.get_position().width * ax.figure.get_figwidth() * _DPI
+    axes_px = ax.get_position().width * figure_px
     row_ends = [-math.inf, -math.inf]
     labels: list[Artist] = []
     start = 0
@@ -239,7 +241,8 @@ class _MapCanvas(_Layered):
             for artist in self.separators + self.section_labels:
                 artist.remove()
             self.separators = _separators(self.ax, sections)
-            self.section_labels = _section_labels(self.ax, sections, cols)
+            width_px = self.fig.get_figwidth() * _DPI
+            self.section_labels = _section_labels(self.ax, sections, cols, width_px)
             # An empty side still gets a one-cell frame (equal limits would be singular).
             self.ax.set_xlim(-0.5, max(cols, 1) - 0.5)
             self.ax.set_ylim(max(rows, 1) - 0.5, -0.5)

@@ -260,4 +260,3 @@ def _draw(app: AppState, session: Session, result: SegmentResult, spec: HeatmapS
     title = f"{_what(session.key)}, positions {start}-{start + n - 1}"
     sections = [("compressed", s), ("memory", m), ("segment", n)]
     return images.draw_weights(weights, spec, app.store, title=title, sections=sections)
-

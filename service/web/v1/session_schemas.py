@@ -54,8 +54,7 @@ class SessionInfo(BaseModel):
             "ttl_s": 3600,
             "memory": {"raw": 512, "compressed": 64},
             "options": {"memory": _MEMORY_EXAMPLE, "causal": True, "scale": None},
-            "shape": {"rank": 3, "batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 64,
-                      "value_dim": 64},  # fmt: skip
+            "shape": dict(rank=3, batch=1, heads=8, kv_heads=8, head_dim=64, value_dim=64),
         }
     )
 

@@ -9,7 +9,7 @@ state in the store; service.core.sessions computes).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from starlette.concurrency import run_in_threadpool
@@ -31,8 +31,10 @@ from service.web.v1.session_schemas import (
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 _PROBLEM = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
-_NOT_FOUND = {404: {"description": "Unknown or expired session.", "content": _PROBLEM}}
-_RESPONSES = {
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown or expired session.", "content": _PROBLEM}
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
     **PROBLEM_RESPONSES,
     **_NOT_FOUND,
     409: {
@@ -116,9 +118,7 @@ def _append(state: AppState, session_id: str, owner: str, body: bytes) -> Respon
     return wire.json_response(content)
 
 
-@router.get(
-    "/{session_id}", response_model=SessionInfo, responses=_NOT_FOUND, summary="A session"
-)
+@router.get("/{session_id}", response_model=SessionInfo, responses=_NOT_FOUND, summary="A session")
 def get_session(session_id: str, state: StateDep, authorization: Authorization = None) -> Response:
     """Where the session stands: its position, expiry, options, and the memory it holds for
     the next segment."""
