@@ -50,7 +50,12 @@ def check_options(opts: AttentionOptions, lq: int, lk: int) -> None:
     }
     for name, on in given.items():
         if on:
-            raise InputError(name, f"cannot be combined with memory ({_REFUSED[name]})")
+            loc: tuple[str, ...] = (name,)
+            if name == "window" and opts.window is not None:  # the part that is set
+                w = opts.window
+                part = "left" if w.left is not None else "right" if w.right is not None else ""
+                loc += (part or "dilation",)
+            raise InputError(loc, f"cannot be combined with memory ({_REFUSED[name]})")
     if mem.compressed > 0 and opts.key_lengths is not None:
         raise InputError(
             "key_lengths", "cannot be combined with compressed memory (a slot would pool padding)"

@@ -97,7 +97,8 @@ def test_torch_in_torch_out_any_rank() -> None:
 @pytest.mark.parametrize(
     ("options", "loc"),
     [
-        ({"window": {"left": 4}}, "window"),
+        ({"window": {"left": 4}}, "window.left"),
+        ({"window": {"dilation": 2}}, "window.dilation"),
         ({"mask": np.ones((64, 64), bool)}, "mask"),
         ({"global_tokens": [0]}, "global_tokens"),
         ({"alibi_slopes": True}, "alibi_slopes"),
