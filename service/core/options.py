@@ -13,13 +13,22 @@ Semantics (see README "Semantics"):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.core.tensor_field import Tensor
 
 CausalMode = Literal["top_left", "bottom_right"]
+
+# List fields stop at their first invalid item: a list of a million bad items is one error, not
+# a million (each costs time and memory to report).
+FAIL_FAST = Field(fail_fast=True)
+Ints = Annotated[list[int], FAIL_FAST]
+Floats = Annotated[list[float], FAIL_FAST]
+# The smallest softcap whose reciprocal float32 can hold: below it, scores / softcap is inf or
+# NaN (and a softcap that rounds to 0 in float32 would switch the cap off).
+SOFTCAP_MIN = float(2.0**-126)  # float32's smallest normal number, 1.18e-38
 
 
 class Window(BaseModel):
@@ -57,16 +66,16 @@ class MaskingOptions(BaseModel):
         description='For a bool mask: "attend" = True means attend (torch SDPA); "ignore" = True '
         "means masked out (nn.MultiheadAttention's attn_mask / key_padding_mask).",
     )
-    key_lengths: list[int] | None = Field(
+    key_lengths: Ints | None = Field(
         None, description="One length per batch item; keys at index >= length are padding."
     )
     window: Window | None = None
-    global_tokens: list[int] | None = Field(
+    global_tokens: Ints | None = Field(
         None,
         description="Key positions that every query may attend to, and whose (aligned) query "
         "rows ignore the window (Longformer).",
     )
-    alibi_slopes: list[float] | bool | None = Field(
+    alibi_slopes: Floats | bool | None = Field(
         None,
         description="One slope per query head, or true for the standard 2^(-8(h+1)/H); adds "
         "-slope*|i + Lk - Lq - j| to the scores.",
@@ -85,6 +94,11 @@ class MaskingOptions(BaseModel):
     def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError(f"{info.field_name} must be a finite number")
+        if info.field_name == "softcap" and v is not None and v < SOFTCAP_MIN:
+            raise ValueError(
+                f"softcap {v:.3g} is below {SOFTCAP_MIN:.3g}, float32's smallest normal number: "
+                "scores / softcap would overflow (or the cap round to 0 and vanish)"
+            )
         return v
 
     @field_validator("key_lengths")

@@ -28,6 +28,9 @@ from service.web.docs import example_config
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_PREFIX = "urn:attention-service:problem:"
+# An answer lists at most this many errors, plus a count of the rest: garbage in a request must
+# not make its answer grow.
+MAX_ERRORS = 20
 
 log = logging.getLogger("service")
 
@@ -58,7 +61,12 @@ class Problem(BaseModel):
     status: int
     detail: str
     instance: str | None = Field(None, description="The request path.")
-    errors: list[ErrorItem] | None = Field(None, description="Each invalid field (422 and 413).")
+    errors: list[ErrorItem] | None = Field(
+        None, description=f"Each invalid field (422 and 413): the first {MAX_ERRORS}."
+    )
+    more_errors: int | None = Field(
+        None, description=f"How many errors there are beyond the first {MAX_ERRORS} listed."
+    )
 
 
 class ServiceError(Exception):
@@ -90,6 +98,12 @@ class MalformedBody(
     ServiceError, status=400, slug="malformed-body", title="Malformed request body"
 ):
     """The body is not JSON, or not the JSON object a route reads."""
+
+
+class UnsupportedMediaType(
+    ServiceError, status=415, slug="unsupported-media-type", title="Unsupported media type"
+):
+    """The body's Content-Type is not one the route reads (JSON routes read JSON only)."""
 
 
 class BodyTooLarge(ServiceError, status=413, slug="body-too-large", title="Request body too large"):
@@ -147,7 +161,9 @@ def problem_response(
     if instance:
         body["instance"] = instance
     if errors is not None:
-        body["errors"] = errors
+        body["errors"] = errors[:MAX_ERRORS]
+        if len(errors) > MAX_ERRORS:
+            body["more_errors"] = len(errors) - MAX_ERRORS
     try:
         content = orjson.dumps(body)
     except TypeError:  # text orjson refuses (a lone surrogate from the input): escape it
@@ -202,7 +218,8 @@ def _is_tag(part: str | int) -> bool:
 def validation_items(exc: ValidationError | RequestValidationError) -> list[dict[str, Any]]:
     """pydantic's errors as [{"loc", "msg"}], one per field (union alternatives merged)."""
     merged: dict[tuple[str | int, ...], list[str]] = {}
-    for e in exc.errors():
+    # Without the inputs (which may be large) and urls: only loc and msg are used.
+    for e in exc.errors(include_url=False, include_input=False, include_context=False):
         loc = tuple(p for p in e["loc"] if not _is_tag(p))
         msgs = merged.setdefault(loc, [])
         msg = _clean_msg(str(e["msg"]))
@@ -249,7 +266,10 @@ def install_problem_handlers(app: FastAPI, forms: ErrorForms) -> None:
     ) -> Response:
         items = validation_items(exc)
         # A tensor over the element limit is a size problem (413), not a malformed value.
-        limit = any(e.get("type") == LIMIT_ERROR_TYPE for e in exc.errors())
+        limit = any(
+            e.get("type") == LIMIT_ERROR_TYPE
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        )
         return answer(request, detail=_summary(items), errors=items, **_limit_or_invalid(limit))
 
     @app.exception_handler(InputError)
@@ -314,6 +334,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, desc in {
         400: "Malformed JSON body.",
         408: "The request body did not arrive in time (ATTN_BODY_TIMEOUT_S).",
+        415: "The body is not JSON (Content-Type application/json or +json, UTF-8).",
         413: "Body or tensor larger than a configured limit (the limit is named).",
         422: "Invalid input; `errors` names each field.",
         503: "Overloaded (with Retry-After); retry later.",

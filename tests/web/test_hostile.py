@@ -260,7 +260,10 @@ HOSTILE: dict[str, tuple[dict[str, Any], int]] = {
     "Content-Length not a number": ({"headers": {"Content-Length": "12abc"}}, 400),
     "oversized body with Content-Length": ({"body": b" " * (MAX_BODY + 1)}, 413),
     "oversized chunked body": (
-        {"body": _chunked(MAX_BODY + MiB), "headers": {"Transfer-Encoding": "chunked"}},
+        {
+            "body": _chunked(MAX_BODY + MiB),
+            "headers": {"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        },
         413,
     ),
 }

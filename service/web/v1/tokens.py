@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v1", tags=["attention"])
 )
 async def post_tokens(request: Request, state: StateDep) -> Response:
     """The same token always gets the same embedding for a seed; heatmaps are token-labelled."""
+    wire.require_json(request.headers)
     return await state.scheduler.run_request("tokens", request, _job, state)
 
 

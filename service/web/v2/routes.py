@@ -41,6 +41,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Bad request (the message names the input or parameter).",
         404: "Unknown model or version.",
         413: "Body or tensor larger than a configured limit (the limit is named).",
+        415: "The body is neither JSON nor application/octet-stream (binary tensor data).",
         503: "Overloaded (with Retry-After); retry later.",
     }.items()
 }
@@ -147,6 +148,7 @@ async def infer(
     `binary_data` (per output) or `binary_data_output` (every output).
     """
     model = get_model(model_name, model_version)
+    codec.check_content_type(request.headers)
     job = f"v2-{model.name}"
     return await state.scheduler.run_request(job, request, _job, state, model, request.headers)
 
