@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from service import _native
 from service.core.errors import InputError
 from service.core.inputs import (
+    F32_SAFE,
     ArrayLike,
     absmax,
     as_float32,
@@ -43,6 +44,29 @@ def _weights_model(weights: MultiheadWeights | dict[str, Any] | None) -> Multihe
         return MultiheadWeights.model_validate(weights)
     except ValidationError as exc:
         raise input_error(exc, ("weights",)) from None
+
+
+# The native call's order of the weights and biases.
+_WEIGHT_ORDER = (
+    "q_proj", "k_proj", "v_proj", "out_proj", "q_bias", "k_bias", "v_bias", "out_bias",
+)  # fmt: skip
+
+
+def _values_in_range(w: dict[str, Any], v_max: float, lk: int) -> dict[str, Any]:
+    """The weights to run with. The kernel sums up to Lk projected values before dividing by
+    the weights' total; where that could overflow float32, the value projection is scaled down
+    by a power of two and the output projection up by the same (exact; in range, since
+    e * v_max * max|out_proj| was checked)."""
+    if v_max * max(lk, 1) <= F32_SAFE:
+        return w
+    e = math.frexp(v_max)[1]
+    bias = w["v_bias"]
+    return {
+        **w,
+        "v_proj": np.ldexp(w["v_proj"], -e),
+        "v_bias": None if bias is None else np.ldexp(bias, -e),
+        "out_proj": np.ldexp(w["out_proj"], e),
+    }
 
 
 def multihead_attention(
@@ -104,19 +128,13 @@ def multihead_attention(
     out_max = e * v_max * absmax(w["out_proj"]) + absmax(w["out_bias"])
     bound = max(q_max, k_max, v_max, out_max, abs(scale) * head_dim * q_max * k_max)
     check_magnitude("query", bound, "the projections or scale * q.k")
+    nw = _values_in_range(w, v_max, lk)
     (out, lse, probs), elapsed = call_native(
         _native.multihead,
         x,
         kx,
         vx,
-        w["q_proj"],
-        w["k_proj"],
-        w["v_proj"],
-        w["out_proj"],
-        w["q_bias"],
-        w["k_bias"],
-        w["v_bias"],
-        w["out_bias"],
+        *(nw[name] for name in _WEIGHT_ORDER),
         num_heads=num_heads,
         num_kv_heads=hkv,
         scale=float(scale),

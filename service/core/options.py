@@ -96,7 +96,7 @@ class MaskingOptions(BaseModel):
             raise ValueError(f"{info.field_name} must be a finite number")
         if info.field_name == "softcap" and v is not None and v < SOFTCAP_MIN:
             raise ValueError(
-                f"softcap {v:.3g} is below {SOFTCAP_MIN:.3g}, float32's smallest normal number: "
+                f"{v:.3g} is below {SOFTCAP_MIN:.3g}, float32's smallest normal number: "
                 "scores / softcap would overflow (or the cap round to 0 and vanish)"
             )
         return v

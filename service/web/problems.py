@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -224,11 +224,18 @@ def _is_tag(part: str | int) -> bool:
     return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
 
 
+def _errors(exc: ValidationError | RequestValidationError) -> Sequence[Any]:
+    """The errors without their inputs (which may be large) and urls: only loc, msg and type
+    are used."""
+    if isinstance(exc, ValidationError):
+        return exc.errors(include_url=False, include_input=False, include_context=False)
+    return exc.errors()
+
+
 def validation_items(exc: ValidationError | RequestValidationError) -> list[dict[str, Any]]:
     """pydantic's errors as [{"loc", "msg"}], one per field (union alternatives merged)."""
     merged: dict[tuple[str | int, ...], list[str]] = {}
-    # Without the inputs (which may be large) and urls: only loc and msg are used.
-    for e in exc.errors(include_url=False, include_input=False, include_context=False):
+    for e in _errors(exc):
         loc = tuple(p for p in e["loc"] if not _is_tag(p))
         msgs = merged.setdefault(loc, [])
         msg = _clean_msg(str(e["msg"]))
@@ -271,10 +278,7 @@ def _http(request: Request, exc: StarletteHTTPException) -> dict[str, Any]:
 def _validation(request: Request, exc: ValidationError | RequestValidationError) -> dict[str, Any]:
     items = validation_items(exc)
     # A tensor over the element limit is a size problem (413), not a malformed value.
-    limit = any(
-        e.get("type") == LIMIT_ERROR_TYPE
-        for e in exc.errors(include_url=False, include_input=False, include_context=False)
-    )
+    limit = any(e.get("type") == LIMIT_ERROR_TYPE for e in _errors(exc))
     return {"detail": _summary(items), "errors": items, **_limit_or_invalid(limit)}
 
 
@@ -335,7 +339,7 @@ def _unexpected(request: Request, exc: Exception) -> dict[str, Any]:
     return _as(InternalError, "an unexpected error occurred; it has been logged")
 
 
-ERROR_MAPPING: dict[type[BaseException], Describe] = {
+ERROR_MAPPING: dict[type[Exception], Describe] = {
     StarletteHTTPException: _http,
     RequestValidationError: _validation,
     ValidationError: _validation,

@@ -24,6 +24,7 @@ from service.core.approx.pooling import bin_edges, feature_map, pool_rows
 from service.core.approx.products import feature_attention, row_counts
 from service.core.approx.supported import check_options
 from service.core.errors import InputError, LimitError
+from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.options import AttentionOptions
 
 CHUNK = 64  # keys per causal chunk: small masked products, few Python iterations
@@ -75,12 +76,27 @@ def check_memory(q: np.ndarray, k: np.ndarray, opts: AttentionOptions) -> None:
         )
 
 
-def _finish(num: np.ndarray, den: np.ndarray, counts: np.ndarray, empty_rows: str) -> np.ndarray:
-    """num / den, with rows without allowed keys set to 0 or NaN (counts (B, Lq))."""
+def _finish(
+    num: np.ndarray, den: np.ndarray, counts: np.ndarray, opts: AttentionOptions
+) -> np.ndarray:
+    """num / den, with rows without allowed keys set to 0 or NaN (counts (B, Lq)).
+
+    A row with allowed keys whose features all underflowed (den = 0: elu(x) + 1 = e^x below
+    x = -87 for linear; exp of far-apart scores for performer) has no answer in float32: the
+    input is refused, naming q, rather than answered with a 0 the method does not give.
+    """
     empty = (counts <= 0)[:, None, None, :]  # (B, 1, 1, Lq)
-    tiny = np.finfo(den.dtype).tiny  # features underflowed to 0 in a non-empty row: output 0
-    out = num / np.maximum(den, tiny)[..., None]
-    return np.where(empty[..., None], np.nan if empty_rows == "nan" else 0.0, out).astype(num.dtype)
+    if not (empty | (den > 0)).all():
+        raise InputError(
+            "q",
+            f"values out of range for method {opts.method!r}: the feature products of some "
+            "query with every allowed key underflow to 0 in float32 (the scores are too far "
+            "apart); scale q and k down, or use method 'exact'",
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = num / den[..., None]
+    nan = np.nan if opts.empty_rows == "nan" else 0.0
+    return np.where(empty[..., None], nan, out).astype(num.dtype)
 
 
 def _linformer(
@@ -139,7 +155,7 @@ def compute(
         return out, weights, lse, pooled, 0
     if opts.method == "linformer":
         num, pooled, flops = _linformer(q, k, v, opts, pool)
-        out = _finish(num, np.ones(num.shape[:-1], num.dtype), counts, opts.empty_rows)
+        out = _finish(num, np.ones(num.shape[:-1], num.dtype), counts, opts)
         grouped: tuple[np.ndarray | None, ...] = (out, None, None, pooled)
     else:
         f, flops = features(q, k, opts)
@@ -148,7 +164,7 @@ def compute(
         flops += 2 * b * hkv * lk * nf * (dv + 1) + 2 * b * hq * lq * nf * (dv + 1)
         if f.last is not None:
             flops += 2 * b * hq * lq * min(chunk, lk) * (nf + dv + 1)
-        out = _finish(num, den, counts, opts.empty_rows)
+        out = _finish(num, den, counts, opts)
         weights = lse = None
         if opts.return_weights:
             weights = feature_map(f, den, lq, lk)
@@ -180,11 +196,16 @@ def run(
     if opts.method == "exact":
         raise InputError("method", "run() computes the approximate methods only")
     check_memory(q, k, opts)
+    check_scores(opts, q, k, v)  # the magnitude rules exact attention applies, per method
+    m = opts.num_features or default_num_features(q.shape[3])
+    values, scaling = scale_values(v, sum_growth(opts, q, k, m))
     lq, lk = q.shape[2], k.shape[2]
     pool = (min(lq, MAP_SIDE), min(lk, MAP_SIDE)) if opts.compare else None
     start = time.perf_counter()
     with _serial(), np.errstate(over="ignore", under="ignore"):
-        out, weights, lse, implied, flops = compute(q, k, v, opts, pool, chunk)
+        out, weights, lse, implied, flops = compute(q, k, values, opts, pool, chunk)
+    if scaling is not None:
+        out = scaling.restore(out)
     elapsed = (time.perf_counter() - start) * 1e3
     comparison = None
     if opts.compare:

@@ -88,7 +88,8 @@ _JSON_NAMES = {"BOOL": "true/false", "INT32": "whole numbers", "INT64": "whole n
 def _json_leaf_types(data: Any) -> set[type]:
     """The types of the values of nested lists (one level at a time, in C); list stands for
     arrays mixed with values (ragged)."""
-    level, kinds = [data], {list}
+    level: list[Any] = [data]
+    kinds: set[type] = {list}
     while kinds == {list}:
         level = list(chain.from_iterable(level))
         kinds = set(map(type, level))
@@ -441,7 +442,7 @@ def infer_response(
     if buffers:
         headers[HEADER_LENGTH] = str(len(header))
         # As flat byte arrays: a memoryview of an empty N-d array cannot be cast to bytes.
-        body = b"".join([header, *(b.reshape(-1).view(np.uint8) for b in buffers)])
+        body = b"".join([header, *(b.reshape(-1).view(np.uint8).data for b in buffers)])
         media_type = "application/octet-stream"
     else:
         body, media_type = header, "application/json"
