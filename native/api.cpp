@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -107,6 +108,14 @@ void plan_masking(AttentionPlan& p, const MaskOptions& o, double scale) {
   if (!(o.softcap >= 0.0) || !std::isfinite(o.softcap))
     fail("softcap: must be >= 0 and finite (0 = off), got " + std::to_string(o.softcap));
   a.softcap = float(o.softcap);
+  // A cap float32 cannot invert (below its smallest normal) makes scores / softcap inf or NaN;
+  // one that rounds to 0 would silently switch the cap off.
+  if (o.softcap > 0.0 && !(a.softcap >= std::numeric_limits<float>::min())) {
+    std::ostringstream got;
+    got << o.softcap;
+    fail("softcap: must be 0 (off) or at least 1.18e-38 (float32's smallest normal), got " +
+         got.str());
+  }
   if (o.window_left < -1)
     fail("window_left: must be >= 0, or -1 for unbounded, got " + std::to_string(o.window_left));
   if (o.window_right < -1)
