@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import service
 from service.core import approx
 from service.core.approx import methods
-from service.core.errors import InputError, LimitError
+from service.core.errors import InputError
 from service.core.options import AttentionOptions
 from tests.support.reference import allowed_matrix, bin_means, random_qkv, reference_attention
 
@@ -331,14 +331,6 @@ def test_option_values_checked() -> None:
         with pytest.raises(InputError) as info:
             service.attention(q, k, v, method=method, **{field: value})
         assert info.value.loc == ((field,) if method != "flash" else ("method",))
-
-
-def test_feature_memory_limit(monkeypatch) -> None:
-    monkeypatch.setattr(methods, "MAX_FEATURE_ELEMENTS", 1000)
-    q, k, v = qkv(1, 1, 1, 40, 40)
-    with pytest.raises(LimitError) as info:
-        run(q, k, v, method="performer", num_features=64)
-    assert info.value.loc == ("num_features",)
 
 
 def test_support_table_matches_the_issue() -> None:

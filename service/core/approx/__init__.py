@@ -44,7 +44,6 @@ from service.core.approx.methods import (
     CHUNK,
     DEFAULT_LINFORMER_K,
     MAP_SIDE,
-    MAX_FEATURE_ELEMENTS,
     ApproxResult,
     run,
 )
@@ -55,7 +54,6 @@ __all__ = [
     "CHUNK",
     "DEFAULT_LINFORMER_K",
     "MAP_SIDE",
-    "MAX_FEATURE_ELEMENTS",
     "SUPPORTED",
     "ApproxResult",
     "Method",

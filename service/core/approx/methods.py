@@ -23,14 +23,14 @@ from service.core.approx.features import (
 from service.core.approx.pooling import bin_edges, feature_map, pool_rows
 from service.core.approx.products import feature_attention, row_counts
 from service.core.approx.supported import check_options
-from service.core.errors import InputError, LimitError
+from service.core.cancel import ELEMENTWISE, blocks
+from service.core.errors import InputError
 from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.options import AttentionOptions
 
 CHUNK = 64  # keys per causal chunk: small masked products, few Python iterations
 DEFAULT_LINFORMER_K = 256
 MAP_SIDE = 256  # implied maps are pooled to at most MAP_SIDE x MAP_SIDE bins
-MAX_FEATURE_ELEMENTS = 1 << 28  # feature matrices held at once (1 GiB in float32)
 _BLAS = ThreadpoolController()  # inspects the loaded BLAS once, at import
 
 
@@ -57,23 +57,6 @@ class ApproxResult:
     elapsed_ms: float
     flops: int
     comparison: dict[str, Any] | None
-
-
-def check_memory(q: np.ndarray, k: np.ndarray, opts: AttentionOptions) -> None:
-    b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1:3]
-    if opts.method == "linformer":
-        kk = opts.linformer_k or min(lk, DEFAULT_LINFORMER_K)
-        n, field = (2 * kk * lk + b * hq * lq * kk), "linformer_k"
-    else:
-        m = d if opts.method == "linear" else (opts.num_features or default_num_features(d))
-        n, field = b * (hq * lq + hkv * lk) * m, "num_features"
-    if n > MAX_FEATURE_ELEMENTS:
-        raise LimitError(
-            field,
-            f"method {opts.method!r} would hold {n} feature elements at once for these shapes "
-            f"(limit {MAX_FEATURE_ELEMENTS}); use fewer features or shorter sequences",
-        )
 
 
 def _finish(
@@ -110,18 +93,29 @@ def _linformer(
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     kk = opts.linformer_k or min(lk, DEFAULT_LINFORMER_K)
-    e, f = (p.astype(q.dtype) for p in linformer_projections(lk, kk, opts.seed or 0))
+    e, f = (p.astype(q.dtype, copy=False) for p in linformer_projections(lk, kk, opts.seed or 0))
     valid = key_valid(b, lk, opts)
     if valid is not None:  # padded keys and values projected as zeros
         k = k * valid[..., None]
         v = v * valid[..., None]
-    kp, vp = (e @ k)[:, :, None], (f @ v)[:, :, None]  # (B, Hkv, 1, kk, .)
-    scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(d)
-    s = (q.reshape(b, hkv, hq // hkv, lq, d) @ kp.swapaxes(-1, -2)) * q.dtype.type(scale)
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
-    out = s @ vp
+    # E K and F V (B, Hkv, 1, kk, .), summed over blocks of keys
+    kp = np.zeros((b, hkv, 1, kk, d), q.dtype)
+    vp = np.zeros((b, hkv, 1, kk, dv), q.dtype)
+    for rows in blocks(lk, b * hkv * kk * (d + dv)):
+        kp[:, :, 0] += e[:, rows] @ k[..., rows, :]
+        vp[:, :, 0] += f[:, rows] @ v[..., rows, :]
+    scale = q.dtype.type(opts.scale if opts.scale is not None else 1.0 / math.sqrt(d))
+    qg = q.reshape(b, hkv, hq // hkv, lq, d)
+    s = np.empty((*qg.shape[:-1], kk), q.dtype)  # the softmax weights over projected rows
+    out = np.empty((*qg.shape[:-1], dv), q.dtype)
+    for rows in blocks(lq, b * hq * kk * (d + dv + ELEMENTWISE)):
+        w = qg[..., rows, :] @ kp.swapaxes(-1, -2)
+        w *= scale
+        w -= w.max(axis=-1, keepdims=True)
+        np.exp(w, out=w)
+        w /= w.sum(axis=-1, keepdims=True)
+        s[..., rows, :] = w
+        out[..., rows, :] = w @ vp
     flops = 2 * b * hkv * kk * lk * (d + dv) + 2 * b * hq * lq * kk * (d + dv)
     pooled = None
     if pool is not None:
@@ -195,7 +189,6 @@ def run(
     check_options(opts)
     if opts.method == "exact":
         raise InputError("method", "run() computes the approximate methods only")
-    check_memory(q, k, opts)
     check_scores(opts, q, k, v)  # the magnitude rules exact attention applies, per method
     m = opts.num_features or default_num_features(q.shape[3])
     values, scaling = scale_values(v, sum_growth(opts, q, k, m))
