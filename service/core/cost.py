@@ -156,7 +156,7 @@ def _implied(
     """(flops, bytes) of an implied map pooled to (pq, pk) bins (service.core.approx.pooling):
     the map twice (the sums and the means), a block of about ROW_BLOCK query rows against
     every key bin, the key bins' feature sums and, causal, float64 running sums of phi(K)."""
-    rows = min(lq, max(1, ROW_BLOCK * pq // max(lq, 1)) * -(-lq // pq))
+    rows = min(lq, max(1, ROW_BLOCK * pq // max(lq, 1)) * -(-lq // max(pq, 1)))
     flops = 2 * b * hq * lq * pk * f + b * hq * lq * pk * ELEMENTWISE
     memory = F32 * (2 * _n(b, hq, pq, pk) + 2 * _n(b, hq, rows, pk) + _n(b, hkv, pk, f))
     memory += (F64 + F32) * pq * pk  # the bins' cell counts

@@ -36,6 +36,7 @@ compare.py (against exact attention), methods.py (`run`: sizes, methods, timing)
 """
 
 from service.core.approx.features import (
+    FEATURE_CACHE,
     default_num_features,
     linformer_projections,
     performer_features,
@@ -52,6 +53,7 @@ from service.core.approx.supported import SUPPORTED, Method, check_options
 
 __all__ = [
     "CHUNK",
+    "FEATURE_CACHE",
     "DEFAULT_LINFORMER_K",
     "MAP_SIDE",
     "SUPPORTED",
