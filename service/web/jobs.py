@@ -10,7 +10,7 @@ to wrap it, as the overload tests do on the /v1 routes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,14 +21,23 @@ from service.core.cost import attention_cost, multihead_cost
 from service.core.errors import InputError
 from service.core.inputs import as_4d
 from service.core.maps import attention_map
+from service.core.model import (
+    Analysis,
+    ModelIntegrityError,
+    ModelNotInstalled,
+    SentenceModel,
+    get_model,
+)
 from service.core.multihead import multihead_attention
 from service.core.options import AttentionOptions, MultiheadOptions
 from service.core.results import AttentionMaps, AttentionResult, MultiheadResult, TokensResult
 from service.core.tokens import Positional, self_attention
 from service.core.weights import head_layout
+from service.render.model_views import ModelView, picture_count, render_pictures
 from service.web import images
 from service.web.deps import AppState
 from service.web.images import HeatmapSpec
+from service.web.problems import ModelNotAvailable, ModelRefused
 
 
 @dataclass(frozen=True)
@@ -300,3 +309,77 @@ def run_tokens(
             )
     weights = result.weights.mean(axis=0) if opts.average_weights else result.weights
     return TokensJob(result, weights, drawn, picture)
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """A real model's analysis of one input, its pictures' references and, in words, what the
+    answer cut or left out (notes)."""
+
+    model: SentenceModel
+    analysis: Analysis
+    heatmaps: list[dict]
+    notes: list[str]
+
+
+def load_model(name: str) -> SentenceModel:
+    """The loaded model; 404 when its package is missing, 503 when its files were refused."""
+    try:
+        return get_model(name)
+    except ModelNotInstalled as exc:
+        raise ModelNotAvailable(str(exc)) from None
+    except ModelIntegrityError as exc:
+        raise ModelRefused(f"model {name!r} cannot run on this server: {exc}") from None
+
+
+def run_model(
+    state: AppState,
+    name: str,
+    text: str,
+    text_pair: str | None,
+    *,
+    truncate: bool,
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    need_weights: bool,
+    views: Sequence[ModelView] | None,
+    inline: bool,
+) -> ModelJob:
+    """Tokenise, check the limits against the input's length, run the model, draw `views`."""
+    model = load_model(name)
+    prepared = model.prepare(text, text_pair, truncate=truncate, layers=layers, heads=heads)
+    enc = prepared.encoding
+    n, nl, nh = len(enc), len(prepared.layers), len(prepared.heads)
+    # The kernel makes one (heads, L, L) tensor per layer, and the model has a fixed number of
+    # layers (6 for MiniLM), so a layer is what ATTN_MAX_ELEMENTS bounds: the defaults admit
+    # every weight of a 512-wordpiece input (6 x 12 x 512 x 512 in all).
+    if need_weights or views is not None:
+        state.limits.elements("heads", (nh, n, n), f"each of the {nl} layers' attention weights")
+    if views is not None:
+        state.limits.heatmap("heatmap", n, n, picture_count(views, nl, nh))
+    analysis = model.analyse_prepared(prepared, num_threads=state.num_threads)
+    drawn: list[dict] = []
+    if views is not None:
+        pictures = render_pictures(
+            analysis.attentions,
+            enc.tokens,
+            layers=analysis.layers,
+            heads=analysis.heads,
+            views=views,
+            title=name,
+            svg=not inline,
+        )
+        drawn = images.publish_pictures(pictures, state.store, inline)
+    notes = []
+    if enc.truncated:
+        notes.append(
+            f"the input has {enc.full_length} wordpieces; the model read the first "
+            f"{n} (its {model.max_positions} positions)"
+        )
+    if analysis.embedding_truncated:
+        notes.append(
+            f"the embedding was computed from the first {analysis.embedding_length} of "
+            f"{enc.full_length} wordpieces, as sentence-transformers computes it for this model "
+            f"(max_seq_length {model.embedding_max_length})"
+        )
+    return ModelJob(model, analysis, drawn, notes)

@@ -45,13 +45,19 @@ class _WithHeatmap(BaseModel):
     @field_validator("heatmap", mode="before")
     @classmethod
     def _heatmap_spec(cls, value: Any) -> Any:
-        if value is True:
-            return HeatmapSpec()
-        if value is False:
-            return None
-        if value is not None and not isinstance(value, (dict, HeatmapSpec)):
-            raise ValueError("expected true, false or an object {batch, heads, tokens, inline}")
-        return value
+        return heatmap_flag(value, HeatmapSpec, "{batch, heads, tokens, inline}")
+
+
+def heatmap_flag(value: Any, spec: type[BaseModel], fields: str) -> Any:
+    """A request's "heatmap" before validation: true = `spec`'s defaults, false = none, else
+    the object (or null) as given."""
+    if value is True:
+        return spec()
+    if value is False:
+        return None
+    if value is not None and not isinstance(value, dict | spec):
+        raise ValueError(f"expected true, false or an object {fields}")
+    return value
 
 
 # Example ids of a heatmap and of a positional-encoding picture.
