@@ -36,8 +36,9 @@ from schemathesis import checks
 from schemathesis.python.asgi import ASGIClient, get_client
 from schemathesis.specs.openapi import checks as openapi_checks
 
+from service.core.approx import SUPPORTED
 from service.web.app import create_app
-from tests.support.http import app_client, app_settings
+from tests.support.http import app_client, app_settings, decode
 
 # Fuzzed examples per operation, after the schema's examples and the coverage phase's cases.
 EXAMPLES = 15 * int(os.environ.get("ATTN_FUZZ_SCALE", "1"))
@@ -126,17 +127,25 @@ def approx_calls(draw: st.DrawFn) -> Call:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     magnitude = draw(st.sampled_from([1.0, 1.0, 1.0, 1e19, 3e38]))
     arrays = {
-        n: (rng.standard_normal(s) * (magnitude if n == "v" else 1)).astype(np.float32)
+        n: np.clip(rng.standard_normal(s) * (magnitude if n == "v" else 1), -3e38, 3e38).astype(
+            np.float32
+        )
         if math.prod(s) <= 4096
         else None
         for n, s in shapes.items()
     }
-    options: dict[str, Any] = {"method": draw(st.sampled_from(METHODS))}
-    for name, values in PARAMETERS.items():
-        if draw(st.integers(0, 2)) == 0:
-            options[name] = draw(st.sampled_from(values))
-    if draw(st.booleans()) and lead_q:
-        options["key_lengths"] = [draw(st.integers(0, max(lk, 0))) for _ in range(lead_q[0])]
+    method = draw(st.sampled_from(METHODS))
+    options: dict[str, Any] = {"method": method}
+    for name, (valid, _) in PARAMETERS.items():
+        if (name in SUPPORTED[method] or name == "heatmap") and draw(st.integers(0, 2)) == 0:
+            options[name] = draw(st.sampled_from(valid))
+    if draw(st.integers(0, 5)) == 0:  # one out of range, or one the method does not take
+        name = draw(st.sampled_from(sorted(PARAMETERS)))
+        valid, invalid = PARAMETERS[name]
+        options[name] = draw(st.sampled_from(invalid or valid))
+    if draw(st.booleans()):
+        batch = lead_q[0] if rank == 4 else 1
+        options["key_lengths"] = [draw(st.integers(0, lk)) for _ in range(batch)]
     output = tuple(shapes["q"][:-1] + shapes["v"][-1:])
     if draw(st.booleans()):
         return _v1(draw, shapes, arrays, options, output)
@@ -144,15 +153,16 @@ def approx_calls(draw: st.DrawFn) -> Call:
 
 
 METHODS = ["exact", "linear", "performer", "linformer"]
-PARAMETERS: dict[str, list[Any]] = {
-    "num_features": [1, 3, 64, 16384, 0, -1, 16385, 2**40],
-    "linformer_k": [1, 2, 16, 16384, 0, 16385],
-    "seed": [0, 7, 2**40, -1],
-    "causal": [True, "bottom_right"],
-    "compare": [True],
-    "return_weights": [True],
-    "softcap": [1e-40, 0.5],
-    "heatmap": [True, {"heads": "mean"}],
+# Each parameter's (valid values, invalid ones); valid ones are sent to the methods taking them.
+PARAMETERS: dict[str, tuple[list[Any], list[Any]]] = {
+    "num_features": ([1, 3, 64, 16384], [0, -1, 16385, 2**40]),
+    "linformer_k": ([1, 2, 16, 16384], [0, 16385]),
+    "seed": ([0, 7, 2**40], [-1]),
+    "causal": ([True, "bottom_right"], ["diagonal"]),
+    "compare": ([True], []),
+    "return_weights": ([True], []),
+    "softcap": ([0.5], [1e-40, 1e-46]),
+    "heatmap": ([True, {"heads": "mean"}], [{"heads": [9]}]),
 }
 
 
@@ -213,7 +223,8 @@ def fuzz_client() -> Iterator[Any]:
 
 def _output(call: Call, response: Any) -> np.ndarray:
     if call.front == "v1":
-        return np.array(response.json()["output"], dtype=np.float64).reshape(call.output)
+        out = decode(response.json()["output"])  # nested lists (null: NaN) or b64
+        return np.asarray(out, dtype=np.float64).reshape(call.output)
     length = response.headers.get("inference-header-content-length")
     header = orjson.loads(response.content[: int(length)] if length else response.content)
     out = header["outputs"][0]
