@@ -139,14 +139,14 @@ def compute(
     """(output, weights, lse, pooled implied map, flops), all 4-D with Hq heads."""
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    counts = row_counts(b, lq, lk, opts)
-    if 0 in q.shape[:3] or lk == 0:  # nothing to attend to (or nobody asking)
+    if 0 in q.shape[:3] or lk == 0:  # nothing to attend to (or nobody asking): no O(L) work
         fill = np.nan if opts.empty_rows == "nan" and lk == 0 else 0.0
         out = np.full((b, hq, lq, dv), fill, dtype=q.dtype)
         weights = np.zeros((b, hq, lq, lk), q.dtype) if opts.return_weights else None
         lse = np.full((b, hq, lq), -np.inf, q.dtype) if opts.return_weights else None
         pooled = np.zeros((b, hq, *pool), q.dtype) if pool is not None else None
         return out, weights, lse, pooled, 0
+    counts = row_counts(b, lq, lk, opts)
     if opts.method == "linformer":
         num, pooled, flops = _linformer(q, k, v, opts, pool)
         out = _finish(num, np.ones(num.shape[:-1], num.dtype), counts, opts)
