@@ -108,9 +108,10 @@ def linformer_projections(seq_len: int, k: int, seed: int = 0) -> tuple[np.ndarr
     n = 2 * k * seq_len
     rng = np.random.default_rng(seed)
     bits = np.unpackbits(np.frombuffer(rng.bytes(-(-n // 8)), dtype=np.uint8), count=n)
+    root = math.sqrt(max(seq_len, 1))  # no keys: empty matrices
     signs = bits.astype(np.float32)
-    signs *= np.float32(2.0 / math.sqrt(seq_len))
-    signs -= np.float32(1.0 / math.sqrt(seq_len))
+    signs *= np.float32(2.0 / root)
+    signs -= np.float32(1.0 / root)
     return signs[: n // 2].reshape(k, seq_len), signs[n // 2 :].reshape(k, seq_len)
 
 
