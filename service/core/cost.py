@@ -92,7 +92,9 @@ def _exact(q: Shape, k: Shape, v: Shape, opts: MaskingOptions, *, weights: bool)
     _, hkv, lk, dv = _as4(k)[:3] + _as4(v)[3:]
     flops = 2 * b * hq * visible_keys(lq, lk, opts) * (d + dv)
     out = _n(b, hq, lq, dv)
-    memory = F32 * (out + _n(b, hq, lq) + (_n(b, hq, lq, lk) if weights else 0))
+    asked = getattr(opts, "weights_rows", None)  # AttentionOptions and MultiheadMasking have it
+    rows = lq if asked is None else len(asked)
+    memory = F32 * (out + _n(b, hq, lq) + (_n(b, hq, rows, lk) if weights else 0))
     # v scaled for range (the rare case counted anyway) and the output scaled back
     memory += F32 * (_n(b, hkv, lk, dv) + out)
     if opts.mask is not None and opts.mask.dtype.kind == "f":
@@ -253,5 +255,6 @@ def multihead_cost(
     memory = _inputs(query, key, value) + F32 * weight_elements
     memory += F32 * (2 * b * lq * e + 2 * b * lk * kv_dim + b * lq * e + b * h * lq)
     if weights:
-        memory += F32 * 2 * b * h * lq * lk  # per head, and their mean
+        rows = lq if opts.weights_rows is None else len(opts.weights_rows)
+        memory += F32 * 2 * b * h * rows * lk  # per head, and their mean
     return Cost(flops, memory, 0, ("query",), "multi-head attention")

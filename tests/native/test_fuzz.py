@@ -27,28 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import as_strided
 
 import service
 from service import _native
+from tests.support.native import ISAS, fuzz_settings, isa_set
 from tests.support.reference import f64, reference_attention, reference_output
 
-SCALE = int(os.environ.get("ATTN_FUZZ_SCALE", "1"))
-ISAS = _native.available_isas()
 MAX_DIM = 1 << 31  # the native checks refuse any dimension >= 2^31
-
-
-def fuzz_settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples * SCALE,
-        deadline=None,
-        database=None,
-        # Reproducible in `make test`; `make fuzz` (ATTN_FUZZ_RANDOM=1) explores new examples.
-        derandomize=not os.environ.get("ATTN_FUZZ_RANDOM"),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 @contextmanager
@@ -65,16 +53,6 @@ def address_space_cap(extra: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-@contextmanager
-def isa_set(name: str) -> Iterator[None]:
-    previous = _native.isa()
-    _native.set_isa(name)
-    try:
-        yield
-    finally:
-        _native.set_isa(previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import orjson
 from starlette.responses import Response
 
 from service.core.errors import LimitError
-from service.core.tensor_codec import TensorLimitError, bfloat16_bits_to_float32, check_elements
+from service.core.frameworks import bfloat16_bits_to_float32
+from service.core.tensor_codec import TensorLimitError, check_elements
 from service.web import wire
 from service.web.problems import BodyTooLarge, UnsupportedMediaType
 from service.web.v2.datamodels import InferenceRequest, RequestInput
