@@ -8,6 +8,7 @@ no code path with the chunked products under test.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import service
-from service.core import approx
+from service.core import approx, cancel
 from service.core.approx import methods
 from service.core.errors import InputError
 from service.core.options import AttentionOptions
@@ -301,3 +302,34 @@ def test_support_table_matches_the_issue() -> None:
     ]
     assert not {"causal", "return_weights"} & approx.SUPPORTED["linformer"]
     assert "compare" not in approx.SUPPORTED["exact"]
+
+
+# Each approximation's work, set-up included, runs in steps with a cancellation checkpoint
+# before each: a job abandoned 50 ms into about a second of work raises Cancelled part-way
+# (a method without checkpoints would run to the end and return its result).
+ABANDONED = {
+    "linear": ("linear", (262_144, 64), {}),
+    "linear, causal (chunks)": ("linear", (65_536, 64), {"causal": "top_left"}),
+    "performer": ("performer", (65_536, 64), {"num_features": 1024, "seed": 1401}),
+    "performer's set-up (16 QRs of 1024 x 1024)": (
+        "performer",
+        (1, 1024),
+        {"num_features": 16384, "seed": 1402},  # a seed of its own: not cached
+    ),
+    "linformer": ("linformer", (262_144, 64), {"linformer_k": 256}),
+}
+
+
+@pytest.mark.parametrize("name", list(ABANDONED))
+def test_an_abandoned_approximation_stops_at_a_checkpoint(name: str) -> None:
+    method, shape, options = ABANDONED[name]
+    q = np.full(shape, 0.01, dtype=np.float32)
+    token = cancel.CancelToken()
+    timer = threading.Timer(0.05, token.cancel, ("timeout",))
+    with cancel.bound(token):
+        timer.start()
+        try:
+            with pytest.raises(cancel.Cancelled, match="timeout"):
+                service.attention(q, q, q, method=method, **options)
+        finally:
+            timer.cancel()

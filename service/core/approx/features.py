@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.core.cancel import ELEMENTWISE, blocks, checkpoint
+from service.core.cancel import ELEMENTWISE, STEP, blocks, checkpoint
 from service.core.options import AttentionOptions
 
 
@@ -107,18 +107,31 @@ def linformer_projections(seq_len: int, k: int, seed: int = 0) -> tuple[np.ndarr
     """
     n = 2 * k * seq_len
     rng = np.random.default_rng(seed)
-    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-n // 8)), dtype=np.uint8), count=n)
     root = math.sqrt(max(seq_len, 1))  # no keys: empty matrices
-    signs = bits.astype(np.float32)
-    signs *= np.float32(2.0 / root)
-    signs -= np.float32(1.0 / root)
+    signs = np.empty(n, np.float32)
+    # Drawn a step at a time (with a checkpoint before each): a whole-length draw is seconds
+    # at the largest sizes. Pieces of whole 32-bit words draw the same stream as one call.
+    for part in blocks(n, ELEMENTWISE, step=max(32, STEP // 32 * 32)):
+        count = part.stop - part.start
+        bits = np.unpackbits(np.frombuffer(rng.bytes(-(-count // 8)), np.uint8), count=count)
+        piece = signs[part]
+        piece[:] = bits
+        piece *= np.float32(2.0 / root)
+        piece -= np.float32(1.0 / root)
     return signs[: n // 2].reshape(k, seq_len), signs[n // 2 :].reshape(k, seq_len)
 
 
 def _elu1(x: np.ndarray) -> np.ndarray:
-    """elu(x) + 1 = exp(min(x, 0)) + max(x, 0): x + 1 above 0, exp(x) below (always > 0)."""
-    out = np.exp(np.minimum(x, 0))
-    out += np.maximum(x, 0)
+    """elu(x) + 1 = exp(min(x, 0)) + max(x, 0): x + 1 above 0, exp(x) below (always > 0).
+
+    A block of rows at a time (four elementwise passes each), with a checkpoint before each."""
+    out = np.empty_like(x)
+    n, lead = x.shape[-2], math.prod(x.shape[:-2])
+    for rows in blocks(n, lead * x.shape[-1] * 4 * ELEMENTWISE):
+        block, part = out[..., rows, :], x[..., rows, :]
+        np.minimum(part, 0, out=block)
+        np.exp(block, out=block)
+        block += np.maximum(part, 0)
     return out
 
 
