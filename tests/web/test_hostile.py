@@ -8,6 +8,7 @@ its baseline after the whole table has been sent several times.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import http.client
 import json
@@ -769,16 +770,32 @@ def _running(srv: Server) -> float:
     raise AssertionError("no attention_compute_running gauge")
 
 
-def test_no_request_holds_a_slot_past_its_timeout(tmp_path: Path) -> None:
-    """A performer whose random-feature set-up takes several seconds, on a server whose
-    requests time out after 1 s: the answer is a 504 and the slot is free again soon after,
-    whether the client waits for the 504 or leaves first; memory returns to its baseline."""
+def _exact(n: int, d: int) -> bytes:
+    x = np.random.default_rng(14).standard_normal((n, d), dtype=np.float32)
+    tensor = {"dtype": "float32", "shape": [n, d], "b64": base64.b64encode(x.tobytes()).decode()}
+    return js({"q": tensor, "k": tensor, "v": tensor})
+
+
+# Requests of several seconds each: the performer's random-feature set-up (16 QRs of
+# 1024 x 1024, checkpointed in Python) and exact attention (the native kernel, stopped by its
+# cancel flag) at L = 131072 (0.5 TFLOP).
+HEAVY = {
+    "performer set-up": lambda: _performer(1024, num_features=16384),
+    "exact, native": lambda: _exact(131_072, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(HEAVY))
+def test_no_request_holds_a_slot_past_its_timeout(tmp_path: Path, name: str) -> None:
+    """A request of several seconds on a server whose requests time out after 1 s: the answer
+    is a 504 and the slot is free again soon after, whether the client waits for the 504 or
+    leaves first; memory returns to its baseline."""
     env = {
         "ATTN_HEATMAP_DIR": str(tmp_path / "heatmaps"),
         "ATTN_REQUEST_TIMEOUT_S": "1",
         "ATTN_MAX_CONCURRENCY": "1",
     }
-    heavy = _performer(1024, num_features=16384)  # 16 QRs of 1024 x 1024: seconds
+    heavy = HEAVY[name]()
     with running_server(tmp_path / "server.log", env, *SERVER_ARGS) as srv:
         assert request(srv, "POST", "/v1/attention", js(SMALL))[0] == 200
         baseline = srv.rss()
@@ -794,7 +811,43 @@ def test_no_request_holds_a_slot_past_its_timeout(tmp_path: Path) -> None:
             while _running(srv):
                 assert time.monotonic() - start < 1 + SLOT_BOUND_S, "the slot is still held"
                 time.sleep(0.05)
+            how = "client left at 0.5 s" if leave else "504"
+            print(f"{name}, {how}: slot free {time.monotonic() - start:.2f} s after the request")
         assert request(srv, "POST", "/v1/attention", js(SMALL))[0] == 200
         grown = srv.rss() - baseline
-        print(f"RSS after two abandoned performer set-ups: {grown / MiB:+.1f} MiB")
+        print(f"RSS after two abandoned requests ({name}): {grown / MiB:+.1f} MiB")
         assert grown < 16 * MiB
+
+
+# Every POST route (each front, each model of /v2, with and without a version) takes the one
+# parse path and the one content-type rule, and none redirects: the classes that belong to a
+# route rather than to a method, on each.
+POST_ROUTES = [
+    "/v1/attention",
+    "/v1/multihead",
+    "/v1/tokens",
+    V2,
+    "/v2/models/attention/versions/1/infer",
+    "/v2/models/multihead/infer",
+]
+
+
+def _answer_form(path: str, answer: tuple[int, dict[str, str], bytes], status: int) -> str:
+    """The route's error form, checked: {"error"} on /v2, problem+json on /v1."""
+    if path.startswith("/v2"):
+        return error_of(answer, status)
+    return str(problem_of(answer, status)["detail"])
+
+
+@pytest.mark.parametrize("path", POST_ROUTES)
+def test_every_route_refuses_the_route_classes(server: Server, path: str) -> None:
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"):
+        answer = request(server, "POST", path, b"{}", {"Content-Type": ctype})
+        assert "JSON" in _answer_form(path, answer, 415), ctype
+    start = time.monotonic()
+    answer = request(server, "POST", path, js(dict.fromkeys((f"x{i}" for i in range(200_000)), 0)))
+    assert "200000 members" in _answer_form(path, answer, 400 if path.startswith("/v2") else 422)
+    assert time.monotonic() - start < PARSE_BOUND_S
+    status, headers, _ = request(server, "POST", path + "/", b"{}", {"Host": "evil.example"})
+    assert status == 404 and "location" not in headers
+    healthy(server)
