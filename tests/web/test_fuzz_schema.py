@@ -74,15 +74,20 @@ def asgi_client(tmp_path: Path) -> Iterator[ASGIClient]:
         yield c
 
 
+def fuzz_settings(examples: int) -> Any:
+    """Hypothesis settings of both fuzzers: no deadline (a loaded machine), reproducible in
+    `make test`; `make fuzz` (ATTN_FUZZ_RANDOM=1) explores new examples."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=not os.environ.get("ATTN_FUZZ_RANDOM"),
+        database=None,
+    )
+
+
 @schema.parametrize()
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    # Reproducible in `make test`; `make fuzz` (ATTN_FUZZ_RANDOM=1) explores new examples.
-    derandomize=not os.environ.get("ATTN_FUZZ_RANDOM"),
-    database=None,
-)
+@fuzz_settings(EXAMPLES)
 def test_every_endpoint(case: schemathesis.Case, asgi_client: ASGIClient) -> None:
     case.call_and_validate(session=asgi_client, checks=CHECKS)
 
@@ -234,13 +239,7 @@ def _output(call: Call, response: Any) -> np.ndarray:
     return np.frombuffer(response.content[int(length) :], "<f4").reshape(call.output)
 
 
-@settings(
-    max_examples=APPROX_EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    derandomize=not os.environ.get("ATTN_FUZZ_RANDOM"),
-    database=None,
-)
+@fuzz_settings(APPROX_EXAMPLES)
 @given(call=approx_calls())
 def test_approximations_and_empty_shapes_on_both_fronts(call: Call, fuzz_client: Any) -> None:
     """Every method with its parameters (valid or not), empty and huge-but-empty shapes, values
