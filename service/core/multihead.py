@@ -98,6 +98,8 @@ def multihead_attention(
     rows = opts.weights_rows
     need_weights = need_weights or rows is not None
     threads = thread_count(num_threads)
+    key_name = "query" if key is None else "key"
+    value_name = key_name if value is None else "value"
     key = query if key is None else key
     value = key if value is None else value
     x, kx, vx = (as_float32(n, t) for n, t in (("query", query), ("key", key), ("value", value)))
@@ -130,8 +132,12 @@ def multihead_attention(
     k_max = kdim * absmax(kx) * absmax(w["k_proj"]) + absmax(w["k_bias"])
     v_max = vdim * absmax(vx) * absmax(w["v_proj"]) + absmax(w["v_bias"])
     out_max = e * v_max * absmax(w["out_proj"]) + absmax(w["out_bias"])
-    bound = max(q_max, k_max, v_max, out_max, abs(scale) * head_dim * q_max * k_max)
-    check_magnitude("query", bound, "the projections or scale * q.k")
+    # Each bound names the tensor that drives it (one defaulted to another names that one).
+    check_magnitude("query", q_max, "its projection")
+    check_magnitude(key_name, k_max, "the key projection")
+    check_magnitude(value_name, v_max, "the value projection")
+    check_magnitude(value_name, out_max, "the output projection of the values")
+    check_magnitude("query", abs(scale) * head_dim * q_max * k_max, "scale * q.k")
     nw = _values_in_range(w, v_max, lk)
     (out, lse, probs), elapsed = call_native(
         _native.multihead,

@@ -724,11 +724,12 @@ def test_values_near_the_float32_limit_get_the_right_finite_answer(server: Serve
     q, k = rng.standard_normal((2, 6, 4)).astype(np.float32)
     v = (rng.uniform(-1, 1, (6, 3)) * F32_MAX).astype(np.float32)
     v[0, 0] = F32_MAX
-    body = {"q": q.tolist(), "k": k.tolist(), "v": v.tolist()}
-    status, _, raw = request(server, "POST", "/v1/attention", js(body))
-    assert status == 200, raw[:300]
-    out = np.array(json.loads(raw)["output"], dtype=np.float64)
-    np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=F32_MAX * 1e-6)
+    for extra in ({}, {"stats": True}):  # the kernel, and the maps kernel (summaries)
+        body = {"q": q.tolist(), "k": k.tolist(), "v": v.tolist(), **extra}
+        status, _, raw = request(server, "POST", "/v1/attention", js(body))
+        assert status == 200, raw[:300]
+        out = np.array(json.loads(raw)["output"], dtype=np.float64)
+        np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=F32_MAX * 1e-6)
     # Every approximation averages v with non-negative weights: constant rows come back as is.
     constant = np.full((6, 3), np.float32(0.9 * F32_MAX))
     for method in ("linear", "performer"):
