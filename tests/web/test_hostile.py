@@ -852,3 +852,42 @@ def test_every_route_refuses_the_route_classes(server: Server, path: str) -> Non
     status, headers, _ = request(server, "POST", path + "/", b"{}", {"Host": "evil.example"})
     assert status == 404 and "location" not in headers
     healthy(server)
+
+
+def _x(rows: int, cols: int, seed: int = 0) -> list[list[float]]:
+    return np.random.default_rng(seed).uniform(-1, 1, (rows, cols)).round(3).tolist()
+
+
+_QKV = {"q": _x(512, 64), "k": _x(512, 64, 1), "v": _x(512, 64, 2)}
+# Every route and method that computes, each asking for some 10^7 flops or more.
+COSTLY: dict[str, tuple[str, bytes]] = {
+    **{
+        method: ("/v1/attention", js({**_QKV, "method": method}))
+        for method in ("exact", "linear", "performer", "linformer")
+    },
+    "compare": ("/v1/attention", js({**_QKV, "method": "linear", "compare": True})),
+    "stats (the maps kernel)": ("/v1/attention", js({**_QKV, "stats": True})),
+    "multihead": ("/v1/multihead", js({"query": [_QKV["q"]], "num_heads": 4})),
+    "tokens": ("/v1/tokens", js({"tokens": ["a"] * 512})),
+    "v2 attention": (
+        V2,
+        _v2(*(_fp32(n, [512, 64], np.ravel(_QKV[n]).tolist()) for n in ("q", "k", "v"))),
+    ),
+    "v2 multihead": (
+        "/v2/models/multihead/infer",
+        _v2(
+            _fp32("query", [1, 512, 64], np.ravel(_QKV["q"]).tolist()), parameters={"num_heads": 4}
+        ),
+    ),
+}
+
+
+def test_the_cost_model_guards_every_route_and_method(tmp_path: Path) -> None:
+    """With ATTN_MAX_FLOPS at 10^6, each computing route and method refuses a request that
+    needs more, naming the limit, before any of it runs; a small request is still answered."""
+    env = {"ATTN_HEATMAP_DIR": str(tmp_path / "heatmaps"), "ATTN_MAX_FLOPS": "1000000"}
+    with running_server(tmp_path / "server.log", env, *SERVER_ARGS) as srv:
+        for name, (path, body) in COSTLY.items():
+            answer = request(srv, "POST", path, body)
+            assert "ATTN_MAX_FLOPS" in _answer_form(path, answer, 413), name
+        assert request(srv, "POST", "/v1/attention", js(SMALL))[0] == 200
