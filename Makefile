@@ -87,6 +87,12 @@ bench-http: $(VENV)/.testdeps build
 	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
 	$(BIN)/python -m tests.benchmarks.bench_http $(if $(QUICK),--quick)
 
+# Hostile input (issue 14's classes, tests/web/test_hostile.py's table) against the real server:
+# time to refuse each class, memory left after, when a timed-out request frees its slot.
+.PHONY: bench-hostile
+bench-hostile: $(VENV)/.testdeps build
+	$(BIN)/python -m tests.benchmarks.bench_hostile $(if $(PASSES),--passes $(PASSES))
+
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
 # own venv; the normal build is untouched), then the native tests and native fuzz tests on it.
 .PHONY: sanitize

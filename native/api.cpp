@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -25,6 +26,14 @@ void plan_options(AttentionPlan& p, const CallOptions& o, double scale) {
   if (!(o.softcap >= 0.0) || !std::isfinite(o.softcap))
     fail("softcap: must be >= 0 and finite (0 = off), got " + std::to_string(o.softcap));
   a.softcap = float(o.softcap);
+  // A cap float32 cannot invert (below its smallest normal) makes scores / softcap inf or NaN;
+  // one that rounds to 0 would silently switch the cap off.
+  if (o.softcap > 0.0 && !(a.softcap >= std::numeric_limits<float>::min())) {
+    std::ostringstream got;
+    got << o.softcap;
+    fail("softcap: must be 0 (off) or at least 1.18e-38 (float32's smallest normal), got " +
+         got.str());
+  }
   p.masking = Masking(o.masking, a.B, a.Hq, a.Lq, a.Lk);
   a.float_mask = p.masking.float_mask();
   for (int d = 0; d < 4; ++d) a.float_mask_strides[d] = p.masking.float_mask_strides()[d];

@@ -70,3 +70,20 @@ def checkpoint() -> None:
     token: CancelToken | None = getattr(_local, "token", None)
     if token is not None and token.cancelled:
         raise Cancelled(token.reason)
+
+
+# Multiply-adds per step between two checkpoints: tens of milliseconds, so that an abandoned
+# job stops soon after its client has gone. An elementwise pass (exp, a division) over one
+# element counts as ELEMENTWISE multiply-adds (numpy's loops run ~ that much slower than BLAS).
+STEP = 1 << 28
+ELEMENTWISE = 16
+
+
+def blocks(n: int, per_item: int, step: int = STEP) -> Iterator[slice]:
+    """Consecutive slices of range(n) worth at most `step` work each (at least one item; an
+    item costs `per_item`), with a checkpoint before each: a long product or pass over rows
+    becomes a loop that an abandoned job leaves within one step."""
+    size = max(1, step // max(per_item, 1))
+    for start in range(0, n, size):
+        checkpoint()
+        yield slice(start, min(n, start + size))

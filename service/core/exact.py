@@ -3,23 +3,14 @@ reference that the approximations are compared with."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from service import _native
-from service.core.inputs import absmax, check_magnitude
+from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
-
-
-def checked_scale(opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray) -> float:
-    """The score scale (default 1/sqrt(D)), refused when scale * q.k could overflow float32."""
-    d = q4.shape[3]
-    scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(d)
-    check_magnitude("q", abs(scale) * d * absmax(q4) * absmax(k4), "scale * q.k")
-    return float(scale)
 
 
 def run(
@@ -36,19 +27,22 @@ def run(
     """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
     With weights_rows, the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
     """
-    scale = checked_scale(opts, q4, k4)
+    scale = check_scores(opts, q4, k4, v4)
+    values, scaling = scale_values(v4, sum_growth(opts, q4, k4))
     rows = None if weights_rows is None else np.asarray(weights_rows, dtype=np.int64)
     (out, lse, weights), elapsed = call_native(
         _native.attention,
         q4,
         k4,
-        v4,
+        values,
         scale=scale,
         return_weights=return_weights,
         weights_rows=rows,
         num_threads=threads,
         **masking,
     )
+    if scaling is not None:
+        out = scaling.restore(out)
     if opts.empty_rows == "nan":
         empty = np.isneginf(lse)
         nan_where_empty(lse, out)

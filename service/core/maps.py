@@ -15,8 +15,9 @@ import numpy as np
 
 from service import _native
 from service.core.errors import InputError
-from service.core.exact import checked_scale, nan_where_empty
+from service.core.exact import nan_where_empty
 from service.core.inputs import ArrayLike, caller_rank, parse_options, thread_count, to_output
+from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.masking import prepare
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
@@ -73,18 +74,22 @@ def attention_map(
     q4, k4, v4, rank, kw = prepare(q, k, v, opts)
     b, hq, lq, d = q4.shape
     lk, dv = k4.shape[2], v4.shape[3]
+    scale = check_scores(opts, q4, k4, v4)
+    values, scaling = scale_values(v4, sum_growth(opts, q4, k4))
     (out, lse, pooled, entropy, idx, weights, colsum), elapsed = call_native(
         _native.attention_maps,
         q4,
         k4,
-        v4,
-        scale=checked_scale(opts, q4, k4),
+        values,
+        scale=scale,
         bins_q=pq,
         bins_k=pk,
         top_k=kk,
         num_threads=threads,
         **kw,
     )
+    if scaling is not None:
+        out = scaling.restore(out)
     if opts.empty_rows == "nan":
         nan_where_empty(lse, out, entropy, weights)
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from service import _native
 from service.core.errors import InputError
 from service.core.inputs import (
+    F32_SAFE,
     ArrayLike,
     absmax,
     as_float32,
@@ -45,6 +46,29 @@ def _weights_model(weights: MultiheadWeights | dict[str, Any] | None) -> Multihe
         raise input_error(exc, ("weights",)) from None
 
 
+# The native call's order of the weights and biases.
+_WEIGHT_ORDER = (
+    "q_proj", "k_proj", "v_proj", "out_proj", "q_bias", "k_bias", "v_bias", "out_bias",
+)  # fmt: skip
+
+
+def _values_in_range(w: dict[str, Any], v_max: float, lk: int) -> dict[str, Any]:
+    """The weights to run with. The kernel sums up to Lk projected values before dividing by
+    the weights' total; where that could overflow float32, the value projection is scaled down
+    by a power of two and the output projection up by the same (exact; in range, since
+    e * v_max * max|out_proj| was checked)."""
+    if v_max * max(lk, 1) <= F32_SAFE:
+        return w
+    e = math.frexp(v_max)[1]
+    bias = w["v_bias"]
+    return {
+        **w,
+        "v_proj": np.ldexp(w["v_proj"], -e),
+        "v_bias": None if bias is None else np.ldexp(bias, -e),
+        "out_proj": np.ldexp(w["out_proj"], e),
+    }
+
+
 def multihead_attention(
     query: ArrayLike,
     key: ArrayLike | None = None,
@@ -74,6 +98,8 @@ def multihead_attention(
     rows = opts.weights_rows
     need_weights = need_weights or rows is not None
     threads = thread_count(num_threads)
+    key_name = "query" if key is None else "key"
+    value_name = key_name if value is None else "value"
     key = query if key is None else key
     value = key if value is None else value
     x, kx, vx = (as_float32(n, t) for n, t in (("query", query), ("key", key), ("value", value)))
@@ -106,21 +132,19 @@ def multihead_attention(
     k_max = kdim * absmax(kx) * absmax(w["k_proj"]) + absmax(w["k_bias"])
     v_max = vdim * absmax(vx) * absmax(w["v_proj"]) + absmax(w["v_bias"])
     out_max = e * v_max * absmax(w["out_proj"]) + absmax(w["out_bias"])
-    bound = max(q_max, k_max, v_max, out_max, abs(scale) * head_dim * q_max * k_max)
-    check_magnitude("query", bound, "the projections or scale * q.k")
+    # Each bound names the tensor that drives it (one defaulted to another names that one).
+    check_magnitude("query", q_max, "its projection")
+    check_magnitude(key_name, k_max, "the key projection")
+    check_magnitude(value_name, v_max, "the value projection")
+    check_magnitude(value_name, out_max, "the output projection of the values")
+    check_magnitude("query", abs(scale) * head_dim * q_max * k_max, "scale * q.k")
+    nw = _values_in_range(w, v_max, lk)
     (out, lse, probs), elapsed = call_native(
         _native.multihead,
         x,
         kx,
         vx,
-        w["q_proj"],
-        w["k_proj"],
-        w["v_proj"],
-        w["out_proj"],
-        w["q_bias"],
-        w["k_bias"],
-        w["v_bias"],
-        w["out_bias"],
+        *(nw[name] for name in _WEIGHT_ORDER),
         num_heads=num_heads,
         num_kv_heads=hkv,
         scale=float(scale),

@@ -13,7 +13,7 @@ Semantics (see README "Semantics"):
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -22,6 +22,15 @@ from service.core.frameworks import is_array, is_bfloat16, to_numpy
 from service.core.tensor_field import Tensor
 
 CausalMode = Literal["top_left", "bottom_right"]
+
+# List fields stop at their first invalid item: a list of a million bad items is one error, not
+# a million (each costs time and memory to report).
+FAIL_FAST = Field(fail_fast=True)
+Ints = Annotated[list[int], FAIL_FAST]
+Floats = Annotated[list[float], FAIL_FAST]
+# The smallest softcap whose reciprocal float32 can hold: below it, scores / softcap is inf or
+# NaN (and a softcap that rounds to 0 in float32 would switch the cap off).
+SOFTCAP_MIN = float(2.0**-126)  # float32's smallest normal number, 1.18e-38
 
 
 class Window(BaseModel):
@@ -197,16 +206,16 @@ class MaskingOptions(BaseModel):
         description='For a bool mask: "attend" = True means attend (torch SDPA); "ignore" = True '
         "means masked out (nn.MultiheadAttention's attn_mask / key_padding_mask).",
     )
-    key_lengths: list[int] | None = Field(
+    key_lengths: Ints | None = Field(
         None, description="One length per batch item; keys at index >= length are padding."
     )
     window: Window | None = None
-    global_tokens: list[int] | None = Field(
+    global_tokens: Ints | None = Field(
         None,
         description="Key positions that every query may attend to, and whose (aligned) query "
         "rows ignore the window (Longformer).",
     )
-    alibi_slopes: list[float] | bool | None = Field(
+    alibi_slopes: Floats | bool | None = Field(
         None,
         description="One slope per query head, or true for the standard 2^(-8(h+1)/H); adds "
         "-slope*|i + Lk - Lq - j| to the scores.",
@@ -214,19 +223,19 @@ class MaskingOptions(BaseModel):
     block_mask: BlockMask | None = Field(
         None, description="Block-sparse layout: only the kept (query block, key block) pairs."
     )
-    cu_seqlens: list[int] | None = Field(
+    cu_seqlens: Ints | None = Field(
         None,
         description="Packed variable-length documents (flash-attn's cu_seqlens): offsets "
         "0 = c0 <= c1 <= ... = L; the batch axis is 1 and document d holds positions "
         "[c_d, c_d+1) of q, k and v. A query sees only keys of its own document; causal, the "
         "window and ALiBi align per document. Not with key_lengths or global_tokens.",
     )
-    cu_seqlens_q: list[int] | None = Field(
+    cu_seqlens_q: Ints | None = Field(
         None,
         description="Packed documents with other key offsets (cross attention): the "
         "queries' offsets, with cu_seqlens_k.",
     )
-    cu_seqlens_k: list[int] | None = Field(
+    cu_seqlens_k: Ints | None = Field(
         None, description="The keys' offsets, with cu_seqlens_q (same number of documents)."
     )
     softcap: float | None = Field(
@@ -255,6 +264,11 @@ class MaskingOptions(BaseModel):
     def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError(f"{info.field_name} must be a finite number")
+        if info.field_name == "softcap" and v is not None and v < SOFTCAP_MIN:
+            raise ValueError(
+                f"{v:.3g} is below {SOFTCAP_MIN:.3g}, float32's smallest normal number: "
+                "scores / softcap would overflow (or the cap round to 0 and vanish)"
+            )
         return v
 
     @field_validator("key_lengths")
@@ -302,7 +316,7 @@ class AttentionOptions(MaskingOptions):
     return_weights: bool = Field(
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
-    weights_rows: list[int] | None = Field(None, description=_WEIGHTS_ROWS_DOC)
+    weights_rows: Ints | None = Field(None, description=_WEIGHTS_ROWS_DOC)
     memory: Memory | None = Field(
         None,
         description="Recurrent memory over one sequence (Lq = Lk): segments of `segment` "
@@ -394,7 +408,7 @@ class MultiheadMasking(MaskingOptions):
     """What `multihead_attention` takes as `options` (or keywords) beside its own arguments:
     the masking options and weights_rows."""
 
-    weights_rows: list[int] | None = Field(None, description=_WEIGHTS_ROWS_DOC)
+    weights_rows: Ints | None = Field(None, description=_WEIGHTS_ROWS_DOC)
 
 
 class MultiheadOptions(MultiheadMasking):

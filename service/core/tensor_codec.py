@@ -75,11 +75,30 @@ def _num_elements(shape: tuple[int, ...]) -> int:
     return math.prod(shape) if shape else 1
 
 
+def claimed_elements(shape: tuple[int, ...] | list[int]) -> int:
+    """The product of the nonzero dimensions: what a shape claims even when another dimension
+    is 0. (0, 2**40) holds nothing, but every array made from it (outputs, weights) inherits
+    the 2**40, past what numpy and the kernels can index: it is held to the element limit too.
+    """
+    return math.prod(d for d in shape if d)
+
+
+def check_elements(shape: tuple[int, ...], max_elements: int | None) -> None:
+    """TensorLimitError if the shape holds, or claims, more than max_elements."""
+    n = claimed_elements(shape)
+    if max_elements is not None and n > max_elements:
+        held = _num_elements(shape)
+        what = f"{held} elements" if held else f"no elements but claims {n} (its nonzero dims)"
+        raise TensorLimitError(f"shape {list(shape)} has {what}; the limit is {max_elements}")
+
+
 def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
     unknown = set(obj) - {"dtype", "shape", "data", "b64"}
     if unknown:
+        names = sorted(map(str, unknown))
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         raise TensorError(
-            f"unknown tensor keys {sorted(unknown)}; expected dtype, shape, data or b64"
+            f"unknown tensor keys {names[:5]}{more}; expected dtype, shape, data or b64"
         )
     dtype_name = obj.get("dtype", "float32")
     # A list or object here is unhashable: test the type before the lookup.
@@ -89,8 +108,7 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
         raise TensorError("a tensor object needs 'shape'")
     shape = _check_shape(obj["shape"])
     n = _num_elements(shape)
-    if max_elements is not None and n > max_elements:
-        raise TensorLimitError(f"shape {list(shape)} has {n} elements; the limit is {max_elements}")
+    check_elements(shape, max_elements)
     has_data, has_b64 = "data" in obj, "b64" in obj
     if has_data == has_b64:
         raise TensorError("a tensor object needs exactly one of 'data' or 'b64'")
@@ -188,8 +206,7 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
         raise TensorError(
             "expected a nested list of numbers or an object with dtype, shape and data or b64"
         )
-    if max_elements is not None and arr.size > max_elements:
-        raise TensorLimitError(f"tensor has {arr.size} elements; the limit is {max_elements}")
+    check_elements(arr.shape, max_elements)
     if is_bfloat16(arr.dtype):
         arr = arr.astype(np.float32)
     if arr.dtype.kind not in "biuf":

@@ -412,7 +412,9 @@ class _PanelsCanvas:
             if not shown:
                 continue
             panel = panels[i]
-            rows, cols = panel.matrix.shape
+            # An empty map (no queries or no keys) keeps one cell of room: zero-width limits
+            # are singular.
+            rows, cols = (max(n, 1) for n in panel.matrix.shape)
             image.set_data(panel.matrix)
             image.set_cmap(panel.cmap)
             image.set_clim(panel.vmin, panel.vmax)

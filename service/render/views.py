@@ -104,17 +104,21 @@ def _as_4d(a: np.ndarray) -> np.ndarray:
     return a.reshape((1,) * (4 - a.ndim) + a.shape)
 
 
+def _peak(a: np.ndarray) -> float:
+    """The largest finite |value| (0 for an empty map or one without finite values)."""
+    return float(np.abs(a, where=np.isfinite(a), out=np.zeros(a.shape, np.float64)).max(initial=0))
+
+
 def _comparison_panels(exact: np.ndarray | None, implied: np.ndarray) -> list[Panel]:
     """exact | implied | implied - exact (implied alone when exact is None)."""
     signed = bool((implied < 0).any())  # linformer's implied operator is signed
-    top = max(float(np.nanmax(np.abs(implied))), 0.0 if exact is None else float(exact.max()))
-    top = top or 1.0
+    top = max(_peak(implied), 0.0 if exact is None else _peak(exact)) or 1.0
     cmap, vmin = ("RdBu_r", -top) if signed else ("viridis", 0.0)
     approximation = Panel("approximation (implied)", implied, cmap, vmin, top)
     if exact is None:
         return [approximation]
     diff = implied - exact
-    bound = float(np.nanmax(np.abs(diff))) or 1.0
+    bound = _peak(diff) or 1.0
     return [
         Panel("exact", exact, cmap, vmin, top),
         approximation,

@@ -110,6 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served from the package by install_docs, not from a CDN
         redoc_url=None,
+        # No trailing-slash redirects: Starlette builds their Location from the Host header the
+        # client sent. "/v1/attention/" is a 404 like any other unknown path.
+        redirect_slashes=False,
     )
     app.state.services = state
     # Errors are problem+json, except on /v2, which answers in the protocol's form.

@@ -9,13 +9,14 @@ base64.
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from service.core.approx import MAP_SIDE
 from service.core.errors import InputError
+from service.core.options import FAIL_FAST, Ints
 from service.render.canvas import Sections
 from service.render.model_views import ModelPicture
 from service.render.views import (
@@ -38,12 +39,12 @@ class HeatmapSpec(BaseModel):
     model_config = example_config({"batch": 0, "heads": [0, 1], "inline": False}, extra="forbid")
 
     batch: int = Field(0, ge=0, description="Batch item to draw.")
-    heads: list[int] | Literal["all", "mean"] = Field(
+    heads: Ints | Literal["all", "mean"] = Field(
         "all",
         description='"all": every head, plus the head mean and one grid image when there are '
         'several; "mean": the head mean only; a list: those heads (plus a grid if several).',
     )
-    tokens: list[str] | None = Field(
+    tokens: Annotated[list[str], FAIL_FAST] | None = Field(
         None,
         description="Tick labels of the key axis (one per key), also used for the query axis "
         "when Lq == Lk.",

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.approx import check_options
 from service.core.attention import attention
+from service.core.cost import attention_cost, multihead_cost
 from service.core.errors import InputError
+from service.core.inputs import as_4d
 from service.core.maps import attention_map
 from service.core.memory import slot_count
 from service.core.model import (
@@ -106,6 +109,25 @@ def run_attention(
             check(spec, shape4, state.limits)
         if stats:
             state.limits.elements("top_k", rows + (min(top_k, lk),), "the top-k indices")
+        # What it will cost, set-up included, before any of it runs: shapes that fit together
+        # (else the core's 422 names the problem) and options the method takes, then the model.
+        as_4d(q, k, v)
+        check_options(opts)
+        maps_shape = None
+        if pool or stats:
+            maps_shape = ((min(lq, side), min(lk, side)) if pool else (1, 1)) + (
+                top_k if stats else 0,
+            )
+        cost = attention_cost(
+            q.shape,
+            k.shape,
+            v.shape,
+            opts,
+            weights=want_weights,
+            maps=maps_shape,
+            threads=state.num_threads,
+        )
+        state.limits.work(cost)
     maps: AttentionMaps | None = None
     if pool or stats:
         maps = attention_map(
@@ -203,12 +225,13 @@ def _check_multihead_sizes(
         return
     hkv, head_dim = head_layout(e, opts.num_heads, opts.num_kv_heads)
     limits = state.limits
+    kv = hkv * head_dim
     if opts.weights is None:
-        kv = hkv * head_dim
-        limits.weight_elements("weights", 2 * e * e + kv * (kdim + vdim) + 2 * e + 2 * kv)
+        n = 2 * e * e + kv * (kdim + vdim) + 2 * e + 2 * kv
     else:
         given = [getattr(opts.weights, f) for f in type(opts.weights).model_fields]
-        limits.weight_elements("weights", sum(a.size for a in given if a is not None))
+        n = sum(a.size for a in given if a is not None)
+    limits.weight_elements("weights", n)
     per_head = spec is not None
     if need_weights or per_head:
         rows = query.shape[:-1]
@@ -219,6 +242,16 @@ def _check_multihead_sizes(
         if spec is not None:
             shape4 = (1,) * (3 - query.ndim) + rows[:-1] + (opts.num_heads,)
             images.check_spec(spec, shape4 + (query.shape[-2], key.shape[-2]), limits)
+    cost = multihead_cost(
+        query.shape,
+        key.shape,
+        value.shape,
+        opts,
+        kv_dim=kv,
+        weights=need_weights or per_head,
+        weight_elements=n,
+    )
+    limits.work(cost)
 
 
 def run_multihead(
@@ -286,11 +319,22 @@ def run_tokens(
     # Everything this request would allocate is checked before embedding a single token.
     limits = state.limits
     hkv, head_dim = head_layout(d, h, opts.num_kv_heads)
-    limits.weight_elements(
-        "d_model", 2 * d * d + 2 * hkv * head_dim * d + 2 * d + 2 * hkv * head_dim
-    )
+    kv = hkv * head_dim
+    weight_elements = 2 * d * d + 2 * kv * d + 2 * d + 2 * kv
+    limits.weight_elements("d_model", weight_elements)
     limits.elements("tokens", (n, d), "the embeddings")
     limits.elements("tokens", (h, n, n), "the weights")
+    # the embeddings count as weights: drawn, not sent
+    cost = multihead_cost(
+        (n, d),
+        (n, d),
+        (n, d),
+        opts,
+        kv_dim=kv,
+        weights=True,
+        weight_elements=weight_elements + n * d,
+    )
+    limits.work(cost)
     if spec is not None:
         if spec.tokens is None:
             spec = spec.model_copy(update={"tokens": tokens})

@@ -6,8 +6,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.core.cost import MAX_STEP, Cost
 from service.core.errors import InputError, LimitError
-from service.web.settings import Settings
+from service.web.settings import MiB, Settings
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,43 @@ class Limits:
     max_weight_elements: int
     heatmap_max_side: int
     heatmap_max_images: int
+    max_flops: int = 1 << 42
+    max_work_bytes: int = 1 << 30
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:
-        return cls(s.max_elements, s.max_weight_elements, s.heatmap_max_side, s.heatmap_max_images)
+        return cls(
+            s.max_elements,
+            s.max_weight_elements,
+            s.heatmap_max_side,
+            s.heatmap_max_images,
+            s.max_flops,
+            s.max_work_bytes,
+        )
+
+    def work(self, cost: Cost) -> None:
+        """A computation's cost (service.core.cost) must fit ATTN_MAX_FLOPS and
+        ATTN_MAX_WORK_BYTES, and no step of it outlast a cancellation by much (MAX_STEP)."""
+        if cost.flops > self.max_flops:
+            raise LimitError(
+                cost.loc,
+                f"{cost.what} would need about {cost.flops:.3g} flops for these shapes and "
+                f"options (set-up included); the limit (ATTN_MAX_FLOPS) is {self.max_flops:.3g}",
+            )
+        if cost.bytes > self.max_work_bytes:
+            raise LimitError(
+                cost.loc,
+                f"{cost.what} would allocate about {cost.bytes / MiB:.0f} MiB for these shapes "
+                f"and options (set-up included); the limit (ATTN_MAX_WORK_BYTES) is "
+                f"{self.max_work_bytes / MiB:.0f} MiB",
+            )
+        if cost.step > MAX_STEP:
+            raise LimitError(
+                "q",
+                f"{cost.what} would run {cost.step:.3g} flops in one uncancellable step (its "
+                f"random-feature set-up orthogonalises D x D blocks); the most is {MAX_STEP:.3g} "
+                "(head dim D <= 1024)",
+            )
 
     def elements(self, loc: str | tuple[str | int, ...], shape: Sequence[int], what: str) -> None:
         """A tensor the service would allocate (an output, say) must fit ATTN_MAX_ELEMENTS."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from service.core.cancel import Cancelled
 from service.core.errors import InputError, LimitError
 from service.core.tensor_codec import TensorError, TensorLimitError
 from service.core.tensor_field import LIMIT_ERROR_TYPE
@@ -28,6 +29,9 @@ from service.web.docs import example_config
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_PREFIX = "urn:attention-service:problem:"
+# An answer lists at most this many errors, plus a count of the rest: garbage in a request must
+# not make its answer grow.
+MAX_ERRORS = 20
 
 log = logging.getLogger("service")
 
@@ -58,7 +62,12 @@ class Problem(BaseModel):
     status: int
     detail: str
     instance: str | None = Field(None, description="The request path.")
-    errors: list[ErrorItem] | None = Field(None, description="Each invalid field (422 and 413).")
+    errors: list[ErrorItem] | None = Field(
+        None, description=f"Each invalid field (422 and 413): the first {MAX_ERRORS}."
+    )
+    more_errors: int | None = Field(
+        None, description=f"How many errors there are beyond the first {MAX_ERRORS} listed."
+    )
 
 
 class ServiceError(Exception):
@@ -92,6 +101,12 @@ class MalformedBody(
     """The body is not JSON, or not the JSON object a route reads."""
 
 
+class UnsupportedMediaType(
+    ServiceError, status=415, slug="unsupported-media-type", title="Unsupported media type"
+):
+    """The body's Content-Type is not one the route reads (JSON routes read JSON only)."""
+
+
 class BodyTooLarge(ServiceError, status=413, slug="body-too-large", title="Request body too large"):
     """The body is over ATTN_MAX_BODY_BYTES: declared, streamed, or once decompressed."""
 
@@ -117,6 +132,14 @@ class ClientClosed(
 ):
     """The client left before the answer (nginx's 499): nobody reads this answer, but the
     access log and the metrics do."""
+
+
+class OutOfMemory(ServiceError, status=503, slug="out-of-memory", title="Out of memory"):
+    """The machine ran short of memory for a computation within the limits."""
+
+
+class InternalError(ServiceError, status=500, slug="internal", title="Internal error"):
+    """A bug: never an input problem."""
 
 
 class Unauthorized(ServiceError, status=401, slug="unauthorized", title="Unauthorized"):
@@ -158,7 +181,9 @@ def problem_response(
     if instance:
         body["instance"] = instance
     if errors is not None:
-        body["errors"] = errors
+        body["errors"] = errors[:MAX_ERRORS]
+        if len(errors) > MAX_ERRORS:
+            body["more_errors"] = len(errors) - MAX_ERRORS
     try:
         content = orjson.dumps(body)
     except TypeError:  # text orjson refuses (a lone surrogate from the input): escape it
@@ -210,10 +235,18 @@ def _is_tag(part: str | int) -> bool:
     return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
 
 
+def _errors(exc: ValidationError | RequestValidationError) -> Sequence[Any]:
+    """The errors without their inputs (which may be large) and urls: only loc, msg and type
+    are used."""
+    if isinstance(exc, ValidationError):
+        return exc.errors(include_url=False, include_input=False, include_context=False)
+    return exc.errors()
+
+
 def validation_items(exc: ValidationError | RequestValidationError) -> list[dict[str, Any]]:
     """pydantic's errors as [{"loc", "msg"}], one per field (union alternatives merged)."""
     merged: dict[tuple[str | int, ...], list[str]] = {}
-    for e in exc.errors():
+    for e in _errors(exc):
         loc = tuple(p for p in e["loc"] if not _is_tag(p))
         msgs = merged.setdefault(loc, [])
         msg = _clean_msg(str(e["msg"]))
@@ -236,84 +269,109 @@ def _limit_or_invalid(limit: bool) -> dict[str, Any]:
     return {"status": 422, "title": "Invalid input", "slug": "invalid-input"}
 
 
+# The one mapping from what can go wrong to an answer. Each entry: an exception type (matched
+# by its class hierarchy, the most specific entry winning) and the answer's fields (status,
+# detail, and title, slug, errors, headers when the problem form has them). Every front answers
+# through it: /v1 as problem+json, /v2 in its own form (ErrorForms), so an exception the core
+# can raise is answered the same way on both.
+Describe = Callable[[Request, Any], dict[str, Any]]
+
+
+def _http(request: Request, exc: StarletteHTTPException) -> dict[str, Any]:
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no resource at {request.url.path}"
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    return {"status": exc.status_code, "detail": detail, "headers": dict(exc.headers or {})}
+
+
+def _validation(request: Request, exc: ValidationError | RequestValidationError) -> dict[str, Any]:
+    items = validation_items(exc)
+    # A tensor over the element limit is a size problem (413), not a malformed value.
+    limit = any(e.get("type") == LIMIT_ERROR_TYPE for e in _errors(exc))
+    return {"detail": _summary(items), "errors": items, **_limit_or_invalid(limit)}
+
+
+def _input(request: Request, exc: InputError) -> dict[str, Any]:
+    return {
+        "detail": f"{_loc_str(list(exc.loc))}: {exc.msg}",
+        "errors": [{"loc": list(exc.loc), "msg": exc.msg}],
+        **_limit_or_invalid(isinstance(exc, LimitError)),
+    }
+
+
+def _tensor(request: Request, exc: TensorError) -> dict[str, Any]:
+    # Normally wrapped into InputError with a field name; this is the fallback.
+    return {"detail": str(exc), **_limit_or_invalid(isinstance(exc, TensorLimitError))}
+
+
+def _service(request: Request, exc: ServiceError) -> dict[str, Any]:
+    return {
+        "status": exc.status,
+        "detail": exc.detail,
+        "title": exc.title,
+        "slug": exc.slug,
+        "errors": exc.errors,
+        "headers": exc.headers,
+    }
+
+
+def _as(error: type[ServiceError], detail: str) -> dict[str, Any]:
+    return {"status": error.status, "detail": detail, "title": error.title, "slug": error.slug}
+
+
+def _gone(request: Request, exc: ClientDisconnect) -> dict[str, Any]:
+    # The client left while sending its body: nobody reads this, but it is no server error.
+    return _as(ClientClosed, "the client closed the connection before sending the whole body")
+
+
+def _cancelled(request: Request, exc: Cancelled) -> dict[str, Any]:
+    # A job stopped at a checkpoint after the scheduler gave up on it; the scheduler has
+    # answered already, so this only shows if a job's own caller sees the exception.
+    if str(exc) == "disconnect":
+        return _as(ClientClosed, "the client closed the connection before the answer was ready")
+    return _as(ComputeTimeout, "the computation was stopped (ATTN_REQUEST_TIMEOUT_S)")
+
+
+def _memory(request: Request, exc: MemoryError) -> dict[str, Any]:
+    # The limits are checked before work starts, so this is the machine running short of
+    # memory (other work at the same time): a retry may succeed.
+    return {
+        **_as(OutOfMemory, "the computation ran out of memory; retry later or ask for less"),
+        "headers": {"Retry-After": "1"},
+    }
+
+
+def _unexpected(request: Request, exc: Exception) -> dict[str, Any]:
+    # A bug, never an input problem; logged with its traceback, answered as a problem.
+    # (Starlette's ServerErrorMiddleware sends this answer, then re-raises for the server.)
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _as(InternalError, "an unexpected error occurred; it has been logged")
+
+
+ERROR_MAPPING: dict[type[Exception], Describe] = {
+    StarletteHTTPException: _http,
+    RequestValidationError: _validation,
+    ValidationError: _validation,
+    InputError: _input,  # LimitError included (413)
+    TensorError: _tensor,  # TensorLimitError included (413)
+    ServiceError: _service,  # the web layer's own errors, each with its status
+    ClientDisconnect: _gone,
+    Cancelled: _cancelled,
+    MemoryError: _memory,
+    Exception: _unexpected,
+}
+
+
 def install_problem_handlers(app: FastAPI, forms: ErrorForms) -> None:
     """Route every error, expected or not, to an answer in the form its path takes."""
+    for exc_type, describe in ERROR_MAPPING.items():
 
-    def answer(request: Request, **problem: Any) -> Response:
-        return forms.answer(request.url.path, **problem)
+        async def handler(request: Request, exc: Any, describe: Describe = describe) -> Response:
+            return forms.answer(request.url.path, **describe(request, exc))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no resource at {request.url.path}"
-        elif exc.status_code == 405 and detail == "Method Not Allowed":
-            detail = f"{request.method} is not allowed on {request.url.path}"
-        return answer(
-            request, status=exc.status_code, detail=detail, headers=dict(exc.headers or {})
-        )
-
-    @app.exception_handler(RequestValidationError)
-    @app.exception_handler(ValidationError)
-    async def _validation(
-        request: Request, exc: ValidationError | RequestValidationError
-    ) -> Response:
-        items = validation_items(exc)
-        # A tensor over the element limit is a size problem (413), not a malformed value.
-        limit = any(e.get("type") == LIMIT_ERROR_TYPE for e in exc.errors())
-        return answer(request, detail=_summary(items), errors=items, **_limit_or_invalid(limit))
-
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> Response:
-        return answer(
-            request,
-            detail=f"{_loc_str(list(exc.loc))}: {exc.msg}",
-            errors=[{"loc": list(exc.loc), "msg": exc.msg}],
-            **_limit_or_invalid(isinstance(exc, LimitError)),
-        )
-
-    @app.exception_handler(TensorError)
-    async def _tensor(request: Request, exc: TensorError) -> Response:
-        # Normally wrapped into InputError with a field name; this is the fallback.
-        return answer(
-            request, detail=str(exc), **_limit_or_invalid(isinstance(exc, TensorLimitError))
-        )
-
-    @app.exception_handler(ServiceError)
-    async def _service(request: Request, exc: ServiceError) -> Response:
-        return answer(
-            request,
-            status=exc.status,
-            detail=exc.detail,
-            title=exc.title,
-            slug=exc.slug,
-            errors=exc.errors,
-            headers=exc.headers,
-        )
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
-        # The client left while sending its body: nobody reads this, but it is no server error.
-        return answer(
-            request,
-            status=ClientClosed.status,
-            detail="the client closed the connection before sending the whole body",
-            title=ClientClosed.title,
-            slug=ClientClosed.slug,
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        # A bug, never an input problem; logged with its traceback, answered as a problem.
-        # (Starlette's ServerErrorMiddleware sends this answer, then re-raises for the server.)
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return answer(
-            request,
-            status=500,
-            detail="an unexpected error occurred; it has been logged",
-            title="Internal error",
-            slug="internal",
-        )
+        app.add_exception_handler(exc_type, handler)
 
 
 # OpenAPI description of the error answers, shared by every route.
@@ -325,6 +383,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, desc in {
         400: "Malformed JSON body.",
         408: "The request body did not arrive in time (ATTN_BODY_TIMEOUT_S).",
+        415: "The body is not JSON (Content-Type application/json or +json, UTF-8).",
         413: "Body or tensor larger than a configured limit (the limit is named).",
         422: "Invalid input; `errors` names each field.",
         503: "Overloaded (with Retry-After); retry later.",

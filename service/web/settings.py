@@ -87,6 +87,19 @@ class Settings(BaseSettings):
     max_weight_elements: int = Field(
         1 << 24, ge=1, description="Total elements of the multi-head projection weights."
     )
+    # Cost of one computation, from service.core.cost's model, checked before it starts.
+    max_flops: int = Field(
+        1 << 42,
+        ge=1,
+        description="Work one computation may need, in multiply-add-equivalent flops, set-up "
+        "included (4.4e12: about a minute on one core).",
+    )
+    max_work_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Memory one computation may allocate (its results, intermediates and "
+        "set-up; not its inputs).",
+    )
 
     # Heatmaps.
     heatmap_dir: Path = Field(

@@ -1,5 +1,10 @@
 """JSON bodies in and out: parsing, model validation with the limits, tensor encoding.
 
+One parse path for every JSON body of every front, linear in the body (which the body limit
+bounds) and bounded in shape: no object holds more than MAX_FIELDS members, nothing nests deeper
+than MAX_DEPTH, every string is valid Unicode. So neither the parse nor the validation after it
+(whose errors grow with the members it is given) can cost more than a constant times the body.
+
 Speed matters here (a 3 x 128 x 64 request must not cost tens of milliseconds). Tensors sent as
 nested lists of floats are read straight into numpy by simdjson (`bulk tensors` below) without
 one Python float per number; everything else is parsed by orjson, and the Tensor type turns the
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from functools import cache
 from typing import Any, TypeVar, get_args
 
@@ -21,17 +26,59 @@ import simdjson
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from service.core.errors import InputError
 from service.core.tensor_codec import MAX_NDIM, Encoding, encode_tensor
 from service.core.tensor_field import Tensor
-from service.web.problems import MalformedBody
+from service.web.problems import MalformedBody, UnsupportedMediaType
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
+# Bounds on the shape of a body. No request model has more than a few dozen fields, nor nests
+# deeper than a tensor of MAX_NDIM dimensions inside a few objects.
+MAX_FIELDS = 256
+MAX_DEPTH = 32
+
+JSON_MEDIA_TYPES = "application/json or a +json type"
+
+
+def require_json(headers: Mapping[str, str]) -> None:
+    """415 unless the body is declared JSON: application/json or a +json type, UTF-8.
+
+    Browsers post text/plain, form and multipart bodies (or none at all) cross-origin without a
+    CORS preflight; only JSON content types make them ask first, so only those are read.
+    """
+    media_type, charset = media_type_of(headers.get("content-type"))
+    if not is_json(media_type):
+        got = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
+        raise UnsupportedMediaType(f"the body must be JSON ({JSON_MEDIA_TYPES}); got {got}")
+    if charset not in (None, "utf-8"):
+        raise UnsupportedMediaType(f"JSON bodies are UTF-8; got charset {charset!r}")
+
+
+def media_type_of(content_type: str | None) -> tuple[str, str | None]:
+    """(media type, lower-cased; charset parameter or None) of a Content-Type header."""
+    if not content_type:
+        return "", None
+    media_type, *params = content_type.split(";")
+    charset = None
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    return media_type.strip().lower(), charset
+
+
+def is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
 
 def parse_json(body: bytes, tensors: Collection[str] = ()) -> Any:
-    """The body as JSON; MalformedBody (400) if it is not JSON at all.
+    """The body as JSON; MalformedBody (400) if it is not JSON at all, InputError (422) if it is
+    shaped beyond the bounds above (the error names where).
 
     Top-level fields named in `tensors` that hold rectangular nested lists of floats come back
     as float64 numpy arrays (what the Tensor type would make of them), read in bulk.
@@ -41,14 +88,96 @@ def parse_json(body: bytes, tensors: Collection[str] = ()) -> Any:
         if fast is not None:
             return fast
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         # orjson rejects NaN, Infinity and 1e400; the standard parser accepts them, so the
-        # request reaches validation, which names the field that holds them (422).
+        # request reaches validation, which names the field that holds them (422). It is told
+        # the body is UTF-8 (as orjson and simdjson read it), never left to guess UTF-16 or 32.
         try:
-            return json.loads(body)
+            data = json.loads(body.decode("utf-8"))
         except (ValueError, RecursionError):
             raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+        # It also accepts lone UTF-16 surrogates ("\ud800"), which orjson and simdjson refuse
+        # and no answer could echo: the walk names the field holding one.
+        check_structure(data, unicode=True)
+        return data
+    check_structure(data)
+    return data
+
+
+def check_structure(value: Any, at: tuple[str | int, ...] = (), *, unicode: bool = False) -> None:
+    """InputError naming the place where parsed JSON has an object of more than MAX_FIELDS
+    members or nests deeper than MAX_DEPTH (or, with `unicode`, a string or key that is not
+    valid Unicode: a lone surrogate).
+
+    Linear, and cheap on tensors: an array is descended into only when its first item is an
+    array or object, so a list of numbers costs one look at its first item, a nested tensor
+    one per row. Whatever hides behind a number (a ragged [1, {...}]) is never validated as an
+    object: the tensor decoders refuse it whole. Places are named down to the last object.
+    """
+    # Each entry: (place, the arrays and objects found there at the current depth).
+    level: list[tuple[tuple[str | int, ...], list[Any]]] = [(at, [value])]
+    depth = 0
+    while level:
+        depth += 1
+        deeper: list[tuple[tuple[str | int, ...], list[Any]]] = []
+        for loc, nodes in level:
+            if depth > MAX_DEPTH:
+                raise InputError(loc or ("body",), f"nests deeper than {MAX_DEPTH} levels")
+            for node in nodes:
+                kind = type(node)
+                if kind is dict:
+                    _check_object(loc, node, unicode, deeper)
+                elif kind is list and node:
+                    if unicode:
+                        _check_strings(loc, node, len(nodes) == 1)
+                    if type(node[0]) is list or type(node[0]) is dict:
+                        deeper.append((loc, node))
+        level = deeper
+
+
+def _check_strings(loc: tuple[str | int, ...], items: list[Any], indexed: bool) -> None:
+    kinds = set(map(type, items))
+    if str in kinds:
+        # An index is named when the strings are the items of one array (a token list).
+        strings = items if kinds == {str} else [s for s in items if type(s) is str]
+        _check_text(loc, strings, indexed and kinds == {str})
+
+
+def _check_object(
+    loc: tuple[str | int, ...], node: dict[str, Any], unicode: bool, deeper: list[Any]
+) -> None:
+    if len(node) > MAX_FIELDS:
+        raise InputError(
+            loc or ("body",),
+            f"an object of {len(node)} members; at most {MAX_FIELDS} are accepted",
+        )
+    if unicode:
+        _check_text(loc, list(node))
+    for key, item in node.items():
+        if type(item) in (list, dict):
+            deeper.append(((*loc, key), [item]))
+        elif unicode and type(item) is str:
+            _check_text((*loc, key), [item])
+
+
+def _check_text(loc: tuple[str | int, ...], texts: list[str], indexed: bool = False) -> None:
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        if indexed:
+            loc = (*loc, next(i for i, t in enumerate(texts) if _bad(t)))
+        raise InputError(
+            loc or ("body",), "holds text that is not valid Unicode (a lone UTF-16 surrogate)"
+        ) from None
+
+
+def _bad(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # Bulk tensors. A 128 x 64 float tensor as JSON is 8192 numbers: orjson makes a Python float of
@@ -131,15 +260,17 @@ def _parse_bulk_tensors(body: bytes, tensors: frozenset[str]) -> dict[str, Any] 
         doc = simdjson.Parser().parse(body)
     except Exception:  # not JSON simdjson accepts (NaN, 1e400, ...): the general path decides
         return None
-    if type(doc) is not simdjson.Object:
-        return None
-    keys = list(doc)
-    if len(set(keys)) != len(keys):  # orjson keeps the last of duplicate keys
-        return None
+    if type(doc) is not simdjson.Object or len(doc) > MAX_FIELDS:
+        return None  # the general path explains it
     out: dict[str, Any] = {}
     expected = 0  # JSON arrays the parsed values account for
     arrays: int | None
-    for key in keys:
+    # Looking a key up in a simdjson object is a linear scan (and items() would convert every
+    # value to Python): with at most MAX_FIELDS members (checked above) the lookups cost a
+    # bounded number of comparisons whatever the body.
+    for key in doc:
+        if key in out:  # orjson keeps the last of duplicate keys
+            return None
         value = doc[key]
         if key in tensors and type(value) is simdjson.Array:
             bulk = _bulk_floats(value)
@@ -148,6 +279,7 @@ def _parse_bulk_tensors(body: bytes, tensors: frozenset[str]) -> dict[str, Any] 
             out[key], arrays = bulk
         else:
             out[key] = _plain(value)
+            check_structure(out[key], (key,))
             arrays = _arrays_in(out[key])
             if arrays is None or "[" in key:
                 return None

@@ -8,20 +8,24 @@ no code path with the chunked products under test.
 
 from __future__ import annotations
 
-import math
+import threading
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import service
-from service.core import approx
+from service.core import approx, cancel
 from service.core.approx import methods
-from service.core.errors import InputError, LimitError
+from service.core.errors import InputError
 from service.core.options import AttentionOptions
-from tests.support.reference import allowed_matrix, bin_means, random_qkv, reference_attention
+from tests.support.reference import (
+    bin_means,
+    random_qkv,
+    reference_attention,
+    reference_output,
+)
 
 CAUSAL = [False, "top_left", "bottom_right"]
 # (method, causal) pairs that exist: linformer is non-causal
@@ -37,53 +41,6 @@ def qkv(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 inputs, so that tolerances are tight."""
     return random_qkv(b, hq, hkv, lq, lk, d, dv, seed=seed, dtype=None)
-
-
-def reference_implied(
-    method: str,
-    q: np.ndarray,
-    k: np.ndarray,
-    *,
-    causal: bool | str = False,
-    key_lengths: list[int] | None = None,
-    scale: float | None = None,
-    num_features: int | None = None,
-    seed: int = 0,
-    linformer_k: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The implied matrix M (B, Hq, Lq, Lk) with output = M V, and the log normaliser."""
-    qt, kt = torch.from_numpy(q).double(), torch.from_numpy(k).double()
-    b, hq, lq, d = qt.shape
-    hkv, lk = kt.shape[1:3]
-    kt = kt.repeat_interleave(hq // hkv, dim=1)
-    allowed = allowed_matrix((b, hq, lq, lk), causal=causal, key_lengths=key_lengths)
-    s = 1.0 / math.sqrt(d) if scale is None else scale
-    if method == "linformer":
-        kk = linformer_k or min(lk, 256)
-        e, f = (torch.from_numpy(p).double() for p in approx.linformer_projections(lk, kk, seed))
-        valid = allowed[:, :, :1, :].double()  # (B, Hq, 1, Lk): padded keys projected as zeros
-        kp = (e * valid) @ kt  # (B, Hq, kk, D)
-        p = torch.softmax(s * qt @ kp.transpose(-1, -2), dim=-1)
-        return p @ (f * valid), None
-    if method == "linear":
-        a = (F.elu(qt) + 1) @ (F.elu(kt) + 1).transpose(-1, -2)
-    else:
-        m = num_features or math.ceil(d * math.log(d))
-        w = torch.tensor(approx.performer_features(d, m, seed))  # a copy: the cache is read-only
-
-        def phi(x: torch.Tensor) -> torch.Tensor:
-            return torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(m)
-
-        a = phi(qt * math.sqrt(s)) @ phi(kt * math.sqrt(s)).transpose(-1, -2)
-    a = a * allowed
-    z = a.sum(-1, keepdim=True)
-    return torch.where(z > 0, a / torch.where(z > 0, z, 1.0), 0.0), torch.log(z[..., 0])
-
-
-def reference_output(method: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, **kw: Any):
-    m, lse = reference_implied(method, q, k, **kw)
-    vt = torch.from_numpy(v).double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return (m @ vt).numpy(), m.numpy(), None if lse is None else lse.numpy()
 
 
 def run(q, k, v, chunk: int = approx.CHUNK, **options: Any) -> approx.ApproxResult:
@@ -333,14 +290,6 @@ def test_option_values_checked() -> None:
         assert info.value.loc == ((field,) if method != "flash" else ("method",))
 
 
-def test_feature_memory_limit(monkeypatch) -> None:
-    monkeypatch.setattr(methods, "MAX_FEATURE_ELEMENTS", 1000)
-    q, k, v = qkv(1, 1, 1, 40, 40)
-    with pytest.raises(LimitError) as info:
-        run(q, k, v, method="performer", num_features=64)
-    assert info.value.loc == ("num_features",)
-
-
 def test_support_table_matches_the_issue() -> None:
     """The documented limits: per-(query, key) options are exact-only; linformer is
     non-causal and has no key-by-key weights; compare needs an approximation."""
@@ -353,3 +302,34 @@ def test_support_table_matches_the_issue() -> None:
     ]
     assert not {"causal", "return_weights"} & approx.SUPPORTED["linformer"]
     assert "compare" not in approx.SUPPORTED["exact"]
+
+
+# Each approximation's work, set-up included, runs in steps with a cancellation checkpoint
+# before each: a job abandoned 50 ms into about a second of work raises Cancelled part-way
+# (a method without checkpoints would run to the end and return its result).
+ABANDONED = {
+    "linear": ("linear", (262_144, 64), {}),
+    "linear, causal (chunks)": ("linear", (65_536, 64), {"causal": "top_left"}),
+    "performer": ("performer", (65_536, 64), {"num_features": 1024, "seed": 1401}),
+    "performer's set-up (16 QRs of 1024 x 1024)": (
+        "performer",
+        (1, 1024),
+        {"num_features": 16384, "seed": 1402},  # a seed of its own: not cached
+    ),
+    "linformer": ("linformer", (262_144, 64), {"linformer_k": 256}),
+}
+
+
+@pytest.mark.parametrize("name", list(ABANDONED))
+def test_an_abandoned_approximation_stops_at_a_checkpoint(name: str) -> None:
+    method, shape, options = ABANDONED[name]
+    q = np.full(shape, 0.01, dtype=np.float32)
+    token = cancel.CancelToken()
+    timer = threading.Timer(0.05, token.cancel, ("timeout",))
+    with cancel.bound(token):
+        timer.start()
+        try:
+            with pytest.raises(cancel.Cancelled, match="timeout"):
+                service.attention(q, q, q, method=method, **options)
+        finally:
+            timer.cancel()

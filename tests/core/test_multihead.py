@@ -114,6 +114,35 @@ def test_matches_torch_multihead_attention(cfg: tuple, masking: str) -> None:
     np.testing.assert_allclose(plain.output, result.output, atol=1e-6, rtol=0)
 
 
+def test_values_near_the_float32_limit_get_torchs_answer() -> None:
+    """Values as large as the projections' bounds allow, aligned with one row of the value
+    projection, over 4096 equal keys: the kernel's weighted sum (it sums before it divides) would
+    pass float32's range; the answer is still torch's, in float64. Ten times larger, the
+    bounds pass float32's: a 422 naming value."""
+    e, h, lk = 16, 4, 4096
+    rng = np.random.default_rng(1437)
+    query = rng.standard_normal((1, 3, e)).astype(np.float32)
+    # One key repeated: every weight is 1 before the division, the sum is over all 4096 rows.
+    key = np.tile(rng.standard_normal((1, 1, e)), (1, lk, 1)).astype(np.float32)
+    w = weights_with_biases(e, h, seed=14, bias=False)
+    # The largest |value| whose projections' bound (e * max|v| * max|W|, twice) stays in range.
+    big = 0.9 * 1e37 / (e * e * np.abs(w.v_proj).max() * np.abs(w.out_proj).max())
+    aligned = np.sign(w.v_proj[0]) * rng.uniform(0.5, 1.0, (1, lk, 1)) * big
+    with pytest.raises(InputError) as refused:
+        service.multihead_attention(
+            query, key, (aligned * 10).astype(np.float32), num_heads=h, weights=w
+        )
+    assert refused.value.loc == ("value",)
+    value = aligned.astype(np.float32)
+    assert (value[0] @ w.v_proj[0].astype(np.float64)).sum() > 3.5e38  # the weighted sum
+    result = service.multihead_attention(query, key, value, num_heads=h, weights=w)
+    with torch.no_grad():
+        t = [torch.from_numpy(a).double() for a in (query, key, value)]
+        out, _ = torch_mha(w, e, h, e, e)(*t, need_weights=False)
+    ref = out.numpy()
+    np.testing.assert_allclose(result.output, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_key_padding_as_bool_mask() -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 6, 16)).astype(np.float32)

@@ -8,7 +8,9 @@ its input is valid: a valid one must give the float64 reference's result
 an answer of the right shape (the values are then whatever IEEE arithmetic makes of them).
 Nothing may crash the process. Huge claimed shapes (zero-stride views of a few bytes) must be
 refused, or answered when the work they imply is small. service.attention must answer an
-InputError or the reference.
+InputError or the reference: exact attention's, and each approximation's own formula for its
+parameters (num_features, linformer_k, seed); shapes that hold nothing but claim huge dimensions
+must get an InputError or a correct empty result, whatever the method.
 
 ATTN_FUZZ_SCALE multiplies the number of examples (`make fuzz` runs 10x).
 """
@@ -16,7 +18,11 @@ ATTN_FUZZ_SCALE multiplies the number of examples (`make fuzz` runs 10x).
 from __future__ import annotations
 
 import os
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +34,25 @@ from numpy.lib.stride_tricks import as_strided
 import service
 from service import _native
 from tests.support.native import ISAS, fuzz_settings, isa_set
-from tests.support.reference import f64, reference_attention
+from tests.support.reference import f64, reference_attention, reference_output
 
 MAX_DIM = 1 << 31  # the native checks refuse any dimension >= 2^31
+
+
+@contextmanager
+def address_space_cap(extra: int) -> Iterator[None]:
+    """At most `extra` more bytes of address space for this process while inside (not under
+    the sanitizers, whose shadow memory the cap would break)."""
+    if SANITIZED:
+        yield
+        return
+    size = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,18 +818,27 @@ def _np(x: Any) -> np.ndarray:
     return x.float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-@fuzz_settings(200)
-@given(call=api_calls())
-def test_python_api_attention(call: tuple[Case, list[Any], dict[str, Any], dict[str, Any]]) -> None:
-    case, (arrays, exact), api, ref_kw = call
+def _attend(case: Case, arrays: list[Any], api: dict[str, Any]) -> Any:
+    """service.attention's result, or None when it refused an input the case made bad (with
+    a clear error); a valid input refused, or an invalid one answered, fails."""
     try:
         result = service.attention(*arrays, **api)
     except service.InputError as exc:
         assert case.bad, f"valid input refused: {exc}"
         assert exc.loc and exc.msg
         event("refused")
-        return
+        return None
     assert not case.bad, f"invalid input accepted: {case.bad}"
+    return result
+
+
+@fuzz_settings(200)
+@given(call=api_calls())
+def test_python_api_attention(call: tuple[Case, list[Any], dict[str, Any], dict[str, Any]]) -> None:
+    case, (arrays, exact), api, ref_kw = call
+    result = _attend(case, arrays, api)
+    if result is None:
+        return
     q, k, v = exact
     rank = q.ndim
     pad = (1,) * (4 - rank)
@@ -834,3 +865,139 @@ def test_python_api_attention(call: tuple[Case, list[Any], dict[str, Any], dict[
         weights = _np(result.weights)
         weights = np.where(np.isnan(weights), 0, weights) if api["empty_rows"] == "nan" else weights
     assert_matches(out, lse, weights, ref_out, ref_lse, ref_w)
+
+
+# ---------------------------------------------------------------------------------------------
+# service.attention with the approximations: their parameters (num_features, linformer_k,
+# seed), the options each accepts, empty shapes; against their float64 formulas
+
+
+@st.composite
+def approx_calls(draw: st.DrawFn) -> tuple[Case, list[np.ndarray], dict[str, Any], dict[str, Any]]:
+    """(case, [q, k, v] float64 4-D, API keyword options, reference keyword options)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    case = Case(rng)
+    method = draw(st.sampled_from(["linear", "performer", "linformer"]))
+    b, hkv = draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    hq = hkv * draw(st.integers(1, 2))
+    lq, lk = dim(draw, case, 24), dim(draw, case, 24)
+    d, dv = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    size = draw(st.sampled_from([0.3, 1.0, 2.0]))
+    arrays = [
+        rng.standard_normal(shape) * size
+        for shape in ((b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, dv))
+    ]
+    api: dict[str, Any] = {"method": method}
+    ref: dict[str, Any] = {}
+    if draw(st.booleans()):
+        api["causal"] = ref["causal"] = draw(st.sampled_from([True, "top_left", "bottom_right"]))
+        if method == "linformer":
+            case.invalid("linformer: causal")
+    if draw(st.booleans()):
+        api["key_lengths"] = ref["key_lengths"] = [draw(st.integers(0, lk)) for _ in range(b)]
+    if method == "performer" and draw(st.booleans()):
+        api["num_features"] = ref["num_features"] = draw(st.integers(1, 48))
+        if case.rarely(12):
+            api["num_features"] = draw(st.sampled_from([0, -1, 16385, 2**40]))
+            case.invalid("num_features out of range")
+    if method == "linformer" and draw(st.booleans()):
+        api["linformer_k"] = ref["linformer_k"] = draw(st.integers(1, 40))
+        if case.rarely(12):
+            api["linformer_k"] = draw(st.sampled_from([0, -3, 16385]))
+            case.invalid("linformer_k out of range")
+    if method != "linear" and draw(st.booleans()):
+        api["seed"] = ref["seed"] = draw(st.integers(0, 2**32))
+        if case.rarely(12):
+            api["seed"] = -1
+            case.invalid("seed < 0")
+    if draw(st.booleans()):
+        api["scale"] = ref["scale"] = draw(st.floats(0.05, 1.5))
+        if method == "linear":
+            case.invalid("linear: scale")
+    if method != "linformer":
+        api["return_weights"] = draw(st.booleans())
+    if case.rarely(10):  # an option the method does not take
+        name, value = draw(
+            st.sampled_from(
+                [("window", {"left": 1}), ("softcap", 5.0), ("alibi_slopes", True)]
+                + ([("num_features", 8)] if method != "performer" else [])
+                + ([("linformer_k", 8)] if method != "linformer" else [])
+            )
+        )
+        api[name] = value
+        case.invalid(f"{method}: {name}")
+    return case, arrays, api, ref
+
+
+@fuzz_settings(150)
+@given(call=approx_calls())
+def test_python_api_approximations(
+    call: tuple[Case, list[np.ndarray], dict[str, Any], dict[str, Any]],
+) -> None:
+    case, (q, k, v), api, ref_kw = call
+    result = _attend(case, [q, k, v], api)
+    if result is None:
+        return
+    out = np.asarray(result.output)
+    assert out.shape == q.shape[:-1] + v.shape[-1:]
+    assert np.isfinite(out).all()
+    if 0 in q.shape[:3]:
+        event("answered, empty")
+        return
+    if k.shape[2] == 0:  # no keys: every row is empty, 0 by default
+        assert (out == 0).all()
+        event("answered, no keys")
+        return
+    event(f"answered, compared ({api['method']})")
+    expected, weights, lse = reference_output(api["method"], q, k, v, **ref_kw)
+    # The API computes in float32; the references in float64.
+    tol = 2e-4 * max(1.0, float(np.abs(expected).max(initial=0)))
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=tol)
+    if api.get("return_weights"):
+        np.testing.assert_allclose(np.asarray(result.weights), weights, rtol=1e-3, atol=2e-4)
+
+
+# Shapes holding nothing but claiming huge dimensions: each of q, k, v either small and real,
+# or empty (one leading dimension 0) with the others drawn from HUGE.
+@fuzz_settings(150)
+@given(
+    method=st.sampled_from(["exact", "linear", "performer", "linformer"]),
+    empty=st.lists(st.sampled_from([None, 0, 1, 2]), min_size=3, max_size=3),
+    huge=st.lists(st.sampled_from(HUGE), min_size=6, max_size=6),
+    d=st.integers(1, 8),
+    compare=st.booleans(),
+)
+def test_python_api_huge_but_empty_shapes(
+    method: str, empty: list[int | None], huge: list[int], d: int, compare: bool
+) -> None:
+    arrays = []
+    for i, (name, zero_axis) in enumerate(zip("qkv", empty, strict=True)):
+        shape = [1, 1, 3, d]
+        if zero_axis is not None:  # one leading dim 0, another huge
+            shape[zero_axis] = 0
+            shape[(zero_axis + 1 + huge[i] % 2) % 3] = huge[3 + i]
+        if zero_axis is None:
+            arrays.append(np.ones(shape, np.float32))
+            continue
+        arr = claimed(tuple(shape), last_real=True)
+        if arr is None:
+            event("skipped: numpy refuses the input view")
+            return
+        assert arr.shape == tuple(shape) and arr.size == 0, name
+        arrays.append(arr)
+    options: dict[str, Any] = {"method": method}
+    if compare and method != "exact":
+        options["compare"] = True
+    q, k, v = arrays
+    try:
+        # Nothing here may allocate by a claimed dimension: if it tried, it fails here with a
+        # MemoryError instead of filling the machine.
+        with address_space_cap(4 << 30):
+            result = service.attention(q, k, v, **options)
+    except service.InputError as exc:
+        assert exc.loc and exc.msg
+        event("refused")
+        return
+    out = np.asarray(result.output)
+    assert out.shape == q.shape[:-1] + v.shape[-1:]
+    event("answered, empty" if out.size == 0 else "answered")

@@ -5,13 +5,14 @@ and threads that never share a figure."""
 from __future__ import annotations
 
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
 import numpy as np
 import pytest
 
-from service.render.canvas import render_grid, render_map
+from service.render.canvas import Panel, render_grid, render_map, render_panels
 from tests.support.images import pixels, png_size
 
 # The map's axes in figure fractions (left, bottom, width, height) on a 640 x 540 image.
@@ -130,3 +131,16 @@ def test_grid_has_one_panel_per_head() -> None:
     maps = np.random.default_rng(2).random((5, 8, 8)).astype(np.float32)
     w, h = png_size(render_grid(maps, [f"head {i}" for i in range(5)], title="grid"))
     assert w > 0 and h > 0
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 0)])
+def test_empty_panels_draw_without_a_singular_axis(shape: tuple[int, int]) -> None:
+    """A compare heatmap of an empty sequence: a PNG, drawn without matplotlib's warning about
+    identical limits (which it then expands by itself)."""
+    empty = np.zeros(shape)
+    panels = [Panel(t, empty, "viridis", 0.0, 1.0) for t in ("exact", "approximate")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = render_panels(panels, title="empty")
+    width, height = png_size(png)
+    assert width > 0 and height > 0

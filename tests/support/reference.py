@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from service.core import approx
 
 
 def random_qkv(
@@ -264,3 +267,54 @@ def row_entropy(w: np.ndarray) -> np.ndarray:
     """-sum p ln p over the last axis (0 for rows of zeros)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.where(w > 0, w * np.log(w), 0.0).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The approximations (service/core/approx/), each by its plain formula: the Lq x Lk matrix
+
+
+def reference_implied(
+    method: str,
+    q: np.ndarray,
+    k: np.ndarray,
+    *,
+    causal: bool | str = False,
+    key_lengths: list[int] | None = None,
+    scale: float | None = None,
+    num_features: int | None = None,
+    seed: int = 0,
+    linformer_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The implied matrix M (B, Hq, Lq, Lk) with output = M V, and the log normaliser."""
+    qt, kt = torch.from_numpy(q).double(), torch.from_numpy(k).double()
+    b, hq, lq, d = qt.shape
+    hkv, lk = kt.shape[1:3]
+    kt = kt.repeat_interleave(hq // hkv, dim=1)
+    allowed = allowed_matrix((b, hq, lq, lk), causal=causal, key_lengths=key_lengths)
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    if method == "linformer":
+        kk = linformer_k or min(lk, 256)
+        e, f = (torch.from_numpy(p).double() for p in approx.linformer_projections(lk, kk, seed))
+        valid = allowed[:, :, :1, :].double()  # (B, Hq, 1, Lk): padded keys projected as zeros
+        kp = (e * valid) @ kt  # (B, Hq, kk, D)
+        p = torch.softmax(s * qt @ kp.transpose(-1, -2), dim=-1)
+        return p @ (f * valid), None
+    if method == "linear":
+        a = (F.elu(qt) + 1) @ (F.elu(kt) + 1).transpose(-1, -2)
+    else:
+        m = num_features or max(1, math.ceil(d * math.log(d)))
+        w = torch.tensor(approx.performer_features(d, m, seed))  # a copy: the cache is read-only
+
+        def phi(x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(m)
+
+        a = phi(qt * math.sqrt(s)) @ phi(kt * math.sqrt(s)).transpose(-1, -2)
+    a = a * allowed
+    z = a.sum(-1, keepdim=True)
+    return torch.where(z > 0, a / torch.where(z > 0, z, 1.0), 0.0), torch.log(z[..., 0])
+
+
+def reference_output(method: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, **kw: Any):
+    m, lse = reference_implied(method, q, k, **kw)
+    vt = torch.from_numpy(v).double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (m @ vt).numpy(), m.numpy(), None if lse is None else lse.numpy()

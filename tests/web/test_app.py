@@ -47,6 +47,9 @@ class CountingBody:
             yield chunk
 
 
+JSON = {"content-type": "application/json"}
+
+
 def _asgi(tmp_path: Path, **overrides: Any) -> httpx.AsyncClient:
     app = create_app(app_settings(tmp_path, **overrides))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
@@ -58,7 +61,9 @@ def test_declared_content_length_over_the_limit_is_refused_unread(tmp_path: Path
     async def scenario() -> httpx.Response:
         async with _asgi(tmp_path, max_body_bytes=100_000) as ac:
             return await ac.post(
-                "/v1/attention", content=body.stream(), headers={"content-length": str(1_000_000)}
+                "/v1/attention",
+                content=body.stream(),
+                headers={"content-length": str(1_000_000), "content-type": "application/json"},
             )
 
     r = asyncio.run(scenario())
@@ -72,7 +77,7 @@ def test_chunked_body_over_the_limit_is_cut_off_early(tmp_path: Path) -> None:
 
     async def scenario() -> httpx.Response:
         async with _asgi(tmp_path, max_body_bytes=100_000) as ac:
-            return await ac.post("/v1/attention", content=body.stream())
+            return await ac.post("/v1/attention", content=body.stream(), headers=JSON)
 
     r = asyncio.run(scenario())
     assert_problem(r, 413)
@@ -82,7 +87,8 @@ def test_chunked_body_over_the_limit_is_cut_off_early(tmp_path: Path) -> None:
 def test_body_limit_in_the_test_client(client) -> None:
     big = np.zeros((200, 100), np.float32)
     assert_problem(post(client, "/v1/attention", {**QKV, "q": b64(big)}), 413)
-    r = client.post("/v1/attention", content=CountingBody(50))  # chunked through the TestClient
+    # chunked through the TestClient
+    r = client.post("/v1/attention", content=CountingBody(50), headers=JSON)
     assert_problem(r, 413)
     assert post(client, "/v1/attention", QKV).status_code == 200  # the app still serves
 
@@ -323,7 +329,7 @@ def test_overload_is_answered_before_the_body_is_read(tmp_path: Path) -> None:
             blocker = asyncio.ensure_future(scheduler.run("block", gate.wait))
             while scheduler.running == 0:
                 await asyncio.sleep(0.005)
-            r = await ac.post("/v1/tokens", content=body.stream())
+            r = await ac.post("/v1/tokens", content=body.stream(), headers=JSON)
             gate.set()
             await blocker
             return r

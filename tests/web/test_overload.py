@@ -263,7 +263,8 @@ def test_a_queued_request_whose_client_left_never_runs(
         assert _ran(app, job) == 0
         # The same request from a client that stays gets its answer (and is counted).
         with httpx.Client(base_url=srv.url, timeout=30) as http:
-            assert http.post(path, content=body).status_code == 200
+            ctype = {"content-type": "application/json"}
+            assert http.post(path, content=body, headers=ctype).status_code == 200
         assert _ran(app, job) == 1
 
 

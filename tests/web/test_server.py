@@ -70,7 +70,8 @@ def test_limits_and_problems_over_the_network(server: Server) -> None:
         for _ in range(200):
             yield b" " * 10_000
 
-    r = httpx.post(server.url + "/v1/attention", content=chunks())
+    json = {"content-type": "application/json"}
+    r = httpx.post(server.url + "/v1/attention", content=chunks(), headers=json)
     assert r.status_code == 413
     r = httpx.get(server.url + "/v1/attention")
     assert r.status_code == 405 and r.json()["status"] == 405

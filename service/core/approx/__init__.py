@@ -36,6 +36,7 @@ compare.py (against exact attention), methods.py (`run`: sizes, methods, timing)
 """
 
 from service.core.approx.features import (
+    FEATURE_CACHE,
     default_num_features,
     linformer_projections,
     performer_features,
@@ -44,7 +45,6 @@ from service.core.approx.methods import (
     CHUNK,
     DEFAULT_LINFORMER_K,
     MAP_SIDE,
-    MAX_FEATURE_ELEMENTS,
     ApproxResult,
     run,
 )
@@ -53,9 +53,9 @@ from service.core.approx.supported import SUPPORTED, Method, check_options
 
 __all__ = [
     "CHUNK",
+    "FEATURE_CACHE",
     "DEFAULT_LINFORMER_K",
     "MAP_SIDE",
-    "MAX_FEATURE_ELEMENTS",
     "SUPPORTED",
     "ApproxResult",
     "Method",

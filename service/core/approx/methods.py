@@ -23,13 +23,14 @@ from service.core.approx.features import (
 from service.core.approx.pooling import bin_edges, feature_map, pool_rows
 from service.core.approx.products import feature_attention, row_counts
 from service.core.approx.supported import check_options
-from service.core.errors import InputError, LimitError
+from service.core.cancel import ELEMENTWISE, blocks
+from service.core.errors import InputError
+from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.options import AttentionOptions
 
 CHUNK = 64  # keys per causal chunk: small masked products, few Python iterations
 DEFAULT_LINFORMER_K = 256
 MAP_SIDE = 256  # implied maps are pooled to at most MAP_SIDE x MAP_SIDE bins
-MAX_FEATURE_ELEMENTS = 1 << 28  # feature matrices held at once (1 GiB in float32)
 _BLAS = ThreadpoolController()  # inspects the loaded BLAS once, at import
 
 
@@ -58,29 +59,27 @@ class ApproxResult:
     comparison: dict[str, Any] | None
 
 
-def check_memory(q: np.ndarray, k: np.ndarray, opts: AttentionOptions) -> None:
-    b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1:3]
-    if opts.method == "linformer":
-        kk = opts.linformer_k or min(lk, DEFAULT_LINFORMER_K)
-        n, field = (2 * kk * lk + b * hq * lq * kk), "linformer_k"
-    else:
-        m = d if opts.method == "linear" else (opts.num_features or default_num_features(d))
-        n, field = b * (hq * lq + hkv * lk) * m, "num_features"
-    if n > MAX_FEATURE_ELEMENTS:
-        raise LimitError(
-            field,
-            f"method {opts.method!r} would hold {n} feature elements at once for these shapes "
-            f"(limit {MAX_FEATURE_ELEMENTS}); use fewer features or shorter sequences",
-        )
+def _finish(
+    num: np.ndarray, den: np.ndarray, counts: np.ndarray, opts: AttentionOptions
+) -> np.ndarray:
+    """num / den, with rows without allowed keys set to 0 or NaN (counts (B, Lq)).
 
-
-def _finish(num: np.ndarray, den: np.ndarray, counts: np.ndarray, empty_rows: str) -> np.ndarray:
-    """num / den, with rows without allowed keys set to 0 or NaN (counts (B, Lq))."""
+    A row with allowed keys whose features all underflowed (den = 0: elu(x) + 1 = e^x below
+    x = -87 for linear; exp of far-apart scores for performer) has no answer in float32: the
+    input is refused, naming q, rather than answered with a 0 the method does not give.
+    """
     empty = (counts <= 0)[:, None, None, :]  # (B, 1, 1, Lq)
-    tiny = np.finfo(den.dtype).tiny  # features underflowed to 0 in a non-empty row: output 0
-    out = num / np.maximum(den, tiny)[..., None]
-    return np.where(empty[..., None], np.nan if empty_rows == "nan" else 0.0, out).astype(num.dtype)
+    if not (empty | (den > 0)).all():
+        raise InputError(
+            "q",
+            f"values out of range for method {opts.method!r}: the feature products of some "
+            "query with every allowed key underflow to 0 in float32 (the scores are too far "
+            "apart); scale q and k down, or use method 'exact'",
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = num / den[..., None]
+    nan = np.nan if opts.empty_rows == "nan" else 0.0
+    return np.where(empty[..., None], nan, out).astype(num.dtype)
 
 
 def _linformer(
@@ -94,18 +93,29 @@ def _linformer(
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     kk = opts.linformer_k or min(lk, DEFAULT_LINFORMER_K)
-    e, f = (p.astype(q.dtype) for p in linformer_projections(lk, kk, opts.seed or 0))
+    e, f = (p.astype(q.dtype, copy=False) for p in linformer_projections(lk, kk, opts.seed or 0))
     valid = key_valid(b, lk, opts)
     if valid is not None:  # padded keys and values projected as zeros
         k = k * valid[..., None]
         v = v * valid[..., None]
-    kp, vp = (e @ k)[:, :, None], (f @ v)[:, :, None]  # (B, Hkv, 1, kk, .)
-    scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(d)
-    s = (q.reshape(b, hkv, hq // hkv, lq, d) @ kp.swapaxes(-1, -2)) * q.dtype.type(scale)
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
-    out = s @ vp
+    # E K and F V (B, Hkv, 1, kk, .), summed over blocks of keys
+    kp = np.zeros((b, hkv, 1, kk, d), q.dtype)
+    vp = np.zeros((b, hkv, 1, kk, dv), q.dtype)
+    for rows in blocks(lk, b * hkv * kk * (d + dv)):
+        kp[:, :, 0] += e[:, rows] @ k[..., rows, :]
+        vp[:, :, 0] += f[:, rows] @ v[..., rows, :]
+    scale = q.dtype.type(opts.scale if opts.scale is not None else 1.0 / math.sqrt(d))
+    qg = q.reshape(b, hkv, hq // hkv, lq, d)
+    s = np.empty((*qg.shape[:-1], kk), q.dtype)  # the softmax weights over projected rows
+    out = np.empty((*qg.shape[:-1], dv), q.dtype)
+    for rows in blocks(lq, b * hq * kk * (d + dv + ELEMENTWISE)):
+        w = qg[..., rows, :] @ kp.swapaxes(-1, -2)
+        w *= scale
+        w -= w.max(axis=-1, keepdims=True)
+        np.exp(w, out=w)
+        w /= w.sum(axis=-1, keepdims=True)
+        s[..., rows, :] = w
+        out[..., rows, :] = w @ vp
     flops = 2 * b * hkv * kk * lk * (d + dv) + 2 * b * hq * lq * kk * (d + dv)
     pooled = None
     if pool is not None:
@@ -129,17 +139,17 @@ def compute(
     """(output, weights, lse, pooled implied map, flops), all 4-D with Hq heads."""
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    counts = row_counts(b, lq, lk, opts)
-    if 0 in q.shape[:3] or lk == 0:  # nothing to attend to (or nobody asking)
+    if 0 in q.shape[:3] or lk == 0:  # nothing to attend to (or nobody asking): no O(L) work
         fill = np.nan if opts.empty_rows == "nan" and lk == 0 else 0.0
         out = np.full((b, hq, lq, dv), fill, dtype=q.dtype)
         weights = np.zeros((b, hq, lq, lk), q.dtype) if opts.return_weights else None
         lse = np.full((b, hq, lq), -np.inf, q.dtype) if opts.return_weights else None
         pooled = np.zeros((b, hq, *pool), q.dtype) if pool is not None else None
         return out, weights, lse, pooled, 0
+    counts = row_counts(b, lq, lk, opts)
     if opts.method == "linformer":
         num, pooled, flops = _linformer(q, k, v, opts, pool)
-        out = _finish(num, np.ones(num.shape[:-1], num.dtype), counts, opts.empty_rows)
+        out = _finish(num, np.ones(num.shape[:-1], num.dtype), counts, opts)
         grouped: tuple[np.ndarray | None, ...] = (out, None, None, pooled)
     else:
         f, flops = features(q, k, opts)
@@ -148,7 +158,7 @@ def compute(
         flops += 2 * b * hkv * lk * nf * (dv + 1) + 2 * b * hq * lq * nf * (dv + 1)
         if f.last is not None:
             flops += 2 * b * hq * lq * min(chunk, lk) * (nf + dv + 1)
-        out = _finish(num, den, counts, opts.empty_rows)
+        out = _finish(num, den, counts, opts)
         weights = lse = None
         if opts.return_weights:
             weights = feature_map(f, den, lq, lk)
@@ -179,12 +189,16 @@ def run(
     check_options(opts)
     if opts.method == "exact":
         raise InputError("method", "run() computes the approximate methods only")
-    check_memory(q, k, opts)
+    check_scores(opts, q, k, v)  # the magnitude rules exact attention applies, per method
+    m = opts.num_features or default_num_features(q.shape[3])
+    values, scaling = scale_values(v, sum_growth(opts, q, k, m))
     lq, lk = q.shape[2], k.shape[2]
     pool = (min(lq, MAP_SIDE), min(lk, MAP_SIDE)) if opts.compare else None
     start = time.perf_counter()
     with _serial(), np.errstate(over="ignore", under="ignore"):
-        out, weights, lse, implied, flops = compute(q, k, v, opts, pool, chunk)
+        out, weights, lse, implied, flops = compute(q, k, values, opts, pool, chunk)
+    if scaling is not None:
+        out = scaling.restore(out)
     elapsed = (time.perf_counter() - start) * 1e3
     comparison = None
     if opts.compare:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from service.core.approx.features import Features
+from service.core.cancel import checkpoint
 
-_ROW_BLOCK = 4096  # query rows per block when pooling implied maps
+ROW_BLOCK = 4096  # query rows per block when pooling implied maps
 
 
 def bin_edges(n: int, bins: int) -> np.ndarray:
@@ -38,9 +39,10 @@ def feature_map(f: Features, den: np.ndarray, pq: int, pk: int) -> np.ndarray:
         partial_sums = (cum - before[..., starts, :]).astype(f.phik.dtype)[:, :, None]
     inv = np.where(den > 0, 1 / np.where(den > 0, den, 1), 0).astype(f.phiq.dtype)
     out = np.zeros((*f.phiq.shape[:3], pq, pk), dtype=f.phiq.dtype)
-    # blocks of whole query bins, about _ROW_BLOCK rows each
-    per_block = max(1, _ROW_BLOCK * pq // max(lq, 1))
+    # blocks of whole query bins, about ROW_BLOCK rows each
+    per_block = max(1, ROW_BLOCK * pq // max(lq, 1))
     for b0 in range(0, pq, per_block):
+        checkpoint()
         b1 = min(pq, b0 + per_block)
         r0, r1 = qe[b0], qe[b1]
         mass = f.phiq[..., r0:r1, :] @ kbin.swapaxes(-1, -2)  # (B, Hkv, G, n, pk)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from service.core.approx.features import last_keys
+from service.core.cancel import blocks, checkpoint
 from service.core.options import AttentionOptions
 
 
@@ -20,7 +23,14 @@ def feature_attention(
     v1 = np.concatenate([v, ones], axis=-1)[:, :, None]  # (B, Hkv, 1, Lk, Dv + 1)
     phik = phik[:, :, None]  # (B, Hkv, 1, Lk, F)
     if last is None:
-        nd = phiq @ (phik.swapaxes(-1, -2) @ v1)
+        # sum_j phi(k_j) v1_j^T over blocks of keys, then each block of queries against it
+        b, hkv, _, lk, f = phik.shape
+        state = np.zeros((b, hkv, 1, f, v1.shape[-1]), dtype=phiq.dtype)
+        for rows in blocks(lk, b * hkv * f * v1.shape[-1]):
+            state += phik[..., rows, :].swapaxes(-1, -2) @ v1[..., rows, :]
+        nd = np.empty((*phiq.shape[:-1], v1.shape[-1]), dtype=phiq.dtype)
+        for rows in blocks(phiq.shape[-2], math.prod(phiq.shape[:3]) * f * v1.shape[-1]):
+            nd[..., rows, :] = phiq[..., rows, :] @ state
         return nd[..., :-1], nd[..., -1]
     nd = np.zeros((*phiq.shape[:-1], v1.shape[-1]), dtype=phiq.dtype)
     state = np.zeros((*phik.shape[:3], phik.shape[-1], v1.shape[-1]), dtype=phiq.dtype)
@@ -43,6 +53,7 @@ def _chunk_loop(
     owner = np.where(last >= 0, last // chunk, -1)
     folded = 0  # keys [0, folded) are summed into state
     for c in range(-(-lk // chunk)):
+        checkpoint()
         i0, i1 = np.searchsorted(owner, [c, c + 1])
         if i0 == i1:
             continue

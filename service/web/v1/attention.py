@@ -36,6 +36,7 @@ async def post_attention(request: Request, state: StateDep) -> Response:
     Tensors are nested lists, {dtype, shape, data} or {dtype, shape, b64}; results come back
     in q's encoding unless `encoding` says otherwise.
     """
+    wire.require_json(request.headers)
     return await state.scheduler.run_request("attention", request, _job, state)
 
 

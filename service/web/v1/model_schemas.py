@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.core.model import MODELS
+from service.core.options import FAIL_FAST, Ints
 from service.core.tensor_codec import Encoding
 from service.render.model_views import ModelView
 from service.web.v1.schemas import heatmap_flag
@@ -31,7 +32,9 @@ class ModelHeatmapSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    views: list[ModelView] = Field(default=["model", "head"], description=_VIEWS_DOC)
+    views: Annotated[list[ModelView], FAIL_FAST] = Field(
+        default=["model", "head"], description=_VIEWS_DOC
+    )
     inline: bool = Field(
         default=False,
         description="Return the PNGs base64-encoded in the response instead of storing.",
@@ -82,8 +85,8 @@ class ModelTokensRequest(BaseModel):
         description="Cut an input over the model's 512 positions to 512 wordpieces (for a pair, "
         "the longer text first) instead of answering 422.",
     )
-    layers: list[int] | None = Field(None, description="Layers to return (indices); null = all.")
-    heads: list[int] | None = Field(None, description="Heads to return (indices); null = all.")
+    layers: Ints | None = Field(None, description="Layers to return (indices); null = all.")
+    heads: Ints | None = Field(None, description="Heads to return (indices); null = all.")
     need_weights: bool = Field(True, description="Return the attention weights.")
     heatmap: ModelHeatmapSpec | None = Field(
         None,

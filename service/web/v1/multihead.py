@@ -28,6 +28,7 @@ async def post_multihead(request: Request, state: StateDep) -> Response:
 
     Without `weights`, Xavier-uniform projections are drawn from `seed` (reproducible).
     """
+    wire.require_json(request.headers)
     return await state.scheduler.run_request("multihead", request, _job, state)
 
 

@@ -7,13 +7,13 @@ encoding. Tensors are validated by the Tensor type (numpy in bulk).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from service.core.errors import InputError
-from service.core.options import AttentionOptions, MultiheadOptions
+from service.core.options import FAIL_FAST, AttentionOptions, MultiheadOptions
 from service.core.tensor_codec import Encoding, encoding_of
 from service.core.tensor_field import Tensor
 from service.core.tokens import Positional
@@ -321,7 +321,9 @@ class TokensRequest(_WithHeatmap, MultiheadOptions):
         },
     )
 
-    tokens: list[str] | None = Field(None, description="The tokens; or give `text`.")
+    tokens: Annotated[list[str], FAIL_FAST] | None = Field(
+        None, description="The tokens; or give `text`."
+    )
     text: str | None = Field(None, description="Text split on whitespace into tokens.")
     d_model: int = Field(64, ge=1, description="Embedding width (divisible by num_heads).")
     num_heads: int = Field(8, ge=1, description="Attention heads.")

@@ -38,6 +38,7 @@ async def post_tokens(request: Request, state: StateDep) -> Response:
     With "model" (GET /v1/models lists them): the text through a real pretrained model, every
     layer's and head's attention computed by this service's kernel, the sentence embedding,
     and BertViz's pictures (model view, head view, one head's map) as PNG and SVG."""
+    wire.require_json(request.headers)
     return await state.scheduler.run_request("tokens", request, _job, state)
 
 

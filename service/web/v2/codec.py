@@ -16,6 +16,7 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ from starlette.responses import Response
 
 from service.core.errors import LimitError
 from service.core.frameworks import bfloat16_bits_to_float32
+from service.core.tensor_codec import TensorLimitError, check_elements
 from service.web import wire
-from service.web.problems import BodyTooLarge
+from service.web.problems import BodyTooLarge, UnsupportedMediaType
 from service.web.v2.datamodels import InferenceRequest, RequestInput
 from service.web.v2.errors import ProtocolError
 
@@ -73,35 +75,72 @@ class TensorSpec:
         return self.accepts or (self.datatype,)
 
 
+# The JSON types each datatype's `data` may hold: a number is no BOOL, a boolean no number, a
+# string never a tensor value (BF16 travels only as binary data).
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "BOOL": frozenset({bool}),
+    "INT32": frozenset({int}),
+    "INT64": frozenset({int}),
+    **{t: frozenset({int, float}) for t in ("FP16", "FP32", "FP64")},
+}
+_JSON_NAMES = {"BOOL": "true/false", "INT32": "whole numbers", "INT64": "whole numbers"}
+
+
+def _json_leaf_types(data: Any) -> set[type]:
+    """The types of the values of nested lists (one level at a time, in C); list stands for
+    arrays mixed with values (ragged)."""
+    level: list[Any] = [data]
+    kinds: set[type] = {list}
+    while kinds == {list}:
+        level = list(chain.from_iterable(level))
+        kinds = set(map(type, level))
+    return kinds
+
+
 def _json_values(name: str, datatype: str, data: Any) -> np.ndarray:
-    """JSON `data` (nested or flat) as an array of the datatype's values; row-major order."""
-    try:
-        # Floats: naming the dtype skips numpy's type discovery (the common, large case).
-        values = np.array(data, dtype=np.float64) if datatype in FLOAT_TYPES else np.asarray(data)
-    except (ValueError, TypeError):
-        raise ProtocolError(
-            f"input '{name}': data must be numbers, as a flat list or nested lists of equal length"
-        ) from None
-    kind = values.dtype.kind
-    if datatype == "BOOL":
-        if kind in "iu" and values.size and not np.isin(values, (0, 1)).all():
-            raise ProtocolError(f"input '{name}': BOOL data holds only true/false (or 0/1)")
-        if kind not in "biu":
-            raise ProtocolError(f"input '{name}': BOOL data holds only true/false")
-        return values.astype(np.bool_)
-    if datatype in ("INT32", "INT64"):
-        if kind == "f" and values.size and not np.array_equal(values, np.round(values)):
-            raise ProtocolError(f"input '{name}': {datatype} data holds only whole numbers")
-        if kind not in "iuf" or (kind == "f" and not np.isfinite(values).all()):
-            raise ProtocolError(f"input '{name}': {datatype} data holds only whole numbers")
-        info = np.iinfo(DATATYPES[datatype])
-        if values.size and (values.min() < info.min or values.max() > info.max):
-            raise ProtocolError(f"input '{name}': a value is outside the range of {datatype}")
-        return values.astype(DATATYPES[datatype].newbyteorder("="))
+    """JSON `data` (nested or flat) as an array of the datatype's values; row-major order.
+
+    Each datatype accepts only its own JSON type (FP32 no strings or booleans, INT no fractions,
+    BOOL only true and false), checked on the values' types before numpy converts any of them.
+    """
     if datatype == "BF16":
         raise ProtocolError(f"input '{name}': BF16 travels only as binary data")
+    if not isinstance(data, list):
+        raise ProtocolError(f"input '{name}': data must be a list (flat, or nested row-major)")
+    kinds = _json_leaf_types(data)
+    allowed = _JSON_TYPES[datatype]
+    if not kinds <= allowed:
+        what = _JSON_NAMES.get(datatype, "numbers")
+        if list in kinds:
+            raise ProtocolError(
+                f"input '{name}': data must be {what}, as a flat list or nested lists of equal "
+                "depth"
+            )
+        found = ", ".join(sorted(_JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds - allowed))
+        raise ProtocolError(f"input '{name}': {datatype} data holds only {what}, not {found}")
+    try:
+        values = np.array(data, dtype=np.float64 if datatype in FLOAT_TYPES else None)
+    except (ValueError, TypeError, OverflowError):
+        raise ProtocolError(
+            f"input '{name}': data must be {_JSON_NAMES.get(datatype, 'numbers')}, as a flat "
+            "list or nested lists of equal length"
+        ) from None
+    if datatype in ("INT32", "INT64") and values.size:
+        info = np.iinfo(DATATYPES[datatype])
+        if values.dtype.kind not in "iu" or values.min() < info.min or values.max() > info.max:
+            raise ProtocolError(f"input '{name}': a value is outside the range of {datatype}")
     with np.errstate(over="ignore"):  # beyond FP16's range becomes inf, reported as such later
         return values.astype(DATATYPES[datatype].newbyteorder("="), copy=False)
+
+
+_JSON_TYPE_NAMES = {
+    bool: "booleans",
+    int: "integers",
+    float: "fractions",
+    str: "strings",
+    dict: "objects",
+    type(None): "nulls",
+}
 
 
 def _binary_values(name: str, datatype: str, raw: memoryview) -> np.ndarray:
@@ -176,12 +215,10 @@ def decode_inputs(
         if any(d < 0 for d in shape):
             raise ProtocolError(f"input '{name}': shape {list(shape)} has a negative dimension")
         n = math.prod(shape)
-        if n > max_elements:
-            raise LimitError(
-                ("inputs", name),
-                f"shape {list(shape)} has {n} elements; the limit (ATTN_MAX_ELEMENTS) is "
-                f"{max_elements}",
-            )
+        try:
+            check_elements(shape, max_elements)
+        except TensorLimitError as exc:
+            raise LimitError(("inputs", name), f"{exc} (ATTN_MAX_ELEMENTS)") from None
         if "shared_memory_region" in item.parameters:
             raise ProtocolError(
                 f"input '{name}': the shared memory extension is not supported; send the data "
@@ -242,6 +279,31 @@ def _decompress(body: bytes, encoding: str, max_bytes: int) -> bytes:
     if not inflater.eof:
         raise ProtocolError(f"the {encoding} body is truncated")
     return out
+
+
+BINARY_MEDIA_TYPE = "application/octet-stream"
+
+
+def check_content_type(headers: Mapping[str, str]) -> None:
+    """415 unless the body is JSON (application/json or +json), or the protocol's binary form:
+    application/octet-stream, the JSON header then the tensors' bytes.
+
+    tritonclient sends no Content-Type at all, so none is accepted too, but only from a client
+    that is not a browser (no Origin header): a web page could otherwise post a body without
+    Content-Type to a local keyless server, cross-origin, without a CORS preflight.
+    """
+    media_type, charset = wire.media_type_of(headers.get("content-type"))
+    if not media_type and "origin" not in headers:
+        return
+    if media_type == BINARY_MEDIA_TYPE or (wire.is_json(media_type) and charset in (None, "utf-8")):
+        return
+    got = f"Content-Type {headers.get('content-type', '')!r}"
+    if not media_type:
+        got = "no Content-Type (from a browser, which sends Origin)"
+    raise UnsupportedMediaType(
+        f"the body must be JSON ({wire.JSON_MEDIA_TYPES}, UTF-8) or {BINARY_MEDIA_TYPE} (the "
+        f"JSON header, then binary tensor data); got {got}"
+    )
 
 
 def split_body(
@@ -409,7 +471,8 @@ def infer_response(
     headers: dict[str, str] = {}
     if buffers:
         headers[HEADER_LENGTH] = str(len(header))
-        body = b"".join([header, *(b.data.cast("B") for b in buffers)])
+        # As flat byte arrays: a memoryview of an empty N-d array cannot be cast to bytes.
+        body = b"".join([header, *(b.reshape(-1).view(np.uint8).data for b in buffers)])
         media_type = "application/octet-stream"
     else:
         body, media_type = header, "application/json"

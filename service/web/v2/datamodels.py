@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.core.tensor_codec import MAX_NDIM
 from service.web.docs import example_config
 
+MAX_TENSORS = 64  # inputs or outputs of one request
+
 
 class RequestInput(BaseModel):
     """$request_input: an input tensor (JSON `data`, or `binary_data_size` bytes after the JSON)."""
@@ -52,8 +54,9 @@ class InferenceRequest(BaseModel):
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = None
+    # No model has more inputs or outputs than this; longer lists stop at the length check.
+    inputs: list[RequestInput] = Field(max_length=MAX_TENSORS)
+    outputs: list[RequestOutput] | None = Field(None, max_length=MAX_TENSORS)
 
 
 class MetadataTensor(BaseModel):

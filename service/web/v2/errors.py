@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import orjson
@@ -30,8 +31,12 @@ def error_response(status: int, message: str, headers: Mapping[str, str]) -> Res
     so every error of the service (routing's 404 and 405, the body limit's 413, the scheduler's
     503, validation, a bug's 500) takes the protocol's form there.
     """
+    try:
+        content = orjson.dumps({"error": message})
+    except TypeError:  # text orjson refuses (a lone surrogate): escaped instead
+        content = json.dumps({"error": message}, ensure_ascii=True).encode()
     return Response(
-        orjson.dumps({"error": message}),
+        content,
         status_code=400 if status == 422 else status,
         headers=dict(headers),
         media_type="application/json",

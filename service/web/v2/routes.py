@@ -42,6 +42,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         404: "Unknown model or version, or an unknown or expired sequence_id.",
         409: "A sequence's request raced another one of the same sequence; it was not applied.",
         413: "Body or tensor larger than a configured limit (the limit is named).",
+        415: "The body is neither JSON nor application/octet-stream (binary tensor data).",
         503: "Overloaded (with Retry-After); retry later.",
     }.items()
 }
@@ -150,6 +151,7 @@ async def infer(
     starting request open a recurrent memory that each request of the sequence appends to.
     """
     model = get_model(model_name, model_version)
+    codec.check_content_type(request.headers)
     job = f"v2-{model.name}"
     return await state.scheduler.run_request(job, request, _job, state, model, request.headers)
 

@@ -39,7 +39,11 @@ def infer(
 
 
 def v1(http: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, np.ndarray]:
-    r = http.post(path, content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
+    r = http.post(
+        path,
+        content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        headers={"Content-Type": "application/json"},  # JSON routes read declared JSON only
+    )
     assert r.status_code == 200, r.text
     return {k: decode(v).astype(np.float32) for k, v in r.json().items() if k in ("output",
             "weights", "lse")}  # fmt: skip
