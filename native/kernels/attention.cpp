@@ -183,7 +183,9 @@ thread_local Scratch tls_scratch;
 
 // A lane block: vectors [iv, iv + C) of the rows, i.e. one micro-tile width. Each chunk is
 // processed block by block (scores, softmax, P.V); each block has its own contiguous slices of
-// Qt [d][IB], St [key][IB] and Ot [dv][IB], which stay in L1 between the steps.
+// Qt [d][IB] and Ot [dv][IB], and all blocks share one St [key][IB] (a block's scores are used up
+// before the next block's are computed), so that the working set of a step stays in L1/L2:
+// separate St slices per block cost 15 % at N=8192.
 struct Block {
   int iv, C;
   int l0, l1;  // valid lanes [l0, l1)
@@ -410,7 +412,7 @@ void process_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, cons
   for (int iv = 0; iv < rs.nvec; iv += RI, ++nblocks) {
     const int C = int(min64(RI, rs.nvec - iv));
     blocks[nblocks] = Block{iv, C, iv * VL, int(min64(rs.n, (iv + C) * VL)),
-                            s.qt.p + nblocks * a.D * IB, s.st.p + nblocks * BC * IB,
+                            s.qt.p + nblocks * a.D * IB, s.st.p,
                             s.ot.p + nblocks * a.Dv * IB};
   }
   std::memset(s.ot.p, 0, sizeof(float) * size_t(a.Dv * IB * nblocks));
@@ -482,8 +484,10 @@ void attention_item(void* p, int64_t work) {
   const Ctx& c = *static_cast<const Ctx*>(p);
   const AttnArgs& a = *c.a;
   const MaskPlan& plan = *c.plan;
-  const int64_t h = work % a.Hq;
-  const PlanItem& item = plan.items[work / a.Hq];
+  // Head-major: consecutive items (on one thread, and on the threads working side by side) read
+  // the same head's K and V, which then stay in L2/L3 (interleaving heads cost 10 % at H=8).
+  const int64_t h = work / plan.n_items;
+  const PlanItem& item = plan.items[work % plan.n_items];
 
   Scratch& s = tls_scratch;
   s.qt.get(size_t(a.D) * BR);
