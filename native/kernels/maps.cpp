@@ -189,10 +189,10 @@ void map_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const Pl
   if (any) {
     // Queries, pre-scaled, rows padded with zeros to a multiple of MR.
     float* qs = s.qs.p;
-    const float* qb = a.q + b * a.sq[0] + h * a.sq[1];
+    const float* qb = static_cast<const float*>(a.q) + b * a.sq[0] + h * a.sq[1];
     for (int r = 0; r < nr; ++r)
       for (int64_t d = 0; d < D; ++d) qs[r * D + d] = r < n ? qb[rows[r] * a.sq[2] + d] * a.scale : 0.0f;
-    const float* kb = a.k + b * a.sk[0] + hk * a.sk[1];
+    const float* kb = static_cast<const float*>(a.k) + b * a.sk[0] + hk * a.sk[1];
     float* st = s.s.p;
     float* pt = s.p.p;
     float* col = s.col.p;
