@@ -56,7 +56,7 @@ RUN groupadd --system --gid "${APP_UID}" app \
 # cache follows the venv's content.
 COPY --from=venv /opt/venv /opt/venv
 
-# Settings are ATTN_* variables (see service/settings.py); these are the container defaults.
+# Settings are ATTN_* variables (see service/web/settings.py); these are the container defaults.
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -24,7 +24,7 @@ $(VENV)/.runtime: $(BIN)/activate
 $(VENV)/.testdeps: $(VENV)/.runtime
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "pytest>=8" "ruff>=0.6" "tritonclient[http]>=2.40" "playwright>=1.45" \
-		"schemathesis>=4.0" "hypothesis>=6.100"
+		"schemathesis>=4.0" "hypothesis>=6.100" "import-linter>=2.1" "mypy>=1.10"
 	@touch $@
 
 # Always re-run: scikit-build-core's build dir makes this incremental (seconds when unchanged).
@@ -38,27 +38,32 @@ test: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -m pytest -q
 
+# Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
+# the types (mypy over the whole package, the extension through service/_native.pyi).
 lint: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # Side-by-side benchmarks against torch; QUICK=1 for a short smoke run; BASELINE=<git ref>
 # also builds that commit's kernel and runs it side by side (no-regression rows).
 bench: $(VENV)/.testdeps build
-	$(BIN)/python tests/benchmarks/bench_kernel.py $(if $(QUICK),--quick) \
+	$(BIN)/python -m tests.benchmarks.bench_kernel $(if $(QUICK),--quick) \
 		$(if $(BASELINE),--baseline $(BASELINE))
 
 # Approximate methods against exact: time and error vs L (1k..64k); QUICK=1 stops at 4k.
 .PHONY: bench-approx
 bench-approx: $(VENV)/.testdeps build
-	$(BIN)/python tests/benchmarks/bench_approx.py $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_approx $(if $(QUICK),--quick)
 
 # HTTP requests/s through the real server (wrk, 8 connections; apt-get install wrk) and heatmap
 # render times; QUICK=1 for a short run.
 .PHONY: bench-http
 bench-http: $(VENV)/.testdeps build
 	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
-	$(BIN)/python tests/benchmarks/bench_http.py $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_http $(if $(QUICK),--quick)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
 # own venv; the normal build is untouched), then the native tests and native fuzz tests on it.
@@ -72,14 +77,14 @@ sanitize: $(VENV)/.testdeps
 fuzz: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/test_fuzz_schema.py tests/test_fuzz_native.py
+		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py
 
 # Load test: the real server under 32 locust users for 60 s (DURATION=n to change); writes
 # and prints tests/load/results/last.md (p50/p99, throughput, status codes, peak RSS).
 .PHONY: load
 load: build
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[load]"
-	$(BIN)/python tests/load/run.py $(if $(DURATION),--duration $(DURATION))
+	$(BIN)/python -m tests.load.run $(if $(DURATION),--duration $(DURATION))
 
 clean:
 	rm -rf $(VENV) build dist build.lock

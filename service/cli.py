@@ -2,7 +2,7 @@
 
 Flags override the ATTN_ environment (ATTN_HOST, ATTN_PORT, ATTN_WORKERS, ATTN_LOG_LEVEL,
 ATTN_ACCESS_LOG);
-every other setting comes from the environment only (see service.settings).
+every other setting comes from the environment only (see service.web.settings).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import uvicorn
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.web.settings import Settings
 
 
 def _parser(defaults: Settings) -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["ATTN_LOG_LEVEL"] = args.log_level
     os.environ["ATTN_ACCESS_LOG"] = str(args.access_log).lower()
     uvicorn.run(
-        "service.app:create_app",
+        "service.web.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,

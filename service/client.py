@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.tensors import decode_tensor, encode_tensor
+from service.core.tensor_codec import decode_tensor, encode_tensor
 
 _DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -120,7 +120,7 @@ class AttentionClient:
         )
 
     def attention(self, q: Any, k: Any, v: Any, **options: Any) -> Result:
-        """POST /v1/attention; options as in service.options.AttentionOptions (+ heatmap)."""
+        """POST /v1/attention; options as in service.AttentionOptions (+ heatmap)."""
         return self._result(self._post("/v1/attention", {"q": q, "k": k, "v": v, **options}))
 
     def multihead(

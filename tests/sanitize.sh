@@ -49,9 +49,11 @@ dev_site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 san_site=$("$SAN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$dev_site" >"$san_site/dev-venv.pth"
 
+# The tests are copied beside the sanitized package: pytest puts the directory holding the
+# `tests` package first on sys.path, and there `service` is the sanitized copy.
 rm -rf "$SAN/site"
 mkdir -p "$SAN/site"
-cp -r service "$SAN/site/"
+cp -r service tests "$SAN/site/"
 find "$SAN/site/service" -name '_native*.so' -delete
 cp "$SAN"/cmake/_native*.so "$SAN/site/service/"
 
@@ -84,6 +86,7 @@ EOF
 start=$(date +%s)
 # --capture=sys: a sanitizer writes its report to file descriptor 2 and then kills the
 # process, so pytest must not be holding fd 2 in a temporary file that dies with it.
-"$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native.py \
-  tests/test_mask_plan.py tests/test_fuzz_mask_plan.py tests/test_fuzz_native.py "$@"
+(cd "$SAN/site" && "$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys \
+  tests/native/test_kernels.py tests/native/test_mask_plan.py tests/native/test_fuzz_mask_plan.py \
+  tests/native/test_fuzz.py "$@")
 echo "sanitize: ASan + UBSan clean in $(($(date +%s) - start)) s"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 import service
+from tests.benchmarks.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
 D = 64
@@ -116,24 +116,6 @@ def bench(lengths: list[int], reps_until: int) -> list[dict[str, Any]]:
                 mode = "causal" if causal else "full  "
                 print(f"L={n:6d} {mode} {method:9s} {row['ms']:10.1f} ms  {errors}", flush=True)
     return rows
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "load average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
 
 
 def crossovers(rows: list[dict[str, Any]]) -> list[str]:
@@ -251,7 +233,9 @@ def main() -> None:
     top = 4096 if args.quick else args.max_length
     lengths = [1 << p for p in range(10, top.bit_length()) if 1 << p <= top]
     rows = bench(lengths, reps_until=8192)
-    info = machine()
+    info = describe(
+        numpy=np.__version__, **{"load average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    )
     write(rows, info)
     print("\n".join(crossovers(rows)))
     print(f"wrote {RESULTS}/approx.json, approx.md, approx.png")

@@ -13,7 +13,7 @@ timed through the server, one request at a time, as the web viewer sends it.
 Writes tests/benchmarks/results/http.json, http.md and sample PNGs. Exits 1 if any request
 was answered with an error. Needs wrk (Debian: apt-get install wrk).
 
-    .venv/bin/python tests/benchmarks/bench_http.py [--quick] [--duration 8] [--rounds 3]
+    .venv/bin/python -m tests.benchmarks.bench_http [--quick] [--duration 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tests.benchmarks.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,13 +69,6 @@ def _stat_cpu(path: Path) -> float:
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """(utime + stime of the whole process, of its main thread: the event loop), in seconds."""
     return _stat_cpu(Path(f"/proc/{pid}/stat")), _stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _bodies(directory: Path) -> dict[str, Path]:
@@ -252,7 +247,8 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
-    from service.heatmaps import render_map, render_weights
+    from service.render.canvas import render_map
+    from service.render.views import render_weights
 
     rng = np.random.default_rng(0)
     # Each call draws a different map (another colour scale, so the colorbar is redrawn).
@@ -402,8 +398,8 @@ def main() -> None:
     heat = bench_heatmaps(5 if args.quick else 20, args.out)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     result = {
-        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "command": " ".join(["python", "tests/benchmarks/bench_http.py", *sys.argv[1:]]),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": " ".join(["python", "-m", "tests.benchmarks.bench_http", *sys.argv[1:]]),
         "loadavg_before": " ".join(load_before),
         "loadavg_after": " ".join(load_after),
         "wrk_threads": args.threads,

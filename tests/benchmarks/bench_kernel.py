@@ -19,7 +19,6 @@ import importlib.machinery
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 import service
 from service import _native
+from tests.benchmarks.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
@@ -433,7 +433,7 @@ def bench_memory(rows: list[Row], n: int) -> None:
 
 
 def bench_heatmap(rows: list[Row], budget: float) -> None:
-    from service.heatmaps import render_map  # the service's own renderer
+    from service.render.canvas import render_map  # the service's own renderer
 
     w = np.random.default_rng(0).random((512, 512), dtype=np.float32)
     ms = _median_ms(lambda: render_map(w, title="bench"), budget)
@@ -453,25 +453,6 @@ def _fmt(row: Row) -> str:
     if row.goal:
         parts.append(f"[{row.goal}: {'ok' if row.passed else 'MISSED'}]")
     return "  ".join(parts)
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "isa": _native.isa(),
-        "threads": str(THREADS),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def write_results(rows: list[Row], info: dict[str, str]) -> None:
@@ -538,7 +519,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     _native.set_num_threads(THREADS)
-    info = machine()
+    info = describe(isa=_native.isa(), threads=str(THREADS), torch=torch.__version__)
     print("machine:", info, flush=True)
     rows: list[Row] = []
     if args.quick:

@@ -1,8 +1,8 @@
-"""Time of the exact attention maps (service.maps) against L, per head, beside pass 1 alone.
+"""Time of the exact attention maps (service.core.maps) against L, per head, beside pass 1 alone.
 
 Pass 1 is the attention kernel (which also yields each row's log-sum-exp); the maps add pass 2
 (scores recomputed, reduced into a 1024x1024 pooled map, entropy, top-8, column sums).
-Usage: python tests/benchmarks/bench_maps.py [--quick]; prints a markdown table. The load
+Usage: python -m tests.benchmarks.bench_maps [--quick]; prints a markdown table. The load
 average before and after is printed too: on a shared machine the figures are only as good as
 the quiet they were taken in.
 """

@@ -442,6 +442,19 @@ def wait_ready(engine: Engine, name: str, port: int, t0: float) -> float:
     raise SmokeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s")
 
 
+def check_packaged(base_url: str) -> None:
+    """The wheel carried the viewer's static files, and one version shows everywhere."""
+    for path, kind in (("/", "text/html"), ("/static/viewer.js", "text/javascript")):
+        status, headers, _ = http("GET", base_url + path)
+        if status != 200 or not headers.get("content-type", "").startswith(kind):
+            raise SmokeError(f"GET {path} -> {status} {headers.get('content-type')}")
+    ready = json.loads(http("GET", base_url + "/readyz")[2])
+    api = json.loads(http("GET", base_url + "/openapi.json")[2])["info"]["version"]
+    if not ready["version"] == ready["native"]["version"] == api:
+        raise SmokeError(f"versions differ: /readyz {ready}, OpenAPI {api}")
+    log(f"ok: the viewer and its static files are served; version {api} everywhere")
+
+
 def attention_request(base_url: str) -> tuple[str, bytes]:
     """POST a real request with a heatmap; check the numbers; return the PNG's URL and bytes."""
     rng = random.Random(5)
@@ -517,7 +530,7 @@ print("read-only")
 SETTINGS_DEFAULTS = r"""
 import json
 from pydantic_core import PydanticUndefined
-from service.settings import Settings
+from service.web.settings import Settings
 print(json.dumps({name: (None if f.default is PydanticUndefined else f.default)
                   for name, f in Settings.model_fields.items()}, default=str))
 """
@@ -585,6 +598,16 @@ def check_compose_settings(defaults: dict[str, Any]) -> None:
         log(f"note: settings not listed in docker-compose.yml: {', '.join(missing)}")
 
 
+def containers(
+    engine: Engine, project: str, env: dict[str, str], stopped: bool = False
+) -> list[str]:
+    """Names of the compose project's containers (running ones, or all with `stopped`)."""
+    flags = ["-a"] if stopped else []
+    label = f"label=com.docker.compose.project={project}"
+    cmd = [*engine.cli, "ps", *flags, "--filter", label, "--format", "{{.Names}}"]
+    return run(cmd, env=env, quiet=True, check=not stopped).stdout.split()
+
+
 def compose_phase(engine: Engine, tag: str) -> float | None:
     """Runs docker-compose.yml itself and the README's curl against it."""
     compose = engine.compose_cmd()
@@ -603,18 +626,7 @@ def compose_phase(engine: Engine, tag: str) -> float | None:
     try:
         t0 = time.monotonic()
         run([*base, "up", "-d", "--no-build"], env=env, timeout=600)
-        names = run(
-            [
-                *engine.cli,
-                "ps",
-                "--filter",
-                f"label=com.docker.compose.project={project}",
-                "--format",
-                "{{.Names}}",
-            ],
-            env=env,
-            quiet=True,
-        ).stdout.split()
+        names = containers(engine, project, env)
         if not names:
             raise SmokeError("compose started no container")
         ready = wait_ready(engine, names[0], port, t0)
@@ -662,20 +674,7 @@ def compose_phase(engine: Engine, tag: str) -> float | None:
         log("ok: compose service healthy by its own HEALTHCHECK")
         return ready
     except BaseException:
-        for name in run(
-            [
-                *engine.cli,
-                "ps",
-                "-a",
-                "--filter",
-                f"label=com.docker.compose.project={project}",
-                "--format",
-                "{{.Names}}",
-            ],
-            env=env,
-            quiet=True,
-            check=False,
-        ).stdout.split():
+        for name in containers(engine, project, env, stopped=True):
             log(f"--- logs of {name}:\n{engine.logs(name)}")
         raise
     finally:
@@ -736,6 +735,7 @@ def main() -> int:
         if status != 200:
             raise SmokeError(f"GET /healthz -> {status}")
         url, png = attention_request(f"http://127.0.0.1:{port_a}")
+        check_packaged(f"http://127.0.0.1:{port_a}")
         passed += 1
         check_container(engine, a, args.tag)
         passed += 4

@@ -1,6 +1,7 @@
 """`make load`: the real server under 32 locust users for 60 s, and a report of how it held up.
 
-Starts `attention-service` on a free port, warms it up, polls its resident memory
+Run as `python -m tests.load.run` (make load). Starts `attention-service` on a free port (as
+the tests do: tests.support.http.running_server), warms it up, polls its resident memory
 (/proc/<pid>/status VmRSS) while locust runs tests/load/locustfile.py headless, then writes
 tests/load/results/last.md (and prints it): p50/p99 latency and throughput per request type,
 every status code, 5xx other than deliberate 503s (must be 0), peak RSS. Exits 1 when any
@@ -13,13 +14,12 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,74 +27,30 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tests.support.http import running_server
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "last.md"
 MiB = 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 class RssPoller(threading.Thread):
     """Samples a process's RSS every `period` seconds; keeps the peak and the last value."""
 
-    def __init__(self, pid: int, period: float = 0.2) -> None:
+    def __init__(self, rss: Callable[[], int], period: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.pid, self.period = pid, period
+        self.rss, self.period = rss, period
         self.peak = self.last = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.last = rss_bytes(self.pid)
+                self.last = self.rss()
             except OSError:
                 return
             self.peak = max(self.peak, self.last)
             self.stop.wait(self.period)
-
-
-def start_server(tmp: Path, port: int) -> subprocess.Popen[bytes]:
-    script = Path(sys.executable).with_name("attention-service")
-    env = {
-        **os.environ,
-        "ATTN_HEATMAP_DIR": str(tmp / "heatmaps"),
-        "ATTN_ACCESS_LOG": "false",
-        "ATTN_LOG_LEVEL": "warning",
-    }
-    env.pop("ATTN_API_KEYS", None)
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [str(script), "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(
-                f"server exited with {proc.returncode}: {(tmp / 'server.log').read_text()}"
-            )
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready within 60 s")
 
 
 def percentiles(times: list[float]) -> tuple[float, float, float]:
@@ -187,16 +143,16 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="attention-load-") as tmp_name:
         tmp = Path(tmp_name)
-        port = free_port()
-        proc = start_server(tmp, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
+        env = {"ATTN_ACCESS_LOG": "false", "ATTN_LOG_LEVEL": "warning", "ATTN_API_KEYS": ""}
+        env["ATTN_HEATMAP_DIR"] = str(tmp / "heatmaps")
+        with running_server(tmp / "server.log", env) as server:
+            url = server.url
             # Warm-up: first requests load fonts, caches and code paths.
             small = {"q": [[0.1, 0.2], [0.3, 0.4]], "k": [[0.1, 0.2]], "v": [[1.0]]}
             for _ in range(3):
                 httpx.post(url + "/v1/attention", json={**small, "heatmap": True}, timeout=30)
-            rss_start = rss_bytes(proc.pid)
-            poller = RssPoller(proc.pid)
+            rss_start = server.rss()
+            poller = RssPoller(server.rss)
             poller.start()
             status_file = tmp / "status.json"
             cmd = [
@@ -221,18 +177,11 @@ def main() -> None:
             subprocess.run(cmd, env=env, timeout=args.duration + 120, check=False)
             poller.stop.set()
             poller.join()
-            rss = {"start": rss_start, "peak": poller.peak, "end": rss_bytes(proc.pid)}
-            server_ok = proc.poll() is None
+            rss = {"start": rss_start, "peak": poller.peak, "end": server.rss()}
+            server_ok = server.proc.poll() is None
             if not status_file.exists():
                 raise SystemExit("locust wrote no results (see its output above)")
             run = json.loads(status_file.read_text())
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         log = (tmp / "server.log").read_text(errors="replace")
         server_errors = log.count("Traceback")
         if server_errors:

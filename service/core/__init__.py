@@ -1,0 +1,19 @@
+"""The compute core: attention on numpy arrays (or torch tensors) through the C++ extension.
+
+numpy, pydantic and `service._native` (and threadpoolctl, to keep BLAS serial in approx/); never
+FastAPI, Starlette, uvicorn, matplotlib or Pillow (`make lint` checks it). What is where:
+
+- options.py: the one options model shared by the Python API and every HTTP front.
+- tensor_codec.py: tensors in and out of JSON-friendly forms (the client uses it too, so it
+  needs numpy alone); tensor_field.py: the pydantic field type built on it.
+- inputs.py: normalising what a caller passes (dtypes, ranks, torch -> numpy, options).
+- masking.py: the masking options as the extension's arguments; native_call.py: one call into
+  the extension (cancellation, errors, timing).
+- attention.py, multihead.py, maps.py: the public functions (exact attention and its
+  approximations, torch's multi-head attention, exact maps and statistics at any length);
+  exact.py: the exact kernel on 4-D arrays; approx/: the approximations; results.py: what they
+  return.
+- weights.py, tokens.py: projection weights; the tokens pipeline (embeddings, positions).
+- errors.py, cancel.py, version.py: errors naming their input, cooperative cancellation, the
+  package version.
+"""

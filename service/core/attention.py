@@ -1,0 +1,85 @@
+"""`attention`: scaled dot-product attention on numpy arrays or torch tensors.
+
+Inputs are normalised and checked (service.core.inputs), the options validated into the one
+options model, the masking options turned into the kernel's arguments; then the exact kernel
+runs (service.core.exact), or one of the approximations (service.core.approx). Results come
+back in the caller's rank and type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from service.core import approx, exact
+from service.core.inputs import ArrayLike, caller_rank, parse_options, thread_count, to_output
+from service.core.masking import prepare
+from service.core.options import AttentionOptions, MaskingOptions
+from service.core.results import AttentionResult
+
+
+def attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    options: MaskingOptions | dict[str, Any] | None = None,
+    *,
+    num_threads: int | None = None,
+    **option_kwargs: Any,
+) -> AttentionResult:
+    """Exact scaled dot-product attention (see service.core.options for every option's meaning).
+
+    q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k (.., Hkv, Lk, D); v (.., Hkv, Lk, Dv), one rank
+    for all three; numpy arrays or torch tensors of any float dtype (computed in float32).
+    Keyword options override those in `options`. A rank-2/3 q is treated as B = 1 (and Hq = 1),
+    so a mask is broadcast right-aligned against (B, Hq, Lq, Lk) as numpy and torch would.
+    """
+    opts = parse_options(AttentionOptions, options, option_kwargs)
+    threads = thread_count(num_threads)
+    q4, k4, v4, rank, kw = prepare(q, k, v, opts)
+    approx.check_options(opts)  # options the chosen method does not support are errors
+    if opts.method != "exact":
+        return _approximation(q, q4, k4, v4, opts, rank)
+    out, lse, weights, elapsed = exact.run(
+        q4, k4, v4, opts, kw, return_weights=opts.return_weights, threads=threads
+    )
+    return AttentionResult(
+        output=to_output(caller_rank(out, rank), q),
+        weights=to_output(caller_rank(weights, rank), q) if weights is not None else None,
+        lse=to_output(caller_rank(lse, rank), q) if opts.return_weights else None,
+        elapsed_ms=elapsed,
+        flops=exact.dense_flops(q4, k4, v4),
+    )
+
+
+def _approximation(
+    like: ArrayLike,
+    q4: np.ndarray,
+    k4: np.ndarray,
+    v4: np.ndarray,
+    opts: AttentionOptions,
+    rank: int,
+) -> AttentionResult:
+    """`approx.run` in the caller's rank and type (`like` is the caller's q).
+
+    The comparison's maps and per-head errors take q's leading dims too; they stay numpy.
+    """
+    res = approx.run(q4, k4, v4, opts)
+
+    def shaped(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else caller_rank(a, rank)
+
+    comparison = res.comparison
+    if comparison is not None:
+        for key in ("implied_map", "exact_map", "rel_error_per_head"):
+            comparison[key] = shaped(comparison[key])
+    return AttentionResult(
+        output=to_output(shaped(res.output), like),
+        weights=to_output(shaped(res.weights), like),
+        lse=to_output(shaped(res.lse), like),
+        elapsed_ms=res.elapsed_ms,
+        flops=res.flops,
+        method=opts.method,
+        comparison=comparison,
+    )

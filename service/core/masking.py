@@ -1,0 +1,112 @@
+"""The masking options as the native kernels' keyword arguments, checked against the shapes.
+
+Every kernel entry point (attention, multihead, attention_maps) takes the same masking
+arguments; this is the one place that builds them from a MaskingOptions model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from service.core.errors import InputError
+from service.core.inputs import F32_SAFE, check_magnitude, qkv_4d
+from service.core.options import MaskingOptions
+
+CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
+
+
+def mask_4d(mask: np.ndarray, convention: str, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """The mask as bool (True = attend) or float32, broadcast to `shape` as a strided view."""
+    kind = mask.dtype.kind
+    if kind == "b":
+        m = ~mask if convention == "ignore" else mask
+    elif kind == "f":
+        with np.errstate(over="ignore"):  # huge negatives becoming -inf is what they mean
+            m = mask.astype(np.float32, copy=False)
+        if np.isnan(m).any():
+            raise InputError("mask", "float mask contains NaN")
+        if m.size and m.max() > F32_SAFE:  # +inf, or near it: scores would overflow
+            raise InputError(
+                "mask",
+                f"float mask holds {m.max():.3g}; values above {F32_SAFE:.0e} overflow "
+                "the scores (use -inf to exclude a key)",
+            )
+    elif kind in "iu":
+        raise InputError(
+            "mask",
+            f"integer masks are ambiguous (dtype {mask.dtype}); pass a bool mask (True = attend, "
+            "or masked out with mask_convention='ignore') or a float mask added to the scores",
+        )
+    else:
+        raise InputError("mask", f"unsupported dtype {mask.dtype}; expected bool or float")
+    if not m.flags.aligned or any(s < 0 for s in m.strides):
+        m = m.copy()  # the kernel reads through strides, but only non-negative aligned ones
+    try:
+        return np.broadcast_to(m, shape)
+    except ValueError:
+        raise InputError(
+            "mask",
+            f"shape {tuple(mask.shape)} is not broadcastable to (B, H, Lq, Lk) = {shape}",
+        ) from None
+
+
+def prepare(
+    q: Any, k: Any, v: Any, opts: MaskingOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """q, k, v checked and 4-D in float32, the rank the caller used, and the masking options
+    as the kernel's arguments (checked against the shapes)."""
+    q4, k4, v4, rank = qkv_4d(q, k, v)
+    b, hq, lq, _ = q4.shape
+    return q4, k4, v4, rank, native_masking(opts, (b, hq, lq, k4.shape[2]))
+
+
+def native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> dict[str, Any]:
+    """Keyword arguments of the native kernels for the masking options, checked against shape."""
+    b, h, lq, lk = shape
+    for name in ("scale", "softcap"):
+        check_magnitude(name, abs(getattr(opts, name) or 0.0), name)
+    kw: dict[str, Any] = {
+        "causal": CAUSAL_CODES[opts.causal_mode],
+        "softcap": float(opts.softcap or 0.0),
+    }
+    if opts.mask is not None:
+        kw["mask"] = mask_4d(opts.mask, opts.mask_convention, shape)
+    if opts.key_lengths is not None:
+        if len(opts.key_lengths) != b:
+            raise InputError(
+                "key_lengths",
+                f"has {len(opts.key_lengths)} entries; expected one per batch item ({b})",
+            )
+        for i, n in enumerate(opts.key_lengths):
+            if n > lk:
+                raise InputError(("key_lengths", i), f"length {n} exceeds Lk={lk}")
+        kw["key_lengths"] = np.asarray(opts.key_lengths, dtype=np.int64)
+    if opts.window is not None:
+        w = opts.window
+        # Bounds beyond every possible offset mean "unbounded"; clamping keeps the native
+        # products left*dilation small. Offsets j - c lie in [-(Lk-1), Lq-1].
+        kw["dilation"] = w.dilation
+        if w.left is not None:
+            kw["window_left"] = min(w.left, -(-max(lk - 1, 0) // w.dilation))
+        if w.right is not None:
+            kw["window_right"] = min(w.right, -(-max(lq - 1, 0) // w.dilation))
+    if opts.global_tokens:
+        if opts.global_tokens[-1] >= lk:
+            raise InputError(
+                "global_tokens", f"position {opts.global_tokens[-1]} outside [0, {lk})"
+            )
+        kw["global_tokens"] = np.asarray(opts.global_tokens, dtype=np.int64)
+    slopes = opts.alibi_slopes
+    if slopes is True:
+        kw["alibi_slopes"] = (2.0 ** (-8.0 * np.arange(1, h + 1) / h)).astype(np.float32)
+    elif isinstance(slopes, list):
+        if len(slopes) != h:
+            raise InputError(
+                "alibi_slopes", f"has {len(slopes)} slopes; expected one per head ({h})"
+            )
+        for i, slope in enumerate(slopes):
+            check_magnitude(("alibi_slopes", i), abs(slope) * max(lq, lk), "the ALiBi bias")
+        kw["alibi_slopes"] = np.asarray(slopes, dtype=np.float32)
+    return kw

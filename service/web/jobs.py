@@ -1,0 +1,257 @@
+"""The work behind each HTTP front, shared by /v1 and the Open Inference Protocol (/v2).
+
+Every request goes one way: the route parses its own wire format into the options model,
+tensors and a heatmap spec; a job here checks the limits before anything large is allocated,
+runs the compute core and draws the heatmaps (service.web.images); the route encodes the plain
+result in its own format. Errors name the option fields (InputError); each front maps those
+locations onto its own names. `compute` lets a front name the core function it runs (one place
+to wrap it, as the overload tests do on the /v1 routes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.attention import attention
+from service.core.errors import InputError
+from service.core.maps import attention_map
+from service.core.multihead import multihead_attention
+from service.core.options import AttentionOptions, MultiheadOptions
+from service.core.results import AttentionMaps, AttentionResult, MultiheadResult, TokensResult
+from service.core.tokens import Positional, self_attention
+from service.core.weights import head_layout
+from service.web import images
+from service.web.deps import AppState
+from service.web.images import HeatmapSpec
+
+
+@dataclass(frozen=True)
+class AttentionJob:
+    """result: output (weights and lse when asked), comparison when compare. maps: the stats
+    (entropy, top-k, column sums) when asked. heatmaps: the drawn images' references."""
+
+    result: AttentionResult
+    maps: AttentionMaps | None
+    heatmaps: list[dict]
+
+
+def run_attention(
+    state: AppState,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    opts: AttentionOptions,
+    spec: HeatmapSpec | None,
+    *,
+    return_weights: bool,
+    stats: bool = False,
+    top_k: int = 8,
+    compute: Callable[..., AttentionResult] = attention,
+) -> AttentionJob:
+    """Attention with optional heatmaps (pooled beyond ATTN_HEATMAP_MAX_SIDE) and stats."""
+    ranks_ok = 2 <= q.ndim <= 4 and k.ndim == q.ndim and v.ndim == q.ndim
+    lq, lk = (q.shape[-2], k.shape[-2]) if ranks_ok else (0, 0)
+    side = state.limits.heatmap_max_side
+    # Exact heatmaps longer than the limit are pooled (service.core.maps, O(L) memory) instead
+    # of drawn from the dense weights.
+    pool = spec is not None and not opts.compare and opts.method == "exact" and max(lq, lk) > side
+    if stats and opts.method != "exact":
+        raise InputError("stats", f'needs method "exact", got "{opts.method}"')
+    # With "compare", the heatmaps show exact | approximation | difference instead of weights.
+    want_weights = return_weights or (spec is not None and not opts.compare and not pool)
+    if ranks_ok:
+        # Outputs can be far larger than inputs within the limits: refuse before computing.
+        rows = q.shape[:-1]
+        state.limits.elements("v", rows + v.shape[-1:], "the output")
+        if want_weights:
+            state.limits.elements("k", rows + k.shape[-2:-1], "the weights")
+        if spec is not None:
+            shape4 = (1,) * (4 - q.ndim) + rows + k.shape[-2:-1]
+            if pool:
+                if spec.tokens is not None and len(spec.tokens) != lk:
+                    raise InputError(
+                        ("heatmap", "tokens"), f"{len(spec.tokens)} labels for {lk} key positions"
+                    )
+                spec = spec.model_copy(update={"tokens": None})  # bins have no token labels
+                shape4 = shape4[:2] + (min(lq, side), min(lk, side))
+                state.limits.elements("heatmap", shape4, "the pooled map")
+            check = images.check_comparison_spec if opts.compare else images.check_spec
+            check(spec, shape4, state.limits)
+        if stats:
+            state.limits.elements("top_k", rows + (min(top_k, lk),), "the top-k indices")
+    maps: AttentionMaps | None = None
+    if pool or stats:
+        maps = attention_map(
+            q,
+            k,
+            v,
+            opts,
+            bins=(min(lq, side), min(lk, side)) if pool else 1,
+            top_k=top_k if stats else 0,
+            num_threads=state.num_threads,
+        )
+    if maps is not None and not want_weights:
+        result = AttentionResult(
+            output=maps.output, weights=None, lse=None, elapsed_ms=maps.elapsed_ms, flops=maps.flops
+        )
+    else:
+        result = compute(
+            q,
+            k,
+            v,
+            opts,
+            num_threads=state.num_threads,
+            **({"return_weights": True} if want_weights else {}),
+        )
+    drawn: list[dict] = []
+    if spec is not None and result.comparison is not None:
+        drawn = images.draw_comparison(result.comparison, spec, state.store)
+    elif spec is not None and pool and maps is not None:
+        pq, pk = maps.bins
+        title = f"attention pooled {lq}×{lk}→{pq}×{pk} (bin means)"
+        drawn = images.draw_weights(maps.pooled, spec, state.store, title=title)
+    elif spec is not None and result.weights is not None:
+        drawn = images.draw_weights(result.weights, spec, state.store, title="attention")
+    return AttentionJob(result, maps if stats else None, drawn)
+
+
+@dataclass(frozen=True)
+class MultiheadJob:
+    """result: as the Python API returns it. weights: the attention weights as the caller asked
+    for them (averaged over heads when average_weights), or None. heatmaps: the drawn images."""
+
+    result: MultiheadResult
+    weights: np.ndarray | None
+    heatmaps: list[dict]
+
+
+def _check_multihead_sizes(
+    state: AppState,
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    opts: MultiheadOptions,
+    need_weights: bool,
+    spec: HeatmapSpec | None,
+) -> None:
+    """Projection weights and attention weights must fit the limits before anything is made."""
+    if not (2 <= query.ndim <= 3 and key.ndim == query.ndim and value.ndim == query.ndim):
+        return  # the Python API names the rank problem
+    e, kdim, vdim = query.shape[-1], key.shape[-1], value.shape[-1]
+    if e == 0:
+        return
+    hkv, head_dim = head_layout(e, opts.num_heads, opts.num_kv_heads)
+    limits = state.limits
+    if opts.weights is None:
+        kv = hkv * head_dim
+        limits.weight_elements("weights", 2 * e * e + kv * (kdim + vdim) + 2 * e + 2 * kv)
+    else:
+        given = [getattr(opts.weights, f) for f in type(opts.weights).model_fields]
+        limits.weight_elements("weights", sum(a.size for a in given if a is not None))
+    per_head = spec is not None
+    if need_weights or per_head:
+        rows = query.shape[:-1]
+        heads = (opts.num_heads,) if per_head or not opts.average_weights else ()
+        limits.elements("key", rows[:-1] + heads + rows[-1:] + key.shape[-2:-1], "weights")
+        if spec is not None:
+            shape4 = (1,) * (3 - query.ndim) + rows[:-1] + (opts.num_heads,)
+            images.check_spec(spec, shape4 + (query.shape[-2], key.shape[-2]), limits)
+
+
+def run_multihead(
+    state: AppState,
+    query: np.ndarray,
+    key: np.ndarray | None,
+    value: np.ndarray | None,
+    opts: MultiheadOptions,
+    spec: HeatmapSpec | None,
+    *,
+    need_weights: bool,
+    compute: Callable[..., MultiheadResult] = multihead_attention,
+) -> MultiheadJob:
+    """Multi-head attention (torch semantics) with optional per-head heatmaps."""
+    per_head = spec is not None  # heatmaps need every head, whatever the response averages
+    k = query if key is None else key
+    _check_multihead_sizes(state, query, k, k if value is None else value, opts, need_weights, spec)
+    result = compute(
+        query,
+        key,
+        value,
+        num_heads=opts.num_heads,
+        num_kv_heads=opts.num_kv_heads,
+        weights=opts.weights,
+        seed=opts.seed,
+        average_weights=opts.average_weights and not per_head,
+        need_weights=need_weights or per_head,
+        options=opts,
+        num_threads=state.num_threads,
+    )
+    weights = result.weights
+    drawn: list[dict] = []
+    if spec is not None and weights is not None:
+        drawn = images.draw_weights(weights, spec, state.store, title="multihead")
+        if opts.average_weights:
+            weights = np.mean(weights, axis=-3)  # what the Python API does when averaging
+    return MultiheadJob(result, weights, drawn)
+
+
+@dataclass(frozen=True)
+class TokensJob:
+    """result: as service.core.tokens returns it. weights: per head (H, L, L), or averaged
+    (L, L) when average_weights. heatmaps: the drawn images; positional: the picture of the
+    positional encoding (None without heatmaps, or with positional "none")."""
+
+    result: TokensResult
+    weights: np.ndarray
+    heatmaps: list[dict]
+    positional: dict | None
+
+
+def run_tokens(
+    state: AppState,
+    tokens: list[str],
+    opts: MultiheadOptions,
+    spec: HeatmapSpec | None,
+    *,
+    d_model: int,
+    positional: Positional,
+) -> TokensJob:
+    """Embeddings, positions and multi-head self-attention, with token-labelled heatmaps."""
+    n, d, h = len(tokens), d_model, opts.num_heads
+    # Everything this request would allocate is checked before embedding a single token.
+    limits = state.limits
+    hkv, head_dim = head_layout(d, h, opts.num_kv_heads)
+    limits.weight_elements(
+        "d_model", 2 * d * d + 2 * hkv * head_dim * d + 2 * d + 2 * hkv * head_dim
+    )
+    limits.elements("tokens", (n, d), "the embeddings")
+    limits.elements("tokens", (h, n, n), "the weights")
+    if spec is not None:
+        if spec.tokens is None:
+            spec = spec.model_copy(update={"tokens": tokens})
+        images.check_spec(spec, (1, h, n, n), limits)
+    result = self_attention(
+        tokens,
+        d_model=d,
+        num_heads=h,
+        num_kv_heads=opts.num_kv_heads,
+        positional=positional,
+        seed=opts.seed,
+        weights=opts.weights,
+        masking=opts,
+        num_threads=state.num_threads,
+    )
+    drawn: list[dict] = []
+    picture = None
+    if spec is not None:
+        drawn = images.draw_weights(result.weights, spec, state.store, title="tokens")
+        if result.positional is not None:
+            labels = tokens if n <= 1024 else None
+            picture = images.draw_positional(
+                result.positional, positional, labels, state.store, spec.inline
+            )
+    weights = result.weights.mean(axis=0) if opts.average_weights else result.weights
+    return TokensJob(result, weights, drawn, picture)

@@ -1,0 +1,9 @@
+"""The /v1 front: JSON tensors in, JSON out, heatmaps as PNG urls (or inline).
+
+One module per route group (attention, multihead, tokens, heatmaps), each with one router that
+sets its prefix once; the request and response models are in schemas.py.
+"""
+
+from service.web.v1 import attention, heatmaps, multihead, tokens
+
+ROUTERS = (attention.router, multihead.router, tokens.router, heatmaps.router)

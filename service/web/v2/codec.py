@@ -1,0 +1,390 @@
+"""The Open Inference Protocol (KServe v2 / Triton) on the wire: requests in, responses out.
+
+What this module knows is the protocol, not attention: the request body (JSON, optionally
+followed by the binary tensor data extension's raw bytes), tensors in both forms (JSON data,
+nested or flat row-major; little-endian binary), requested outputs, the response (JSON, or a
+JSON header followed by binary output data) and compressed bodies. The documents are in
+datamodels.py, the models themselves in models.py.
+
+Errors are raised as the service's own exceptions (InputError, LimitError, ProtocolError...);
+the app's exception handlers answer them in the protocol's form on /v2 (errors.py).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.responses import Response
+
+from service.core.errors import LimitError
+from service.core.tensor_codec import bfloat16_bits_to_float32
+from service.web import wire
+from service.web.problems import BodyTooLarge
+from service.web.v2.datamodels import InferenceRequest, RequestInput
+from service.web.v2.errors import ProtocolError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ("binary_tensor_data", "parameters")
+
+# Little-endian wire dtypes of the supported datatypes; BF16 travels as its raw 16 bits.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
+}
+FLOAT_TYPES = ("FP32", "FP16", "FP64", "BF16")
+
+# Request parameters that belong to the protocol (or to Triton's scheduler) rather than a model:
+# binary_data_output is honoured; priority and timeout have no meaning for a stateless model
+# without a batcher and are accepted and ignored, as Triton does for such models.
+_PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout"})
+_SEQUENCE_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: its advertised datatype and shape, what it accepts."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1: variable
+    accepts: tuple[str, ...] = ()  # datatypes an input accepts; () = only `datatype`
+    optional: bool = False
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @property
+    def datatypes(self) -> tuple[str, ...]:
+        return self.accepts or (self.datatype,)
+
+
+def _json_values(name: str, datatype: str, data: Any) -> np.ndarray:
+    """JSON `data` (nested or flat) as an array of the datatype's values; row-major order."""
+    try:
+        # Floats: naming the dtype skips numpy's type discovery (the common, large case).
+        values = np.array(data, dtype=np.float64) if datatype in FLOAT_TYPES else np.asarray(data)
+    except (ValueError, TypeError):
+        raise ProtocolError(
+            f"input '{name}': data must be numbers, as a flat list or nested lists of equal length"
+        ) from None
+    kind = values.dtype.kind
+    if datatype == "BOOL":
+        if kind in "iu" and values.size and not np.isin(values, (0, 1)).all():
+            raise ProtocolError(f"input '{name}': BOOL data holds only true/false (or 0/1)")
+        if kind not in "biu":
+            raise ProtocolError(f"input '{name}': BOOL data holds only true/false")
+        return values.astype(np.bool_)
+    if datatype in ("INT32", "INT64"):
+        if kind == "f" and values.size and not np.array_equal(values, np.round(values)):
+            raise ProtocolError(f"input '{name}': {datatype} data holds only whole numbers")
+        if kind not in "iuf" or (kind == "f" and not np.isfinite(values).all()):
+            raise ProtocolError(f"input '{name}': {datatype} data holds only whole numbers")
+        info = np.iinfo(DATATYPES[datatype])
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            raise ProtocolError(f"input '{name}': a value is outside the range of {datatype}")
+        return values.astype(DATATYPES[datatype].newbyteorder("="))
+    if datatype == "BF16":
+        raise ProtocolError(f"input '{name}': BF16 travels only as binary data")
+    with np.errstate(over="ignore"):  # beyond FP16's range becomes inf, reported as such later
+        return values.astype(DATATYPES[datatype].newbyteorder("="), copy=False)
+
+
+def _binary_values(name: str, datatype: str, raw: memoryview) -> np.ndarray:
+    """Little-endian bytes as an array (a view into the body when aligned)."""
+    wire_dtype = DATATYPES[datatype]
+    values = np.frombuffer(raw, dtype=wire_dtype)
+    if not values.flags.aligned:  # the JSON header's length puts data at any offset
+        values = values.copy()
+    if datatype == "BOOL" and values.size and values.view(np.uint8).max() > 1:
+        raise ProtocolError(f"input '{name}': BOOL bytes must be 0 or 1")
+    if datatype == "BF16":
+        return bfloat16_bits_to_float32(values)
+    return values.astype(wire_dtype.newbyteorder("="), copy=False)
+
+
+class _BinaryReader:
+    """Hands out the binary section's bytes in input order."""
+
+    def __init__(self, data: memoryview | None) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, name: str, size: int) -> memoryview:
+        if self.data is None:
+            raise ProtocolError(
+                f"input '{name}': binary_data_size is set but the request has no binary data "
+                f"(the {HEADER_LENGTH} header is missing)"
+            )
+        end = self.offset + size
+        if end > len(self.data):
+            left = len(self.data) - self.offset
+            raise ProtocolError(
+                f"input '{name}': binary_data_size is {size} bytes but only {left} bytes of "
+                "binary data are left in the body"
+            )
+        chunk = self.data[self.offset : end]
+        self.offset = end
+        return chunk
+
+    def check_consumed(self) -> None:
+        if self.data is not None and self.offset != len(self.data):
+            raise ProtocolError(
+                f"the body has {len(self.data) - self.offset} bytes of binary data that no input "
+                "claims (the inputs' binary_data_size add up to less than the body holds)"
+            )
+
+
+def decode_inputs(
+    inputs: Iterable[RequestInput],
+    binary: memoryview | None,
+    specs: Mapping[str, TensorSpec],
+    max_elements: int,
+) -> dict[str, np.ndarray]:
+    """Each input as a numpy array, checked against the model's inputs and the element limit."""
+    reader = _BinaryReader(binary)
+    arrays: dict[str, np.ndarray] = {}
+    for item in inputs:
+        name = item.name
+        spec = specs.get(name)
+        if spec is None:
+            raise ProtocolError(
+                f"unknown input '{name}'; this model's inputs are {', '.join(specs)}"
+            )
+        if name in arrays:
+            raise ProtocolError(f"input '{name}' is given twice")
+        if item.datatype not in spec.datatypes:
+            raise ProtocolError(
+                f"input '{name}': datatype {item.datatype!r} is not supported; expected "
+                f"{' or '.join(spec.datatypes)}"
+            )
+        shape = tuple(item.shape)
+        if any(d < 0 for d in shape):
+            raise ProtocolError(f"input '{name}': shape {list(shape)} has a negative dimension")
+        n = math.prod(shape)
+        if n > max_elements:
+            raise LimitError(
+                ("inputs", name),
+                f"shape {list(shape)} has {n} elements; the limit (ATTN_MAX_ELEMENTS) is "
+                f"{max_elements}",
+            )
+        if "shared_memory_region" in item.parameters:
+            raise ProtocolError(
+                f"input '{name}': the shared memory extension is not supported; send the data "
+                "in the body (JSON or binary)"
+            )
+        size = item.parameters.get("binary_data_size")
+        if size is not None:
+            if item.data is not None:
+                raise ProtocolError(f"input '{name}': give either data or binary_data_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ProtocolError(
+                    f"input '{name}': binary_data_size must be a non-negative integer"
+                )
+            needed = n * DATATYPES[item.datatype].itemsize
+            if size != needed:
+                raise ProtocolError(
+                    f"input '{name}': binary_data_size is {size} bytes but shape {list(shape)} "
+                    f"of {item.datatype} needs {needed}"
+                )
+            values = _binary_values(name, item.datatype, reader.take(name, size))
+        elif item.data is None:
+            raise ProtocolError(f"input '{name}' has neither data nor binary_data_size")
+        else:
+            values = _json_values(name, item.datatype, item.data)
+            if values.size != n:
+                raise ProtocolError(
+                    f"input '{name}': data has {values.size} values but shape {list(shape)} "
+                    f"needs {n}"
+                )
+        arrays[name] = values.reshape(shape)
+    reader.check_consumed()
+    missing = [s.name for s in specs.values() if not s.optional and s.name not in arrays]
+    if missing:
+        raise ProtocolError(f"missing required input(s): {', '.join(missing)}")
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Body, parameters and requested outputs
+
+
+def _decompress(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """A gzip or deflate (zlib) body, inflated to at most max_bytes (no decompression bombs)."""
+    wbits = {"gzip": 31, "deflate": 15}.get(encoding)
+    if wbits is None:
+        raise ProtocolError(
+            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"the body is not valid {encoding} data: {exc}") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise BodyTooLarge(
+            f"the decompressed body exceeds the limit of {max_bytes} bytes (ATTN_MAX_BODY_BYTES)"
+        )
+    if not inflater.eof:
+        raise ProtocolError(f"the {encoding} body is truncated")
+    return out
+
+
+def split_body(
+    body: bytes, header_length: str | None, content_encoding: str | None, max_bytes: int
+) -> tuple[bytes, memoryview | None]:
+    """(JSON header, binary section or None) of a request body."""
+    if content_encoding and content_encoding.strip().lower() != "identity":
+        body = _decompress(body, content_encoding.strip().lower(), max_bytes)
+    if header_length is None:
+        return body, None
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise ProtocolError(
+            f"{HEADER_LENGTH} must be an integer, not {header_length[:40]!r}"
+        ) from None
+    if n < 0:
+        raise ProtocolError(f"{HEADER_LENGTH} must be >= 0, not {n}")
+    if n > len(body):
+        raise ProtocolError(f"{HEADER_LENGTH} is {n} bytes but the body has only {len(body)} bytes")
+    return body[:n], memoryview(body)[n:]
+
+
+def parse_request(header: bytes) -> InferenceRequest:
+    """The JSON header as an InferenceRequest (400 if it is not one)."""
+    data = wire.parse_json(header)
+    if not isinstance(data, dict):
+        raise ProtocolError(f"the request must be a JSON object, not {type(data).__name__}")
+    return InferenceRequest.model_validate(data)
+
+
+def model_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The request parameters meant for the model (the protocol's own are taken out)."""
+    for name in _SEQUENCE_PARAMETERS & parameters.keys():
+        if parameters[name] not in (0, "", False, None):
+            raise ProtocolError(
+                f"parameter '{name}': the models are stateless; sequences are not supported"
+            )
+    return {
+        k: v
+        for k, v in parameters.items()
+        if k not in _PROTOCOL_PARAMETERS and k not in _SEQUENCE_PARAMETERS
+    }
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where} must be true or false")
+    return value
+
+
+@dataclass(frozen=True)
+class OutputSelection:
+    """Which outputs the request names (None: the model's defaults) and how to send each."""
+
+    names: tuple[str, ...] | None
+    binary: dict[str, bool]
+    binary_default: bool
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary.get(name, self.binary_default)
+
+
+def select_outputs(request: InferenceRequest, known: Iterable[str]) -> OutputSelection:
+    known = tuple(known)
+    default = _flag(
+        request.parameters.get("binary_data_output", False), "parameter 'binary_data_output'"
+    )
+    if not request.outputs:  # absent or empty: the model's default outputs
+        return OutputSelection(None, {}, default)
+    binary: dict[str, bool] = {}
+    for out in request.outputs:
+        if out.name not in known:
+            raise ProtocolError(
+                f"unknown output '{out.name}'; this model's outputs are {', '.join(known)}"
+            )
+        if out.name in binary:
+            raise ProtocolError(f"output '{out.name}' is requested twice")
+        if "classification" in out.parameters:
+            raise ProtocolError(f"output '{out.name}': classification is not supported")
+        flag = out.parameters.get("binary_data")
+        binary[out.name] = default if flag is None else _flag(flag, f"output '{out.name}'")
+    return OutputSelection(tuple(binary), binary, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def _compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+    """Compress a JSON response when the client accepts it (tritonclient's compression option).
+
+    Binary responses are left alone: float bytes barely compress, and generic clients (httpx,
+    browsers) accept gzip by default, so compressing them would only spend compute-slot time.
+    """
+    accepted = {p.split(";")[0].strip().lower() for p in (accept_encoding or "").split(",")}
+    if "gzip" in accepted:
+        deflater = zlib.compressobj(1, zlib.DEFLATED, 31)
+        return deflater.compress(body) + deflater.flush(), "gzip"
+    if "deflate" in accepted:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
+
+
+def infer_response(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Iterable[tuple[str, np.ndarray]],
+    selection: OutputSelection,
+    parameters: Mapping[str, Any],
+    accept_encoding: str | None = None,
+) -> Response:
+    """The response: JSON, or (any binary output) the JSON header followed by raw bytes."""
+    entries: list[dict[str, Any]] = []
+    buffers: list[np.ndarray] = []
+    for name, arr in outputs:
+        # Outputs are FP32 (the kernel's precision); little-endian C order on the wire.
+        values = np.ascontiguousarray(arr, dtype="<f4")
+        entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
+        if selection.is_binary(name):
+            entry["parameters"] = {"binary_data_size": values.nbytes}
+            buffers.append(values)
+        else:
+            # JSON has no NaN or Infinity: orjson writes them as null (binary keeps them).
+            entry["data"] = values.reshape(-1)
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    doc["outputs"] = entries
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    headers: dict[str, str] = {}
+    if buffers:
+        headers[HEADER_LENGTH] = str(len(header))
+        body = b"".join([header, *(b.data.cast("B") for b in buffers)])
+        media_type = "application/octet-stream"
+    else:
+        body, media_type = header, "application/json"
+        body, encoding = _compress(body, accept_encoding)
+        if encoding:
+            headers["Content-Encoding"] = encoding
+    return Response(body, headers=headers, media_type=media_type)
