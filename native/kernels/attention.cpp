@@ -507,8 +507,11 @@ KeyRange scores(const Ctx& c, Scratch& s, const Rows& rs, const Chunk<M>& ch, in
   return kr;
 }
 
-// Online-softmax update of block k for the keys kr of one chunk: turns St into P in place,
-// updates m and l, and leaves the accumulator rescale factor in alpha.
+// Online-softmax update of block k for the keys kr of one chunk: updates m and l, leaves the
+// accumulator rescale factor in alpha, and P: in place of St (fp32), or (bf16) packed straight
+// into pairs of keys [2 * (js / 2), 2 * ((je + 1) / 2)) in s.pp, the keys of those pairs
+// outside kr (whose scores were never computed) with P = 0. Either way l sums the float32
+// P in key order.
 template <class M>
 void softmax_update(Scratch& s, const Block<M>& k, KeyRange kr) {
   const vf ninf = simd::set1(NEG_INF);
@@ -523,10 +526,21 @@ void softmax_update(Scratch& s, const Block<M>& k, KeyRange kr) {
     const vf mu = simd::select(simd::eq(mn, ninf), simd::zero(), mn);
     const vf al = simd::exp2(simd::sub(mo, mu));
     vf sum = simd::zero();
-    for (int jj = kr.js; jj < kr.je; ++jj) {
-      const vf e = simd::exp2(simd::sub(simd::load(st + jj * IB), mu));
-      simd::store(st + jj * IB, e);
-      sum = simd::add(sum, e);
+    if constexpr (M::kPairs) {
+      float* pp = reinterpret_cast<float*>(s.pp.p) + (v - k.iv) * VL;
+      for (int q = kr.js / 2; q < (kr.je + 1) / 2; ++q) {
+        const int j0 = 2 * q, j1 = 2 * q + 1;
+        const vf e0 = j0 >= kr.js ? simd::exp2(simd::sub(simd::load(st + j0 * IB), mu)) : simd::zero();
+        const vf e1 = j1 < kr.je ? simd::exp2(simd::sub(simd::load(st + j1 * IB), mu)) : simd::zero();
+        sum = simd::add(simd::add(sum, e0), e1);
+        simd::store(pp + q * IB, pack_pairs(e0, e1));
+      }
+    } else {
+      for (int jj = kr.js; jj < kr.je; ++jj) {
+        const vf e = simd::exp2(simd::sub(simd::load(st + jj * IB), mu));
+        simd::store(st + jj * IB, e);
+        sum = simd::add(sum, e);
+      }
     }
     simd::store(s.l.p + v * VL, simd::fma(simd::load(s.l.p + v * VL), al, sum));
     simd::store(s.m.p + v * VL, mn);
@@ -544,23 +558,11 @@ void pv_update(const AttnArgs& a, Scratch& s, const Chunk<M>& ch, const Block<M>
   float* ot = k.ot;
   int64_t dv = 0;
   if constexpr (M::kPairs) {
-    // P as pairs of keys [2 * q0, 2 * q1): the keys of the pairs outside kr get P = 0 (their
-    // scores were never computed).
+    // P is packed in s.pp by softmax_update, pairs [q0, q1).
     const int q0 = kr.js / 2, q1 = (kr.je + 1) / 2;
-    for (int v = 0; v < k.C; ++v) {
-      if (kr.js % 2) simd::store(k.st + (kr.js - 1) * IB + v * VL, simd::zero());
-      if (kr.je % 2) simd::store(k.st + kr.je * IB + v * VL, simd::zero());
-    }
-    uint32_t* pp = s.pp.p;
-    for (int q = q0; q < q1; ++q)
-      for (int v = 0; v < k.C; ++v) {
-        const float* st = k.st + 2 * q * IB + v * VL;
-        simd::store(reinterpret_cast<float*>(pp + q * IB + v * VL),
-                    pack_pairs(simd::load(st), simd::load(st + IB)));
-      }
     const int64_t ldv = ch.ldv;
     const uint32_t* vt = ch.vp + q0 * ldv;
-    const uint32_t* pt = pp + q0 * IB;
+    const uint32_t* pt = s.pp.p + q0 * IB;
     const int nq = q1 - q0;
     if (k.C == RI)
       for (; dv + RJ <= a.Dv; dv += RJ)

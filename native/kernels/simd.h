@@ -94,20 +94,31 @@ inline vf exp(vf x) {
 }
 
 // 2^x for float lanes: x = n + f with |f| <= 1/2, 2^f by a degree-5 minimax polynomial
-// (relative error 2e-7 in float32). x <= -126.5 (and -inf) gives exactly 0; NaN propagates.
-// Callers pass x <= 0 (differences from a running maximum); inputs are clamped above at 127.
-inline vf exp2(vf x) {
-  vf xc = min(set1(127.0f), max(set1(-127.0f), x));
-  vf n = round(xc);
-  vf f = sub(xc, n);
+// (relative error 2e-7 in float32). NaN propagates; -inf gives exactly 0. Callers pass x <= 0
+// (differences from a running maximum). With AVX-512 the result is 2^f scaled by vscalefps,
+// so that x in (-150, -126) gives the subnormal 2^x (0 under FTZ), and x <= -150 gives 0;
+// elsewhere by the exponent bits, so x <= -126.5 gives 0.
+inline vf exp2_poly(vf f) {
   vf p = set1(1.326472731307149e-3f);
   p = fma(p, f, set1(9.671512991189957e-3f));
   p = fma(p, f, set1(5.550733581185341e-2f));
   p = fma(p, f, set1(2.4022242426872253e-1f));
   p = fma(p, f, set1(6.931470036506653e-1f));
-  p = fma(p, f, set1(1.0f));
-  return mul(p, pow2i(n));
+  return fma(p, f, set1(1.0f));
 }
+#if defined(__AVX512F__)
+inline vf exp2(vf x) {
+  const vf xc = max(set1(-150.0f), x);  // NaN stays (max returns its second operand)
+  const vf n = round(xc);
+  return _mm512_scalef_ps(exp2_poly(sub(xc, n)), n);
+}
+#else
+inline vf exp2(vf x) {
+  vf xc = min(set1(127.0f), max(set1(-127.0f), x));
+  vf n = round(xc);
+  return mul(exp2_poly(sub(xc, n)), pow2i(n));
+}
+#endif
 
 // tanh(x): odd polynomial for |x| < 0.0625 (avoids cancellation), (1 - e)/(1 + e) with
 // e = exp(-2|x|) elsewhere.
