@@ -51,9 +51,12 @@ const char* type_name(ElemType t) {
 
 // The compute mode and the output type of a call (see plan_attention).
 void plan_types(AttnArgs& a, const CallOptions& o) {
+  // auto: bf16 products for bfloat16 inputs (exact operands: only P is rounded) where the
+  // build has the instruction. float16 keeps float32 products: rounding its 11-bit significands
+  // to bf16's 8 would cost ~10x the error (measured: 8e-3 vs 7e-4 at D=64), for 1.7x speed.
   if (o.precision == "auto")
-    a.precision = a.in_type != ElemType::f32 && kernels().bf16_dot ? Precision::bf16
-                                                                    : Precision::fp32;
+    a.precision = a.in_type == ElemType::bf16 && kernels().bf16_dot ? Precision::bf16
+                                                                     : Precision::fp32;
   else if (o.precision == "fp32")
     a.precision = Precision::fp32;
   else if (o.precision == "bf16")

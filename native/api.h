@@ -38,9 +38,10 @@ struct AttentionPlan {
 };
 
 // q, k, v are float32, float16 or bfloat16 (one dtype for the three). Precision "auto" forms
-// the products of 16-bit inputs with bf16 dot products where the kernel build has the
-// instruction, else in float32 (exact widening); "fp32" always in float32; "bf16" always with
-// bf16 numerics (inputs rounded to bf16; emulated where the instruction is missing).
+// the products of bfloat16 inputs with bf16 dot products where the kernel build has the
+// instruction, else (and for float16 and float32) in float32, 16-bit inputs widened exactly;
+// "fp32" always in float32; "bf16" always with bf16 numerics (inputs rounded to bf16; emulated
+// where the instruction is missing).
 AttentionPlan plan_attention(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, double scale,
                              const CallOptions& opts);
 // out has plan.args.out_type's element type.

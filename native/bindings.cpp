@@ -336,7 +336,7 @@ PYBIND11_MODULE(_native, m) {
            py::arg("out_dtype") = "float32",
            "Exact attention. q, k, v: float32, float16 or bfloat16 (ml_dtypes' bfloat16, or "
            "int16/uint16 bit patterns with bfloat16=True), one dtype for the three. precision: "
-           "'auto' (bf16 dot products for 16-bit inputs where the CPU has AVX512_BF16, else "
+           "'auto' (bf16 dot products for bfloat16 inputs where the CPU has AVX512_BF16, else "
            "float32), 'fp32' or 'bf16' (bf16 numerics, emulated without the instruction). "
            "out_dtype: float32, bfloat16 (returned as uint16 bits), float16, or input. Returns "
            "(out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the weights are (B,Hq,Lq,Lk) "

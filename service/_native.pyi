@@ -2,8 +2,9 @@
 
 Arrays are read in place through their strides; q, k, v of attention() are float32, float16 or
 bfloat16 (ml_dtypes' dtype, or int16/uint16 bits with bfloat16=True), those of the other entry
-points and the weights float32, masks bool or float32, key_lengths and global_tokens int64. Shapes are checked natively and
-every problem is a ValueError whose message starts with the argument's name.
+points and the weights float32, masks bool or float32, key_lengths and global_tokens int64.
+Shapes are checked natively and every problem is a ValueError whose message starts with the
+argument's name.
 """
 
 import numpy as np
@@ -65,7 +66,7 @@ def attention(
 ) -> tuple[np.ndarray, _Float32, _Float32 | None]:
     """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or None).
 
-    precision: 'auto' (bf16 dot products for 16-bit inputs where the CPU has AVX512_BF16,
+    precision: 'auto' (bf16 dot products for bfloat16 inputs where the CPU has AVX512_BF16,
     else float32), 'fp32' or 'bf16' (bf16 numerics, emulated without the instruction).
     out_dtype: float32, bfloat16 (uint16 bits), float16 or input (q's dtype)."""
 
@@ -118,6 +119,7 @@ def set_num_threads(n: int) -> None:
     """Default number of threads for calls with num_threads=0."""
 
 def get_num_threads() -> int: ...
+
 class _PlanSummary(TypedDict):
     groups: int
     items: int

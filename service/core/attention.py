@@ -31,18 +31,29 @@ def attention(
     """Exact scaled dot-product attention (see service.core.options for every option's meaning).
 
     q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k (.., Hkv, Lk, D); v (.., Hkv, Lk, Dv), one rank
-    for all three; numpy arrays or torch tensors of any float dtype (computed in float32).
+    for all three; numpy arrays or torch tensors of any float dtype. float16 and bfloat16
+    (torch's, or ml_dtypes' in numpy) are read by the kernel as they are when all three share
+    the dtype (see the options out_dtype and precision); anything else is computed in float32.
     Keyword options override those in `options`. A rank-2/3 q is treated as B = 1 (and Hq = 1),
     so a mask is broadcast right-aligned against (B, Hq, Lq, Lk) as numpy and torch would.
     """
     opts = parse_options(AttentionOptions, options, option_kwargs)
     threads = thread_count(num_threads)
-    q4, k4, v4, rank, kw = prepare(q, k, v, opts)
+    exact_method = opts.method == "exact"
+    q4, k4, v4, rank, kw = prepare(q, k, v, opts, keep_half=exact_method)
     approx.check_options(opts)  # options the chosen method does not support are errors
-    if opts.method != "exact":
+    if not exact_method:
         return _approximation(q, q4, k4, v4, opts, rank)
     out, lse, weights, elapsed = exact.run(
-        q4, k4, v4, opts, kw, return_weights=opts.return_weights, threads=threads
+        q4,
+        k4,
+        v4,
+        opts,
+        kw,
+        return_weights=opts.return_weights,
+        threads=threads,
+        out_dtype=opts.out_dtype,
+        precision=opts.precision,
     )
     return AttentionResult(
         output=to_output(caller_rank(out, rank), q),

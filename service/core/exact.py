@@ -1,5 +1,5 @@
-"""Exact attention on checked 4-D float32 arrays: the kernel call behind `attention` and the
-reference that the approximations are compared with."""
+"""Exact attention on checked 4-D arrays (float32, float16 or bfloat16): the kernel call behind
+`attention` and the reference that the approximations are compared with."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service import _native
-from service.core.inputs import absmax, check_magnitude
+from service.core.inputs import BFLOAT16, absmax, check_magnitude
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
 
@@ -31,8 +31,11 @@ def run(
     *,
     return_weights: bool,
     threads: int,
+    out_dtype: str = "float32",
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
-    """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking."""
+    """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
+    out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16)."""
     scale = checked_scale(opts, q4, k4)
     (out, lse, weights), elapsed = call_native(
         _native.attention,
@@ -42,8 +45,12 @@ def run(
         scale=scale,
         return_weights=return_weights,
         num_threads=threads,
+        out_dtype=out_dtype,
+        precision=precision,
         **masking,
     )
+    if out.dtype == np.uint16:  # the kernel hands bfloat16 back as its bits
+        out = out.view(BFLOAT16)
     if opts.empty_rows == "nan":
         nan_where_empty(lse, out, weights)
     return out, lse, weights, elapsed

@@ -1,4 +1,5 @@
-"""What a caller passes, normalised: arrays to finite float32, ranks to 4-D, options to models.
+"""What a caller passes, normalised: arrays to finite float32 (or kept in float16 / bfloat16 for the
+kernel, which reads them as they are), ranks to 4-D, options to models.
 
 Every problem is an InputError naming the argument. torch is never imported unless the caller
 passed a torch tensor (then answers are torch tensors on the input's device), so the service runs
@@ -10,6 +11,7 @@ from __future__ import annotations
 import operator
 from typing import Any, TypeVar
 
+import ml_dtypes
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
@@ -42,34 +44,70 @@ _LIST_FIELDS = frozenset({"key_lengths", "global_tokens", "alibi_slopes"})
 # ---------------------------------------------------------------------------------------------
 # Arrays
 
+# numpy has no bfloat16: ml_dtypes' is the one numpy users (JAX, TensorFlow) already have.
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# The 16-bit float dtypes the attention kernel reads as they are.
+HALF_DTYPES = (np.dtype(np.float16), BFLOAT16)
+
 
 def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".", 1)[0] == "torch"
 
 
-def as_float32(name: str, x: Any) -> np.ndarray:
-    """A C-contiguous, finite float32 copy (or view) of a float array or tensor."""
+def is_float_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == BFLOAT16
+
+
+def _as_float_array(name: str, x: Any) -> np.ndarray:
+    """A float array or tensor as a numpy array, without converting its dtype: a torch bfloat16
+    tensor becomes an ml_dtypes.bfloat16 view of its bits."""
     if is_torch(x):
         if x.is_complex() or not x.is_floating_point():
             raise InputError(name, f"unsupported dtype {x.dtype}; expected a floating-point tensor")
         try:
-            arr = x.detach().cpu().float().contiguous().numpy()
+            t = x.detach().cpu()
+            if str(t.dtype) == "torch.bfloat16":
+                import torch  # only reached when the caller already uses torch
+
+                return t.contiguous().view(torch.int16).numpy().view(BFLOAT16)
+            if str(t.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+                t = t.float()  # e.g. float8
+            return t.numpy()
         except (RuntimeError, TypeError) as exc:  # e.g. sparse or meta tensors
             raise InputError(name, f"cannot read this tensor: {exc}") from None
-    else:
-        try:
-            arr = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise InputError(name, f"not an array: {exc}") from None
-        if arr.dtype.kind != "f":
-            raise InputError(
-                name, f"unsupported dtype {arr.dtype}; expected a floating-point array"
-            )
-        with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(name, "contains NaN or Inf (after conversion to float32)")
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise InputError(name, f"not an array: {exc}") from None
+    if not is_float_dtype(arr.dtype):
+        raise InputError(name, f"unsupported dtype {arr.dtype}; expected a floating-point array")
     return arr
+
+
+def _check_finite(name: str, arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise InputError(name, f"contains NaN or Inf (as {arr.dtype})")
+    return arr
+
+
+def as_float32(name: str, x: Any) -> np.ndarray:
+    """A C-contiguous, finite float32 copy (or view) of a float array or tensor."""
+    arr = _as_float_array(name, x)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    return _check_finite(name, arr)
+
+
+def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[np.ndarray]:
+    """Arrays the attention kernel reads: C-contiguous and finite, kept in float16 or bfloat16
+    when all of them have that dtype (the kernel reads 16-bit floats as they are), else float32."""
+    arrays = [_as_float_array(name, x) for name, x in zip(names, xs, strict=True)]
+    dtype = arrays[0].dtype
+    if dtype in HALF_DTYPES and all(a.dtype == dtype for a in arrays):
+        return [
+            _check_finite(n, np.ascontiguousarray(a)) for n, a in zip(names, arrays, strict=True)
+        ]
+    return [as_float32(name, a) for name, a in zip(names, arrays, strict=True)]
 
 
 def to_output(arr: np.ndarray | None, like: Any) -> ArrayLike | None:
@@ -78,7 +116,11 @@ def to_output(arr: np.ndarray | None, like: Any) -> ArrayLike | None:
         return arr
     import torch  # only reached when the caller already uses torch
 
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(like.device)
+    if arr.dtype == BFLOAT16:
+        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.to(like.device)
 
 
 def thread_count(num_threads: int | None) -> int:
@@ -98,7 +140,7 @@ def thread_count(num_threads: int | None) -> int:
 
 def absmax(a: np.ndarray | None) -> float:
     """max |a| without a temporary array (0 for None or empty)."""
-    return 0.0 if a is None or a.size == 0 else float(max(-a.min(), a.max()))
+    return 0.0 if a is None or a.size == 0 else float(max(-float(a.min()), float(a.max())))
 
 
 def check_magnitude(loc: str | tuple[str | int, ...], bound: float, what: str) -> None:
@@ -139,9 +181,16 @@ def as_4d(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]
     return q4, k4, v4
 
 
-def qkv_4d(q: Any, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """q, k, v as checked float32 4-D arrays (B, H, L, D), and the rank the caller used."""
-    arrays = [as_float32(name, x) for name, x in (("q", q), ("k", k), ("v", v))]
+def qkv_4d(
+    q: Any, k: Any, v: Any, *, keep_half: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """q, k, v as checked 4-D arrays (B, H, L, D) and the rank the caller used: float32, or
+    with keep_half float16 / bfloat16 when all three have that dtype."""
+    names = ("q", "k", "v")
+    if keep_half:
+        arrays = kernel_inputs(names, (q, k, v))
+    else:
+        arrays = [as_float32(name, x) for name, x in zip(names, (q, k, v), strict=True)]
     q4, k4, v4 = as_4d(*arrays)
     return q4, k4, v4, arrays[0].ndim
 

@@ -124,6 +124,20 @@ class AttentionOptions(MaskingOptions):
     return_weights: bool = Field(
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
+    out_dtype: Literal["float32", "input"] = Field(
+        "float32",
+        description="The output's dtype: float32, or \"input\" for q's dtype when q, k and v are "
+        "all float16 or all bfloat16 (the weights and lse stay float32).",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description='How Q.K^T and P.V are formed: "auto" = bf16 dot products for bfloat16 '
+        "inputs on CPUs with AVX512_BF16 (about twice float32's speed; only the probabilities "
+        'are rounded), float32 otherwise (float16 keeps its precision); "fp32" = float32 '
+        'always (16-bit inputs widened exactly); "bf16" = bf16 numerics always (inputs rounded '
+        "to bf16, products summed in float32; emulated where the CPU lacks the instruction). "
+        "The softmax statistics are float32 in every mode.",
+    )
     # Linear-time approximations (service/core/approx/). Method parameters default to null so
     # that one given to a method that does not use it is reported rather than ignored.
     method: Literal["exact", "linear", "performer", "linformer"] = Field(

@@ -24,6 +24,14 @@ try:
 except ImportError:  # a thin client installed with numpy and httpx only
     import base64  # type: ignore[no-redef]
 
+try:
+    # numpy's bfloat16 (a server dependency): bfloat16 tensors stay bfloat16 for the kernel.
+    import ml_dtypes
+
+    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # a thin client: bfloat16 decodes to float32
+    BFLOAT16 = None
+
 DTypeName = Literal["float32", "float64", "float16", "bfloat16", "bool", "int32", "int64"]
 Encoding = Literal["list", "b64"]
 
@@ -53,6 +61,14 @@ class TensorLimitError(TensorError):
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: shift the 16 bits into place."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def bfloat16_from_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as ml_dtypes.bfloat16 values (a view), or as float32
+    where ml_dtypes is not installed."""
+    if BFLOAT16 is None:
+        return bfloat16_bits_to_float32(bits)
+    return bits.astype(np.uint16, copy=False).view(BFLOAT16)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -113,12 +129,11 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
         flat = _array_from_list(data)
         if flat.ndim != 1:
             raise TensorError("'data' must be a flat list of numbers")
-        if dtype_name == "bfloat16":
-            arr = flat.astype(np.float32).reshape(shape)
-            return arr
+        if dtype_name == "bfloat16":  # numbers, rounded to bfloat16 (nearest even)
+            return flat.astype(BFLOAT16 if BFLOAT16 is not None else np.float32).reshape(shape)
         arr = _cast_checked(flat, wire).reshape(shape)
     if dtype_name == "bfloat16":
-        return bfloat16_bits_to_float32(arr)
+        return bfloat16_from_bits(arr.astype(np.uint16))
     return arr.astype(wire.newbyteorder("="), copy=False)
 
 
@@ -167,7 +182,9 @@ def _cast_checked(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _from_torch(t: Any) -> np.ndarray:
     t = t.detach().cpu()
     if str(t.dtype) == "torch.bfloat16":
-        t = t.float()
+        import torch  # the caller uses torch
+
+        return bfloat16_from_bits(t.contiguous().view(torch.int16).numpy().view(np.uint16))
     return t.numpy()
 
 
@@ -187,7 +204,7 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
         raise TensorError(
             "expected a nested list of numbers or an object with dtype, shape and data or b64"
         )
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind not in "biuf" and arr.dtype != BFLOAT16:
         raise TensorError(f"unsupported dtype {arr.dtype}")
     if max_elements is not None and arr.size > max_elements:
         raise TensorLimitError(f"tensor has {arr.size} elements; the limit is {max_elements}")
@@ -196,17 +213,21 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
 
 def encode_tensor(arr: np.ndarray, encoding: Encoding = "list") -> Any:
     """Encode an array for a JSON response: nested lists, or {dtype, shape, b64}."""
+    bf16 = BFLOAT16 is not None and arr.dtype == BFLOAT16
     if encoding == "b64":
         wire = WIRE_DTYPES.get(arr.dtype.name)
         if wire is None:
             raise TensorError(f"cannot encode dtype {arr.dtype}")
-        data = np.ascontiguousarray(arr, dtype=wire)
+        if bf16:  # its bits, little-endian
+            data = np.ascontiguousarray(arr).view(np.uint16).astype(wire, copy=False)
+        else:
+            data = np.ascontiguousarray(arr, dtype=wire)
         return {
             "dtype": arr.dtype.name,
             "shape": list(arr.shape),
             "b64": base64.b64encode(data.data).decode("ascii"),
         }
-    return arr.tolist()
+    return arr.astype(np.float32).tolist() if bf16 else arr.tolist()
 
 
 def encoding_of(value: Any) -> Encoding:

@@ -210,7 +210,8 @@ def test_out_dtype_rounds_the_float32_output(isa: str, dtype: str, precision: st
 
 
 def test_auto_precision_follows_the_instruction(isa: str) -> None:
-    """auto: bf16 products for 16-bit inputs exactly where the build has the instruction."""
+    """auto: bf16 products for bfloat16 inputs exactly where the build has the instruction;
+    float16 and float32 inputs keep float32 products whatever the build."""
     q, k, v = qkv(7)
     qb, kb, vb = (bf16_bits(x) for x in (q, k, v))
     auto, _, _ = _native.attention(qb, kb, vb, scale=0.2, bfloat16=True)
@@ -218,9 +219,10 @@ def test_auto_precision_follows_the_instruction(isa: str) -> None:
     assert _native.bf16_dot() == (isa == "avx512bf16")
     want, _, _ = _native.attention(qb, kb, vb, scale=0.2, bfloat16=True, precision=mode)
     np.testing.assert_array_equal(auto, want)
-    # float32 inputs keep float32 products whatever the build.
-    f32, _, _ = _native.attention(q, k, v, scale=0.2)
-    np.testing.assert_array_equal(f32, _native.attention(q, k, v, scale=0.2, precision="fp32")[0])
+    for x, y, z in ((q, k, v), tuple(a.astype(np.float16) for a in (q, k, v))):
+        auto, _, _ = _native.attention(x, y, z, scale=0.2)
+        fp32, _, _ = _native.attention(x, y, z, scale=0.2, precision="fp32")
+        np.testing.assert_array_equal(auto, fp32)
 
 
 def test_float16_inputs_in_bf16_lose_only_what_bf16_rounding_of_them_loses() -> None:

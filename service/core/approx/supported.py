@@ -23,6 +23,8 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "alibi_slopes",
             "softcap",
             "return_weights",
+            "out_dtype",
+            "precision",
         }
     ),
     "linear": frozenset({"causal", "key_lengths", "return_weights", "compare"}),
@@ -44,6 +46,8 @@ _WHY: dict[str, str] = {
     "return_weights": "its weights are over projected rows, not keys; compare returns its "
     "implied key-by-key map",
     "compare": "it is the reference the others are compared with",
+    "out_dtype": "the approximations compute and answer in float32",
+    "precision": "the approximations compute in float32",
 }
 
 
@@ -64,6 +68,8 @@ def _active(opts: AttentionOptions) -> dict[str, tuple[str | int, ...]]:
         "num_features": opts.num_features is not None,
         "seed": opts.seed is not None,
         "linformer_k": opts.linformer_k is not None,
+        "out_dtype": opts.out_dtype != "float32",
+        "precision": opts.precision != "auto",
     }
     for name, on in checks.items():
         if on:
