@@ -8,6 +8,7 @@ without it. Support for other array libraries belongs here too.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, TypeVar
 
@@ -84,8 +85,33 @@ def _as_float_array(name: str, x: Any) -> np.ndarray:
     return arr
 
 
+# Per float dtype: the unsigned view of its bits, the magnitude mask, and the bits of +inf.
+_BITS: dict[np.dtype, tuple[type, int, int]] = {
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    BFLOAT16: (np.uint16, 0x7FFF, 0x7F80),
+}
+
+
+def _magnitude(arr: np.ndarray) -> float:
+    """max |arr| (NaN when arr holds NaN, inf when it holds inf; 0 when empty) in one integer
+    pass over the bits: for IEEE-style floats the magnitude bits order like the magnitudes. ~10x
+    cheaper than isfinite + min + max, and numpy's float16 / bfloat16 reductions are slow."""
+    if arr.size == 0:
+        return 0.0
+    bits = _BITS.get(arr.dtype)
+    if bits is None or not arr.flags.c_contiguous:
+        with np.errstate(invalid="ignore"):
+            return float(np.max(np.abs(arr.astype(np.float64, copy=False))))
+    utype, mask, inf = bits
+    top = int(np.bitwise_and(arr.view(utype), utype(mask)).max())
+    if top > inf:
+        return math.nan
+    return float(np.array([top], dtype=utype).view(arr.dtype)[0])
+
+
 def _check_finite(name: str, arr: np.ndarray) -> np.ndarray:
-    if not np.isfinite(arr).all():
+    if not math.isfinite(_magnitude(arr)):
         raise InputError(name, f"contains NaN or Inf (as {arr.dtype})")
     return arr
 
@@ -139,8 +165,8 @@ def thread_count(num_threads: int | None) -> int:
 
 
 def absmax(a: np.ndarray | None) -> float:
-    """max |a| without a temporary array (0 for None or empty)."""
-    return 0.0 if a is None or a.size == 0 else float(max(-float(a.min()), float(a.max())))
+    """max |a| of a finite array (0 for None or empty)."""
+    return 0.0 if a is None else _magnitude(a)
 
 
 def check_magnitude(loc: str | tuple[str | int, ...], bound: float, what: str) -> None:
