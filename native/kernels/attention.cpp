@@ -284,7 +284,7 @@ struct KeyRange {
 struct Scratch {
   Buf<float> qt, st, ot, m, l, alpha, cpos, lsev, kg, vg;
   Buf<uint32_t> qp, vp, pp;
-  Buf<uint16_t> kg16;
+  Buf<uint16_t> kg16, qrow;
   Buf<int64_t> rows;
 };
 thread_local Scratch tls_scratch;
@@ -590,35 +590,87 @@ int64_t weight_row(const AttnArgs& a, int64_t i) {
   return a.weight_index ? a.weight_index[i] : i;
 }
 
-// One output row, ot[dv * IB] * inv for dv < n, stored as T.
+// Writes the group's outputs Ot / l (0 for a row with l = 0): the accumulator is [dv][lane],
+// the output [row][dv], so VL x VL tiles are transposed in registers on the way.
 template <class T>
-void write_row(void* out, int64_t offset, const float* ot, int64_t n, float inv) {
-  T* o = static_cast<T*>(out) + offset;
-  for (int64_t dv = 0; dv < n; ++dv) store_elem(o + dv, ot[dv * IB] * inv);
+void write_outputs(const AttnArgs& a, Scratch& s, const int64_t* rows, int n, int64_t obase) {
+  T* out = static_cast<T*>(a.out) + obase;
+  for (int l0 = 0; l0 < n; l0 += VL) {
+    const float* ot = s.ot.p + (l0 / IB) * a.Dv * IB + l0 % IB;
+    const int m = int(min64(VL, n - l0));
+    float inv[VL];
+    T* orow[VL];
+    for (int i = 0; i < m; ++i) {
+      const float L = s.l.p[l0 + i];
+      inv[i] = L > 0.0f ? 1.0f / L : 0.0f;
+      orow[i] = out + rows[l0 + i] * a.so[2];
+    }
+    int64_t dv = 0;
+    for (; dv + VL <= a.Dv; dv += VL) {
+      vf r[VL];
+      for (int i = 0; i < VL; ++i) r[i] = simd::load(ot + (dv + i) * IB);
+      simd::transpose(r);
+      for (int i = 0; i < m; ++i) store_vec(orow[i] + dv, simd::mul(r[i], simd::set1(inv[i])));
+    }
+    for (; dv < a.Dv; ++dv)
+      for (int i = 0; i < m; ++i) store_elem(orow[i] + dv, ot[dv * IB + i] * inv[i]);
+  }
 }
 
-// Packs the group's query rows for the mode, block by block; padding lanes are zero.
+// Packs the group's query rows for the mode, block by block, VL lanes at a time through
+// register transposes; padding lanes are zero.
+//   fp32: Qt[d][lane] = q[row][d] * qscale (floats);
+//   bf16: Qp[p][lane] = (q[row][2p], q[row][2p + 1]) as bf16, unscaled (the scale multiplies
+//         the scores), read in place from bfloat16 rows with whole pairs, else converted first.
 template <class M>
 void pack_queries(const Ctx& c, Scratch& s, const int64_t* rows, int n, int lanes,
                   const typename M::In* qb) {
+  using In = typename M::In;
   const AttnArgs& a = *c.a;
-  for (int l = 0; l < lanes; ++l) {
-    const typename M::In* qr = l < n ? qb + rows[l] * a.sq[2] : nullptr;
+  for (int l0 = 0; l0 < lanes; l0 += VL) {
+    const int m = int(min64(VL, max64(0, n - l0)));  // rows of this vector of lanes
     if constexpr (M::kPairs) {
-      // Pairs along d, unscaled (the scale multiplies the scores): bf16 input as it is.
       const int64_t np = c.dk / 2;
-      uint32_t* qp = s.qp.p + (l / IB) * np * IB + l % IB;
-      for (int64_t p = 0; p < np; ++p) {
-        uint32_t pair = 0;
-        if (qr) {
-          pair = to_bf16(qr[2 * p]);
-          if (2 * p + 1 < a.D) pair |= uint32_t(to_bf16(qr[2 * p + 1])) << 16;
+      uint32_t* qp = s.qp.p + (l0 / IB) * np * IB + l0 % IB;
+      const uint32_t* pr[VL];
+      for (int i = 0; i < m; ++i) {
+        const In* qr = qb + rows[l0 + i] * a.sq[2];
+        if (std::is_same_v<In, bf16_t> && a.D % 2 == 0) {
+          pr[i] = reinterpret_cast<const uint32_t*>(qr);
+        } else {
+          uint16_t* t = s.qrow.p + i * c.dk;
+          row_to_bf16(qr, t, a.D, c.dk);
+          pr[i] = reinterpret_cast<const uint32_t*>(t);
         }
-        qp[p * IB] = pair;
       }
+      int64_t p = 0;
+      for (; p + VL <= np; p += VL) {
+        vf r[VL];
+        for (int i = 0; i < VL; ++i)
+          r[i] = i < m ? simd::load(reinterpret_cast<const float*>(pr[i] + p)) : simd::zero();
+        simd::transpose(r);
+        for (int i = 0; i < VL; ++i) simd::store(reinterpret_cast<float*>(qp + (p + i) * IB), r[i]);
+      }
+      for (; p < np; ++p)
+        for (int i = 0; i < VL; ++i) {
+          uint32_t pair = 0;
+          if (i < m) std::memcpy(&pair, pr[i] + p, 4);
+          qp[p * IB + i] = pair;
+        }
     } else {
-      float* qt = s.qt.p + (l / IB) * a.D * IB + l % IB;
-      for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = qr ? to_f32(qr[d]) * c.qscale : 0.0f;
+      float* qt = s.qt.p + (l0 / IB) * a.D * IB + l0 % IB;
+      const In* qr[VL];
+      for (int i = 0; i < m; ++i) qr[i] = qb + rows[l0 + i] * a.sq[2];
+      const vf scale = simd::set1(c.qscale);
+      int64_t d = 0;
+      for (; d + VL <= a.D; d += VL) {
+        vf r[VL];
+        for (int i = 0; i < VL; ++i) r[i] = i < m ? load_f32(qr[i] + d) : simd::zero();
+        simd::transpose(r);
+        for (int i = 0; i < VL; ++i) simd::store(qt + (d + i) * IB, simd::mul(r[i], scale));
+      }
+      for (; d < a.D; ++d)
+        for (int i = 0; i < VL; ++i) qt[d * IB + i] = i < m ? to_f32(qr[i][d]) * c.qscale : 0.0f;
     }
   }
 }
@@ -675,23 +727,20 @@ void process_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, cons
 
   // out = Ot / l; lse = m + log(l) (m is in base 2). Rows with no allowed key get 0, -inf.
   const int64_t obase = b * a.so[0] + h * a.so[1];
+  switch (a.out_type) {
+    case ElemType::f32:
+      write_outputs<float>(a, s, rows, rs.n, obase);
+      break;
+    case ElemType::bf16:
+      write_outputs<bf16_t>(a, s, rows, rs.n, obase);
+      break;
+    case ElemType::f16:
+      write_outputs<f16_t>(a, s, rows, rs.n, obase);
+      break;
+  }
   float* lb = a.lse + (b * a.Hq + h) * a.Lq;
   for (int l = 0; l < rs.n; ++l) {
     const float L = s.l.p[l];
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    const int64_t orow = obase + rows[l] * a.so[2];
-    const float* ot = s.ot.p + (l / IB) * a.Dv * IB + l % IB;
-    switch (a.out_type) {
-      case ElemType::f32:
-        write_row<float>(a.out, orow, ot, a.Dv, inv);
-        break;
-      case ElemType::bf16:
-        write_row<bf16_t>(a.out, orow, ot, a.Dv, inv);
-        break;
-      case ElemType::f16:
-        write_row<f16_t>(a.out, orow, ot, a.Dv, inv);
-        break;
-    }
     lb[rows[l]] = L > 0.0f ? s.m.p[l] * LN2 + std::log(L) : NEG_INF;
     // Base-2 shift for the weights pass; +inf makes every weight of an empty row 2^-inf = 0.
     s.lsev.p[l] = L > 0.0f ? s.m.p[l] + std::log2(L) : INFINITY;
@@ -749,6 +798,7 @@ void attention_item(void* p, int64_t work) {
   const size_t dv = size_t(a.Dv > 0 ? a.Dv : 1);
   if constexpr (M::kPairs) {
     s.qp.get(size_t(c.dk / 2) * BR);
+    s.qrow.get(size_t(c.dk) * VL);
     s.kg16.get(size_t(c.dk) * BC);
     s.vp.get(dv * (BC / 2));
     s.pp.get(size_t(BC / 2) * IB);

@@ -216,6 +216,26 @@ inline void store_bf16(uint16_t* p, vf x) {
 #endif
 }
 
+// p[0, VL) = float16 of the lanes of x (round to nearest even).
+inline void store_f16(f16_t* p, vf x) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  alignas(16) float t[VL];
+  simd::store(t, x);
+  for (int i = 0; i < VL; ++i) p[i].bits = f16_round(t[i]);
+#endif
+}
+
+// p[0, VL) = the lanes of x as T (finite lanes: see bf16_round_hi).
+inline void store_vec(float* p, vf x) { simd::store(p, x); }
+inline void store_vec(bf16_t* p, vf x) { store_bf16(&p->bits, x); }
+inline void store_vec(f16_t* p, vf x) { store_f16(p, x); }
+
 // Lanes a[l] | b[l] << 16 of two rows of 16-bit values.
 inline vf interleave16(const uint16_t* a, const uint16_t* b) {
   return as_float(ior(widen16(a), shl16(widen16(b))));
