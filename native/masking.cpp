@@ -25,6 +25,9 @@ namespace {
 // element instead of cutting the span: many tiny spans cost more than the masked keys.
 constexpr int64_t kMinGap = 16;
 
+// Empty packed documents beyond one per token that are still accepted.
+constexpr int64_t kSpareDocs = 1024;
+
 std::string str(int64_t v) { return std::to_string(v); }
 
 // window_left/right in keys, clamped: beyond Lq + Lk they change nothing (|j - c| < Lq + Lk).
@@ -36,7 +39,8 @@ int64_t window_side(int64_t w, int64_t dilation, int64_t lim) {
 }
 
 // Offsets of packed sequences: 1-D int, at least 2, 0 first, non-decreasing, total last.
-// At most max_docs documents (bounds the cost of reading them before anything else).
+// At most Lq + Lk + kSpareDocs documents (empty ones allowed): bounds the cost of reading the
+// offsets before anything else.
 std::vector<int64_t> check_offsets(const ArrayRef& a, const char* name, int64_t total,
                                    const char* total_name, int64_t max_docs) {
   check_1d(a, name, DType::i32, -1, "(documents + 1,)");
@@ -44,8 +48,8 @@ std::vector<int64_t> check_offsets(const ArrayRef& a, const char* name, int64_t 
     fail(std::string(name) + ": expected at least 2 offsets (one document), got " +
          str(a.shape[0]));
   if (a.shape[0] - 1 > max_docs)
-    fail(std::string(name) + ": " + str(a.shape[0] - 1) + " documents are more than Lq + Lk + 1 = " +
-         str(max_docs));
+    fail(std::string(name) + ": " + str(a.shape[0] - 1) + " documents are more than Lq + Lk + " +
+         str(kSpareDocs) + " = " + str(max_docs));
   std::vector<int64_t> v = read_ints(a);
   if (v[0] != 0) fail(std::string(name) + ": must start at 0, got " + str(v[0]));
   for (size_t d = 1; d < v.size(); ++d)
@@ -98,16 +102,20 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
   const bool packed = o.cu_seqlens_q.given || o.cu_seqlens_k.given;
   r.packed = packed;
   if (packed) {
+    const char* qname = o.cu_seqlens_shared ? "cu_seqlens" : "cu_seqlens_q";
+    const char* kname = o.cu_seqlens_shared ? "cu_seqlens" : "cu_seqlens_k";
     if (!o.cu_seqlens_q.given) fail("cu_seqlens_q: required with cu_seqlens_k");
     if (!o.cu_seqlens_k.given) fail("cu_seqlens_k: required with cu_seqlens_q");
-    const std::vector<int64_t> cq = check_offsets(o.cu_seqlens_q, "cu_seqlens_q", Lq, "Lq", lim);
-    const std::vector<int64_t> ck = check_offsets(o.cu_seqlens_k, "cu_seqlens_k", Lk, "Lk", lim);
+    const int64_t max_docs = Lq + Lk + kSpareDocs;
+    const std::vector<int64_t> cq = check_offsets(o.cu_seqlens_q, qname, Lq, "Lq", max_docs);
+    const std::vector<int64_t> ck = check_offsets(o.cu_seqlens_k, kname, Lk, "Lk", max_docs);
     if (ck.size() != cq.size())
       fail("cu_seqlens_k: has " + str(int64_t(ck.size()) - 1) + " documents, cu_seqlens_q " +
            str(int64_t(cq.size()) - 1));
     if (B != 1)
-      fail("cu_seqlens_q: packed sequences need a batch axis of 1 (documents back to back "
-           "along the sequence axis), got B=" + str(B));
+      fail(std::string(qname) +
+           ": packed sequences need a batch axis of 1 (documents back to back along the "
+           "sequence axis), got B=" + str(B));
     if (o.key_lengths.given)
       fail("key_lengths: cannot be combined with cu_seqlens (each packed document has its own "
            "keys)");
@@ -278,6 +286,7 @@ class Builder {
 
   // One work item: the group, then its global rows (which override the group's results).
   void add_item(int64_t b, int64_t d, int64_t i0, int64_t n, int64_t rs) {
+    if (n == 1) rs = 1;  // (a dilation beyond 2^31 would not fit the int32 stride)
     const int64_t g0 = int64_t(p_.groups.size());
     p_.groups.push_back(PlanGroup{b, d, i0, int32_t(n), int32_t(rs), 0});
     if (r_.n_globals > 0) {
@@ -331,6 +340,7 @@ class Builder {
       b -= ((b - rho) % stride + stride) % stride;
     }
     if (a > b) return;
+    if (a == b) stride = 1;  // (a dilation beyond 2^31 would not fit the int32 stride)
     if (x.windowed && r_.n_globals > 0)
       for (int64_t g = first_global(r_, a); g < r_.n_globals && r_.globals[g] <= b; ++g)
         if ((r_.globals[g] - a) % stride == 0) {

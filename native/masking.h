@@ -19,6 +19,7 @@ struct MaskOptions {
   ArrayRef block_layout;                 // bool, broadcastable to (B, Hq, nqb, nkb)
   int64_t block_q = 0, block_k = 0;      // block_k 0: block_q
   ArrayRef cu_seqlens_q, cu_seqlens_k;   // packed sequences (flash-attn's offsets)
+  bool cu_seqlens_shared = false;        // given once as cu_seqlens (errors name that)
 };
 
 // Checked masking options: the rule and the data it points into.

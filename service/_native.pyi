@@ -2,9 +2,9 @@
 
 Arrays are read in place through their strides; q, k, v of attention() are float32, float16 or
 bfloat16 (ml_dtypes' dtype, or int16/uint16 bits with bfloat16=True), those of the other entry
-points and the weights float32, masks bool or float32, key_lengths and global_tokens int64.
-Shapes are checked natively and every problem is a ValueError whose message starts with the
-argument's name.
+points and the weights float32, masks bool or float32, block layouts bool, key_lengths,
+global_tokens and weights_rows int64, cu_seqlens int32 or int64. Shapes are checked natively and
+every problem is a ValueError whose message starts with the argument's name.
 """
 
 import numpy as np
@@ -15,9 +15,8 @@ __version__: str
 
 _Float32 = npt.NDArray[np.float32]
 
-class _Masking(TypedDict, total=False):
-    """Keyword arguments every entry point takes: which keys each query sees, how scores form
-    (service.core.masking builds them from the options model), threads and cancellation."""
+class _MaskArgs(TypedDict, total=False):
+    """Which keys each query sees (native/masking.cpp checks them and builds the mask plan)."""
 
     causal: int  # 0 none, 1 top-left, 2 bottom-right
     mask: np.ndarray | None  # bool (True = attend) or float32 added to the scores
@@ -26,16 +25,30 @@ class _Masking(TypedDict, total=False):
     window_right: int
     dilation: int
     global_tokens: np.ndarray | None
-    block_layout: np.ndarray | None  # bool, broadcastable to (B, Hq, nqb, nkb)
-    block_q: int
+    block_layout: np.ndarray | None  # bool, broadcastable to (B, Hq, ceil(Lq/bq), ceil(Lk/bk))
+    block_q: int  # 0 without a layout
     block_k: int  # 0: block_q
-    cu_seqlens: np.ndarray | None  # packed sequences (flash-attn's offsets)
+    cu_seqlens: np.ndarray | None  # packed documents' offsets (q and k alike), B = 1
     cu_seqlens_q: np.ndarray | None
     cu_seqlens_k: np.ndarray | None
+
+class _Masking(_MaskArgs, total=False):
+    """Keyword arguments every entry point takes: which keys each query sees, how scores form
+    (service.core.masking builds them from the options model), threads and cancellation."""
+
     alibi_slopes: np.ndarray | None
     softcap: float  # 0: none
     num_threads: int  # 0: the default
     cancel: CancelFlag | None
+
+class _PlanSummary(TypedDict):
+    groups: int
+    items: int
+    spans: int
+    full_spans: int
+    pairs: int  # (query, key) pairs visited, over every batch and head
+    head_dependent: bool
+    build_seconds: float
 
 class Cancelled(RuntimeError):
     """A call stopped because its CancelFlag was set."""
@@ -64,7 +77,8 @@ def attention(
     out_dtype: str = "float32",
     **masking: Unpack[_Masking],
 ) -> tuple[np.ndarray, _Float32, _Float32 | None]:
-    """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or None).
+    """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the weights are
+    (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for the rows asked for.
 
     precision: 'auto' (bf16 dot products for bfloat16 inputs where the CPU has AVX512_BF16,
     else float32), 'fp32' or 'bf16' (bf16 numerics, emulated without the instruction).
@@ -91,7 +105,7 @@ def multihead(
     **masking: Unpack[_Masking],
 ) -> tuple[_Float32, _Float32, _Float32 | None]:
     """torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads:
-    (out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None)."""
+    (out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq or len(weights_rows),Lk) or None)."""
 
 def attention_maps(
     q: np.ndarray,
@@ -115,24 +129,15 @@ def attention_maps(
     """Exact attention maps in O(L) memory: (out, lse, pooled (B,Hq,Pq,Pk) bin means,
     entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk))."""
 
+def mask_plan(
+    b: int, hq: int, lq: int, lk: int, *, kernel: str = "attention", **masking: Unpack[_MaskArgs]
+) -> _PlanSummary:
+    """Summary of the mask plan of a call with these shapes and masking options."""
+
 def set_num_threads(n: int) -> None:
     """Default number of threads for calls with num_threads=0."""
 
 def get_num_threads() -> int: ...
-
-class _PlanSummary(TypedDict):
-    groups: int
-    items: int
-    spans: int
-    full_spans: int
-    pairs: int
-    head_dependent: bool
-    build_seconds: float
-
-def mask_plan(
-    b: int, hq: int, lq: int, lk: int, *, kernel: str = "attention", **masking: Unpack[_Masking]
-) -> _PlanSummary:
-    """Summary of the mask plan of a call with these shapes and masking options."""
 
 def isa() -> str:
     """Instruction set in use: baseline, avx2, avx512 or avx512bf16."""

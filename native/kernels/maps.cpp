@@ -50,6 +50,8 @@ struct Ctx {
   const MaskRule* rule;
   const MaskPlan* plan;
   int64_t group;  // query heads per kv head
+  const float* kt;  // K transposed per tile of BC keys: [(b*Hkv + hk) * n_kt + t][D][BC]
+  int64_t n_kt;
   double* slots;  // column-sum partials: [slot][B*Hq*Lk]
   int n_slots;
   uint64_t call_id;
@@ -60,7 +62,7 @@ struct Scratch {
   Buf<float> qs, s, p, col, bin, ent, kt;
   Buf<double> loc, entd;
   Buf<float> hw;
-  Buf<int64_t> hi, rows, rbin, qbins, keys, kbin;
+  Buf<int64_t> hi, rows, rbin, qbins, keys, kbin, kbin_at;
   Buf<int> hn;
   Buf<uint8_t> skip;
   uint64_t call_id = 0;
@@ -70,8 +72,9 @@ thread_local Scratch tls;
 
 uint64_t g_calls = 0;  // atomic: tells the calls apart for the slot assignment
 
-// S[r][jj] = sum_d Qs[r][d] Kt[d][jj] for rows [0, nr) (a multiple of MR) and all BC keys.
-void qk_tile(const float* qs, int nr, const float* kt, int64_t D, float* s) {
+// S[r][jj] = sum_d Qs[r][d] Kt[d][jj] for rows [0, nr) (a multiple of MR) and all BC keys
+// (Kt rows ldkt floats apart).
+void qk_tile(const float* qs, int nr, const float* kt, int64_t ldkt, int64_t D, float* s) {
   for (int r0 = 0; r0 < nr; r0 += MR)
     for (int c0 = 0; c0 < BC; c0 += CW) {
       vf acc[MR][MC];
@@ -83,7 +86,7 @@ void qk_tile(const float* qs, int nr, const float* kt, int64_t D, float* s) {
       for (int64_t d = 0; d < D; ++d) {
         vf kv[MC];
 #pragma GCC unroll 4
-        for (int c = 0; c < MC; ++c) kv[c] = simd::load(kt + d * BC + c0 + c * VL);
+        for (int c = 0; c < MC; ++c) kv[c] = simd::load(kt + d * ldkt + c0 + c * VL);
 #pragma GCC unroll 4
         for (int r = 0; r < MR; ++r) {
           const vf qb = simd::set1(q0[r * D + d]);
@@ -193,6 +196,7 @@ void map_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const Pl
     for (int r = 0; r < nr; ++r)
       for (int64_t d = 0; d < D; ++d) qs[r * D + d] = r < n ? qb[rows[r] * a.sq[2] + d] * a.scale : 0.0f;
     const float* kb = static_cast<const float*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const float* ktb = c.kt + (b * a.Hkv + hk) * c.n_kt * D * BC;
     float* st = s.s.p;
     float* pt = s.p.p;
     float* col = s.col.p;
@@ -200,25 +204,30 @@ void map_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const Pl
     float* kt = s.kt.p;
     int64_t* keys = s.keys.p;
     int64_t* kbin = s.kbin.p;
+    int64_t* kbin_at = s.kbin_at.p;
     float* entv = s.ent.p;
     for (int r = 0; r < BR * VL; ++r) entv[r] = 0.0f;
     const float slope = a.alibi ? -a.alibi[h] : 0.0f;
 
     for (const PlanSpan* sp = sp0; sp != sp1; ++sp)
-      for (int64_t m0 = 0; m0 < sp->n; m0 += BC) {
-        const int jn = int(min64(BC, sp->n - m0));
+      for (int64_t m0 = 0, jn = 0; m0 < sp->n; m0 += jn) {
+        // Consecutive keys: chunks within one tile of the transposed K; others: BC keys.
+        jn = sp->kstride == 1 ? min64(BC - (sp->j0 + m0) % BC, sp->n - m0) : min64(BC, sp->n - m0);
         for (int jj = 0; jj < jn; ++jj)
           keys[jj] = sp->kstride ? sp->j0 + (m0 + jj) * sp->kstride : rule.globals[sp->j0 + m0 + jj];
-        // The chunk's keys transposed ([D][BC], zero-padded).
-        for (int jj = 0; jj < BC; ++jj) {
-          if (jj < jn) {
-            const float* kr = kb + keys[jj] * a.sk[2];
-            for (int64_t d = 0; d < D; ++d) kt[d * BC + jj] = kr[d];
-          } else {
-            for (int64_t d = 0; d < D; ++d) kt[d * BC + jj] = 0.0f;
+        if (sp->kstride == 1) {  // from the transposed tile, columns past jn spill over (-inf)
+          qk_tile(qs, nr, ktb + (keys[0] / BC) * D * BC + keys[0] % BC, BC, D, st);
+        } else {  // strided or gathered keys: transposed here ([D][BC], zero-padded)
+          for (int jj = 0; jj < BC; ++jj) {
+            if (jj < jn) {
+              const float* kr = kb + keys[jj] * a.sk[2];
+              for (int64_t d = 0; d < D; ++d) kt[d * BC + jj] = kr[d];
+            } else {
+              for (int64_t d = 0; d < D; ++d) kt[d * BC + jj] = 0.0f;
+            }
           }
+          qk_tile(qs, nr, kt, BC, D, st);
         }
-        qk_tile(qs, nr, kt, D, st);
         if (a.softcap > 0.0f) {
           const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
           for (int r = 0; r < n; ++r)
@@ -308,16 +317,24 @@ void map_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const Pl
           for (int jj = 0; jj < jn; ++jj) cs[keys[jj]] += col[jj];
         else
           for (int jj = 0; jj < jn; ++jj) atomic_add(m.colsum + bh * a.Lk + keys[jj], col[jj]);
-        // Cut each query bin's row sum at the key-bin edges (keys increase within a chunk).
-        for (int jj = 0; jj < jn; ++jj) kbin[jj] = ((keys[jj] + 1) * m.Pk - 1) / a.Lk;
+        // Cut each query bin's row sum at the key-bin edges (keys increase within a chunk):
+        // runs of keys in one key bin, [kbin_at[x], kbin_at[x + 1]) in bin kbin[x].
+        int nruns = 0;
+        for (int jj = 0; jj < jn; ++nruns) {
+          const int64_t kbi = ((keys[jj] + 1) * m.Pk - 1) / a.Lk;
+          const int64_t kend = (kbi + 1) * a.Lk / m.Pk;  // first key of the next bin
+          kbin[nruns] = kbi;
+          kbin_at[nruns] = jj;
+          while (jj < jn && keys[jj] < kend) ++jj;
+        }
+        kbin_at[nruns] = jn;
         for (int64_t q = 0; q < nqb; ++q) {
           const float* brow = bin + q * BC;
           double* lrow = loc + q * m.Pk;
-          for (int jj = 0; jj < jn;) {
-            const int64_t kbi = kbin[jj];
+          for (int run = 0; run < nruns; ++run) {
             float sum = 0.0f;
-            for (; jj < jn && kbin[jj] == kbi; ++jj) sum += brow[jj];
-            lrow[kbi] += sum;
+            for (int jj = int(kbin_at[run]); jj < kbin_at[run + 1]; ++jj) sum += brow[jj];
+            lrow[kbin[run]] += sum;
           }
         }
       }
@@ -381,6 +398,7 @@ void map_item(void* pc, int64_t work) {
   s.kt.get(size_t(D) * BC);
   s.keys.get(BC);
   s.kbin.get(BC);
+  s.kbin_at.get(BC + 1);
   s.ent.get(size_t(BR) * VL);
   s.entd.get(BR);
   s.hn.get(BR);
@@ -411,6 +429,30 @@ void maps_impl(const MapArgs& m) {
   c.rule = a.rule;
   c.plan = m.plan;
   c.group = a.Hq / a.Hkv;
+
+  // K transposed tile by tile ([D][BC], zero-padded), once per call; one spare tile at the
+  // end takes the spill-over of a chunk that starts inside the last tile.
+  Buf<float> kt;
+  c.n_kt = (a.Lk + BC - 1) / BC;
+  const size_t tile = size_t(a.D) * BC;
+  float* ktp = kt.get(size_t(a.B * a.Hkv * c.n_kt + 1) * tile);
+  for (int64_t bk = 0; bk < a.B * a.Hkv; ++bk) {
+    const float* kb = static_cast<const float*>(a.k) + (bk / a.Hkv) * a.sk[0] + (bk % a.Hkv) * a.sk[1];
+    for (int64_t t = 0; t < c.n_kt; ++t) {
+      float* dst = ktp + size_t(bk * c.n_kt + t) * tile;
+      for (int jj = 0; jj < BC; ++jj) {
+        const int64_t j = t * BC + jj;
+        if (j < a.Lk) {
+          const float* kr = kb + j * a.sk[2];
+          for (int64_t d = 0; d < a.D; ++d) dst[d * BC + jj] = kr[d];
+        } else {
+          for (int64_t d = 0; d < a.D; ++d) dst[d * BC + jj] = 0.0f;
+        }
+      }
+    }
+  }
+  std::memset(ktp + size_t(a.B * a.Hkv * c.n_kt) * tile, 0, sizeof(float) * tile);
+  c.kt = ktp;
 
   // One column-sum slot per thread that takes part.
   const size_t per = size_t(a.B * a.Hq * a.Lk);

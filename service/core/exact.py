@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from service import _native
-from service.core.inputs import BFLOAT16, absmax, check_magnitude
+from service.core.frameworks import bfloat16_from_bits
+from service.core.inputs import absmax, check_magnitude
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
 
@@ -33,10 +34,14 @@ def run(
     threads: int,
     out_dtype: str = "float32",
     precision: str = "auto",
+    weights_rows: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
     """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
-    out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16)."""
+    out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16). With weights_rows,
+    the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
+    """
     scale = checked_scale(opts, q4, k4)
+    rows = None if weights_rows is None else np.asarray(weights_rows, dtype=np.int64)
     (out, lse, weights), elapsed = call_native(
         _native.attention,
         q4,
@@ -44,15 +49,19 @@ def run(
         v4,
         scale=scale,
         return_weights=return_weights,
+        weights_rows=rows,
         num_threads=threads,
         out_dtype=out_dtype,
         precision=precision,
         **masking,
     )
     if out.dtype == np.uint16:  # the kernel hands bfloat16 back as its bits
-        out = out.view(BFLOAT16)
+        out = bfloat16_from_bits(out)
     if opts.empty_rows == "nan":
-        nan_where_empty(lse, out, weights)
+        empty = np.isneginf(lse)
+        nan_where_empty(lse, out)
+        if weights is not None:  # the weights hold the rows `rows` (all when None)
+            weights[empty if rows is None else empty[:, :, rows]] = np.nan
     return out, lse, weights, elapsed
 
 

@@ -1,9 +1,10 @@
 """What a caller passes, normalised: arrays to finite float32 (or kept in float16 / bfloat16 for the
 kernel, which reads them as they are), ranks to 4-D, options to models.
 
-Every problem is an InputError naming the argument. torch is never imported unless the caller
-passed a torch tensor (then answers are torch tensors on the input's device), so the service runs
-without it. Support for other array libraries belongs here too.
+Every problem is an InputError naming the argument. Arrays of other libraries (torch,
+TensorFlow, JAX, anything speaking DLPack or the array protocol) are read through
+service.core.frameworks, without a copy where their layout allows, and answers go back in the
+library of the caller's q; no such library is imported unless the caller passed one of its arrays.
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ import math
 import operator
 from typing import Any, TypeVar
 
-import ml_dtypes
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.core.errors import InputError
-from service.core.options import AttentionOptions, MultiheadOptions, MultiheadWeights, Window
+from service.core.frameworks import ArrayError, from_numpy, is_bfloat16, to_numpy
+from service.core.options import (
+    AttentionOptions,
+    BlockMask,
+    BlockPattern,
+    MultiheadOptions,
+    MultiheadWeights,
+    Window,
+)
 
-# A numpy array or a torch tensor (torch is not a dependency, so no stricter annotation).
+# A numpy array or another library's array (none is a dependency, so no stricter annotation).
 ArrayLike = Any
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -37,59 +45,48 @@ _FIELD_NAMES = frozenset(
     | set(AttentionOptions.model_fields)
     | set(Window.model_fields)
     | set(MultiheadWeights.model_fields)
+    | set(BlockMask.model_fields)
+    | set(BlockPattern.model_fields)
 )
-# List options that may be given as arrays or tensors.
-_LIST_FIELDS = frozenset({"key_lengths", "global_tokens", "alibi_slopes"})
 
 
 # ---------------------------------------------------------------------------------------------
 # Arrays
 
-# numpy has no bfloat16: ml_dtypes' is the one numpy users (JAX, TensorFlow) already have.
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-# The 16-bit float dtypes the attention kernel reads as they are.
-HALF_DTYPES = (np.dtype(np.float16), BFLOAT16)
-
-
-def is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".", 1)[0] == "torch"
+def is_half(dtype: np.dtype) -> bool:
+    """float16 or bfloat16 (ml_dtypes'): the 16-bit floats the attention kernel reads as they are."""
+    return dtype == np.float16 or is_bfloat16(dtype)
 
 
 def is_float_dtype(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" or dtype == BFLOAT16
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
+def to_array(name: str, x: Any) -> np.ndarray:
+    """x as numpy (a view of another library's array where its layout allows: see frameworks),
+    in its own dtype; bfloat16 as ml_dtypes.bfloat16 where ml_dtypes is installed."""
+    try:
+        return to_numpy(x)
+    except ArrayError as exc:
+        raise InputError(name, str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(name, f"not an array: {exc}") from None
 
 
 def _as_float_array(name: str, x: Any) -> np.ndarray:
-    """A float array or tensor as a numpy array, without converting its dtype: a torch bfloat16
-    tensor becomes an ml_dtypes.bfloat16 view of its bits."""
-    if is_torch(x):
-        if x.is_complex() or not x.is_floating_point():
-            raise InputError(name, f"unsupported dtype {x.dtype}; expected a floating-point tensor")
-        try:
-            t = x.detach().cpu()
-            if str(t.dtype) == "torch.bfloat16":
-                import torch  # only reached when the caller already uses torch
-
-                return t.contiguous().view(torch.int16).numpy().view(BFLOAT16)
-            if str(t.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
-                t = t.float()  # e.g. float8
-            return t.numpy()
-        except (RuntimeError, TypeError) as exc:  # e.g. sparse or meta tensors
-            raise InputError(name, f"cannot read this tensor: {exc}") from None
-    try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise InputError(name, f"not an array: {exc}") from None
+    """A float array of any library as numpy, in its own dtype (bfloat16 as ml_dtypes')."""
+    arr = to_array(name, x)
     if not is_float_dtype(arr.dtype):
         raise InputError(name, f"unsupported dtype {arr.dtype}; expected a floating-point array")
     return arr
 
 
-# Per float dtype: the unsigned view of its bits, the magnitude mask, and the bits of +inf.
-_BITS: dict[np.dtype, tuple[type, int, int]] = {
-    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
-    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
-    BFLOAT16: (np.uint16, 0x7FFF, 0x7F80),
+# Per float dtype (by name; bfloat16's is ml_dtypes', not imported here): the unsigned view of
+# its bits, the magnitude mask, and the bits of +inf.
+_BITS: dict[str, tuple[type, int, int]] = {
+    "float32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    "float16": (np.uint16, 0x7FFF, 0x7C00),
+    "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
 }
 
 
@@ -99,7 +96,7 @@ def _magnitude(arr: np.ndarray) -> float:
     cheaper than isfinite + min + max, and numpy's float16 / bfloat16 reductions are slow."""
     if arr.size == 0:
         return 0.0
-    bits = _BITS.get(arr.dtype)
+    bits = _BITS.get(arr.dtype.name)
     if bits is None or not arr.flags.c_contiguous:
         with np.errstate(invalid="ignore"):
             return float(np.max(np.abs(arr.astype(np.float64, copy=False))))
@@ -117,7 +114,8 @@ def _check_finite(name: str, arr: np.ndarray) -> np.ndarray:
 
 
 def as_float32(name: str, x: Any) -> np.ndarray:
-    """A C-contiguous, finite float32 copy (or view) of a float array or tensor."""
+    """A C-contiguous, finite float32 view (or copy, when the dtype or strides require one) of a
+    floating-point array of any library."""
     arr = _as_float_array(name, x)
     with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
         arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -129,7 +127,7 @@ def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[np.ndarra
     when all of them have that dtype (the kernel reads 16-bit floats as they are), else float32."""
     arrays = [_as_float_array(name, x) for name, x in zip(names, xs, strict=True)]
     dtype = arrays[0].dtype
-    if dtype in HALF_DTYPES and all(a.dtype == dtype for a in arrays):
+    if is_half(dtype) and all(a.dtype == dtype for a in arrays):
         return [
             _check_finite(n, np.ascontiguousarray(a)) for n, a in zip(names, arrays, strict=True)
         ]
@@ -137,16 +135,8 @@ def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[np.ndarra
 
 
 def to_output(arr: np.ndarray | None, like: Any) -> ArrayLike | None:
-    """Answer in the caller's type: torch tensor (on the input's device) or numpy array."""
-    if arr is None or not is_torch(like):
-        return arr
-    import torch  # only reached when the caller already uses torch
-
-    if arr.dtype == BFLOAT16:
-        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t.to(like.device)
+    """Answer in the library of `like` (the caller's q), on the CPU, or as numpy."""
+    return None if arr is None else from_numpy(arr, like)
 
 
 def thread_count(num_threads: int | None) -> int:
@@ -249,13 +239,6 @@ def input_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> Inp
     return InputError(prefix + loc or ("options",), "; ".join(msgs))
 
 
-def _plain(name: str, value: Any) -> Any:
-    """numpy arrays and torch tensors given for the list options (key_lengths, ...) -> lists."""
-    if name in _LIST_FIELDS and (isinstance(value, np.ndarray) or is_torch(value)):
-        return value.tolist()
-    return value
-
-
 def parse_options(
     model: type[ModelT], options: BaseModel | dict[str, Any] | None, overrides: dict[str, Any]
 ) -> ModelT:
@@ -268,7 +251,7 @@ def parse_options(
         base = dict(options)
     else:
         raise InputError("options", f"expected {model.__name__} or a dict, got {type(options)}")
-    data = {**base, **{name: _plain(name, v) for name, v in overrides.items()}}
+    data = {**base, **overrides}
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -5,7 +5,8 @@ dependencies or the compiled extension. A tensor arrives as one of:
 - a nested list of numbers (or booleans);
 - {"dtype", "shape", "data": [flat numbers]};
 - {"dtype", "shape", "b64": base64 of the little-endian C-order bytes};
-- (Python API only) a numpy array or a torch tensor.
+- (Python API only) a numpy array, or an array of another library (torch, TensorFlow, JAX, ...:
+  service.core.frameworks reads it, bfloat16 becoming float32 here).
 
 Everything is parsed by numpy in bulk, never element by element.
 """
@@ -18,19 +19,20 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.core.frameworks import (
+    ArrayError,
+    bfloat16_dtype,
+    bfloat16_from_bits,
+    is_array,
+    is_bfloat16,
+    to_numpy,
+)
+
 try:
     # SIMD base64, ~30x faster than the standard library on large tensors; a server dependency.
     import pybase64 as base64
 except ImportError:  # a thin client installed with numpy and httpx only
     import base64  # type: ignore[no-redef]
-
-try:
-    # numpy's bfloat16 (a server dependency): bfloat16 tensors stay bfloat16 for the kernel.
-    import ml_dtypes
-
-    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # a thin client: bfloat16 decodes to float32
-    BFLOAT16 = None
 
 DTypeName = Literal["float32", "float64", "float16", "bfloat16", "bool", "int32", "int64"]
 Encoding = Literal["list", "b64"]
@@ -56,19 +58,6 @@ class TensorError(ValueError):
 
 class TensorLimitError(TensorError):
     """A tensor is larger than the configured element limit (HTTP answers 413)."""
-
-
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: shift the 16 bits into place."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def bfloat16_from_bits(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) as ml_dtypes.bfloat16 values (a view), or as float32
-    where ml_dtypes is not installed."""
-    if BFLOAT16 is None:
-        return bfloat16_bits_to_float32(bits)
-    return bits.astype(np.uint16, copy=False).view(BFLOAT16)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -130,7 +119,7 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
         if flat.ndim != 1:
             raise TensorError("'data' must be a flat list of numbers")
         if dtype_name == "bfloat16":  # numbers, rounded to bfloat16 (nearest even)
-            return flat.astype(BFLOAT16 if BFLOAT16 is not None else np.float32).reshape(shape)
+            return flat.astype(bfloat16_dtype() or np.float32).reshape(shape)
         arr = _cast_checked(flat, wire).reshape(shape)
     if dtype_name == "bfloat16":
         return bfloat16_from_bits(arr.astype(np.uint16))
@@ -179,21 +168,16 @@ def _cast_checked(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def _from_torch(t: Any) -> np.ndarray:
-    t = t.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-        import torch  # the caller uses torch
-
-        return bfloat16_from_bits(t.contiguous().view(torch.int16).numpy().view(np.uint16))
-    return t.numpy()
-
-
 def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
-    """Turn any accepted tensor form into a numpy array (native byte order)."""
+    """Turn any accepted tensor form into a numpy array (native byte order); bfloat16 arrays
+    (ml_dtypes') become float32, exactly."""
     if isinstance(value, np.ndarray):
         arr = value
-    elif type(value).__module__.startswith("torch"):
-        arr = _from_torch(value)
+    elif is_array(value):
+        try:
+            arr = to_numpy(value)
+        except ArrayError as exc:
+            raise TensorError(str(exc)) from None
     elif isinstance(value, dict):
         return _decode_object(value, max_elements)
     elif isinstance(value, (list, tuple)):
@@ -204,16 +188,18 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
         raise TensorError(
             "expected a nested list of numbers or an object with dtype, shape and data or b64"
         )
-    if arr.dtype.kind not in "biuf" and arr.dtype != BFLOAT16:
-        raise TensorError(f"unsupported dtype {arr.dtype}")
     if max_elements is not None and arr.size > max_elements:
         raise TensorLimitError(f"tensor has {arr.size} elements; the limit is {max_elements}")
+    if is_bfloat16(arr.dtype):
+        arr = arr.astype(np.float32)
+    if arr.dtype.kind not in "biuf":
+        raise TensorError(f"unsupported dtype {arr.dtype}")
     return arr
 
 
 def encode_tensor(arr: np.ndarray, encoding: Encoding = "list") -> Any:
     """Encode an array for a JSON response: nested lists, or {dtype, shape, b64}."""
-    bf16 = BFLOAT16 is not None and arr.dtype == BFLOAT16
+    bf16 = is_bfloat16(arr.dtype)
     if encoding == "b64":
         wire = WIRE_DTYPES.get(arr.dtype.name)
         if wire is None:

@@ -29,6 +29,7 @@ from service.web.scheduler import Scheduler
 from service.web.security import GUARD_RESPONSES, AccessControl
 from service.web.settings import Settings
 from service.web.store import HeatmapStore
+from service.web.v1.model_schemas import ModelTokensRequest
 from service.web.v1.schemas import REQUEST_MODELS
 from service.web.v2 import routes as v2
 from service.web.v2.datamodels import ErrorResponse
@@ -146,5 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    install_openapi(app, (*REQUEST_MODELS, Problem), keys=state.access.keys.enabled)
+    install_openapi(
+        app, (*REQUEST_MODELS, ModelTokensRequest, Problem), keys=state.access.keys.enabled
+    )
     return app

@@ -56,16 +56,12 @@ def example_config(example: dict[str, Any], **config: Any) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": [example]}, **config)  # type: ignore[typeddict-item]
 
 
-def request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """openapi_extra documenting a JSON body of `model` (components added by install_openapi)."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
-        }
-    }
+def request_body(*models: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra documenting a JSON body of `model` (or of one of several) by reference
+    (components added by install_openapi)."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def add_component_schemas(openapi: dict[str, Any], models: tuple[type[BaseModel], ...]) -> None:

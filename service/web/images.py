@@ -9,13 +9,14 @@ base64.
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from service.core.approx import MAP_SIDE
 from service.core.errors import InputError
+from service.render.model_views import ModelPicture
 from service.render.views import (
     RenderedImage,
     image_count,
@@ -149,3 +150,22 @@ def draw_positional(
 ) -> dict:
     """The picture of a positional encoding, published."""
     return publish_one(render_positional(table, positional, tokens), store, inline)
+
+
+def publish_pictures(pictures: list[ModelPicture], store: HeatmapStore, inline: bool) -> list[dict]:
+    """A real model's pictures: {"view", "layer", "heads"} with, stored, their "id", "url" and
+    "svg_url" (the same picture as SVG under the same id), or inline the base64 "png"."""
+    refs = [{"view": p.view, "layer": p.layer, "heads": p.heads} for p in pictures]
+    if inline:
+        return [
+            {**ref, "png": base64.b64encode(p.png).decode("ascii")}
+            for ref, p in zip(refs, pictures, strict=True)
+        ]
+    svgs = [p.svg for p in pictures]
+    ids = store.put_many(
+        [p.png for p in pictures], svgs=None if None in svgs else cast(list[bytes], svgs)
+    )
+    return [
+        {**ref, "id": i, "url": image_url(i), "svg_url": f"{URL_PREFIX}/{i}.svg"}
+        for ref, i in zip(refs, ids, strict=True)
+    ]

@@ -10,7 +10,7 @@ to wrap it, as the overload tests do on the /v1 routes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +18,23 @@ import numpy as np
 from service.core.attention import attention
 from service.core.errors import InputError
 from service.core.maps import attention_map
+from service.core.model import (
+    Analysis,
+    ModelIntegrityError,
+    ModelNotInstalled,
+    SentenceModel,
+    get_model,
+)
 from service.core.multihead import multihead_attention
 from service.core.options import AttentionOptions, MultiheadOptions
 from service.core.results import AttentionMaps, AttentionResult, MultiheadResult, TokensResult
 from service.core.tokens import Positional, self_attention
 from service.core.weights import head_layout
+from service.render.model_views import ModelView, picture_count, render_pictures
 from service.web import images
 from service.web.deps import AppState
 from service.web.images import HeatmapSpec
+from service.web.problems import ModelNotAvailable, ModelRefused
 
 # Work small enough to finish on the event loop instead of a worker thread (a few hundred
 # microseconds of one core): the dense attention flops, and the answered elements (output and
@@ -87,6 +96,9 @@ def run_attention(
     pool = spec is not None and not opts.compare and opts.method == "exact" and max(lq, lk) > side
     if stats and opts.method != "exact":
         raise InputError("stats", f'needs method "exact", got "{opts.method}"')
+    _rows_without_heatmap(opts.weights_rows, spec)
+    if opts.weights_rows is not None:
+        return_weights = True  # the rows' weights are what weights_rows asks for
     # With "compare", the heatmaps show exact | approximation | difference instead of weights.
     want_weights = return_weights or (spec is not None and not opts.compare and not pool)
     if ranks_ok:
@@ -94,7 +106,8 @@ def run_attention(
         rows = q.shape[:-1]
         state.limits.elements("v", rows + v.shape[-1:], "the output")
         if want_weights:
-            state.limits.elements("k", rows + k.shape[-2:-1], "the weights")
+            wrows = rows if opts.weights_rows is None else rows[:-1] + (len(opts.weights_rows),)
+            state.limits.elements("k", wrows + k.shape[-2:-1], "the weights")
         if spec is not None:
             shape4 = (1,) * (4 - q.ndim) + rows + k.shape[-2:-1]
             if pool:
@@ -145,6 +158,15 @@ def run_attention(
     return AttentionJob(result, maps if stats else None, drawn)
 
 
+def _rows_without_heatmap(weights_rows: list[int] | None, spec: HeatmapSpec | None) -> None:
+    if weights_rows is not None and spec is not None:
+        raise InputError(
+            "weights_rows",
+            "returns chosen rows of the weights, a heatmap draws all of them: ask for one or "
+            "the other",
+        )
+
+
 @dataclass(frozen=True)
 class MultiheadJob:
     """result: as the Python API returns it. weights: the attention weights as the caller asked
@@ -181,6 +203,8 @@ def _check_multihead_sizes(
     per_head = spec is not None
     if need_weights or per_head:
         rows = query.shape[:-1]
+        if opts.weights_rows is not None:
+            rows = rows[:-1] + (len(opts.weights_rows),)
         heads = (opts.num_heads,) if per_head or not opts.average_weights else ()
         limits.elements("key", rows[:-1] + heads + rows[-1:] + key.shape[-2:-1], "weights")
         if spec is not None:
@@ -201,6 +225,8 @@ def run_multihead(
 ) -> MultiheadJob:
     """Multi-head attention (torch semantics) with optional per-head heatmaps."""
     per_head = spec is not None  # heatmaps need every head, whatever the response averages
+    _rows_without_heatmap(opts.weights_rows, spec)
+    need_weights = need_weights or opts.weights_rows is not None
     k = query if key is None else key
     _check_multihead_sizes(state, query, k, k if value is None else value, opts, need_weights, spec)
     result = compute(
@@ -282,3 +308,77 @@ def run_tokens(
             )
     weights = result.weights.mean(axis=0) if opts.average_weights else result.weights
     return TokensJob(result, weights, drawn, picture)
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """A real model's analysis of one input, its pictures' references and, in words, what the
+    answer cut or left out (notes)."""
+
+    model: SentenceModel
+    analysis: Analysis
+    heatmaps: list[dict]
+    notes: list[str]
+
+
+def load_model(name: str) -> SentenceModel:
+    """The loaded model; 404 when its package is missing, 503 when its files were refused."""
+    try:
+        return get_model(name)
+    except ModelNotInstalled as exc:
+        raise ModelNotAvailable(str(exc)) from None
+    except ModelIntegrityError as exc:
+        raise ModelRefused(f"model {name!r} cannot run on this server: {exc}") from None
+
+
+def run_model(
+    state: AppState,
+    name: str,
+    text: str,
+    text_pair: str | None,
+    *,
+    truncate: bool,
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    need_weights: bool,
+    views: Sequence[ModelView] | None,
+    inline: bool,
+) -> ModelJob:
+    """Tokenise, check the limits against the input's length, run the model, draw `views`."""
+    model = load_model(name)
+    prepared = model.prepare(text, text_pair, truncate=truncate, layers=layers, heads=heads)
+    enc = prepared.encoding
+    n, nl, nh = len(enc), len(prepared.layers), len(prepared.heads)
+    # The kernel makes one (heads, L, L) tensor per layer, and the model has a fixed number of
+    # layers (6 for MiniLM), so a layer is what ATTN_MAX_ELEMENTS bounds: the defaults admit
+    # every weight of a 512-wordpiece input (6 x 12 x 512 x 512 in all).
+    if need_weights or views is not None:
+        state.limits.elements("heads", (nh, n, n), f"each of the {nl} layers' attention weights")
+    if views is not None:
+        state.limits.heatmap("heatmap", n, n, picture_count(views, nl, nh))
+    analysis = model.analyse_prepared(prepared, num_threads=state.num_threads)
+    drawn: list[dict] = []
+    if views is not None:
+        pictures = render_pictures(
+            analysis.attentions,
+            enc.tokens,
+            layers=analysis.layers,
+            heads=analysis.heads,
+            views=views,
+            title=name,
+            svg=not inline,
+        )
+        drawn = images.publish_pictures(pictures, state.store, inline)
+    notes = []
+    if enc.truncated:
+        notes.append(
+            f"the input has {enc.full_length} wordpieces; the model read the first "
+            f"{n} (its {model.max_positions} positions)"
+        )
+    if analysis.embedding_truncated:
+        notes.append(
+            f"the embedding was computed from the first {analysis.embedding_length} of "
+            f"{enc.full_length} wordpieces, as sentence-transformers computes it for this model "
+            f"(max_seq_length {model.embedding_max_length})"
+        )
+    return ModelJob(model, analysis, drawn, notes)

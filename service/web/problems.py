@@ -127,6 +127,17 @@ class RateLimited(ServiceError, status=429, slug="rate-limited", title="Too many
     """The caller is over ATTN_RATE_LIMIT; Retry-After says when to retry."""
 
 
+class ModelNotAvailable(
+    ServiceError, status=404, slug="model-not-installed", title="Model not installed"
+):
+    """A real model whose package is not installed here: 404, as a model server answers for a
+    model it does not have; the detail says how to install it."""
+
+
+class ModelRefused(ServiceError, status=503, slug="model-refused", title="Model refused"):
+    """A real model whose files failed their checks (hash, shapes): never run."""
+
+
 def problem_response(
     status: int,
     detail: str,

@@ -26,7 +26,9 @@ from service.core.errors import LimitError
 # secrets.token_urlsafe(16): 22 characters of the URL-safe base64 alphabet (128 random bits).
 _ID_BYTES = 16
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+# Every image is a PNG; the real model's pictures also have an SVG under the same id.
 _SUFFIX = ".png"
+_SUFFIXES = (".png", ".svg")
 _LOCK_NAME = ".lock"
 
 
@@ -56,8 +58,8 @@ class HeatmapStore:
         # Only ids that put() could have made ever reach the filesystem (no path traversal).
         return ID_PATTERN.fullmatch(image_id) is not None
 
-    def _path(self, image_id: str) -> Path:
-        return self.directory / (image_id + _SUFFIX)
+    def _path(self, image_id: str, suffix: str = _SUFFIX) -> Path:
+        return self.directory / (image_id + suffix)
 
     def writable(self) -> bool:
         """True when a file can be created and removed in the directory."""
@@ -70,11 +72,15 @@ class HeatmapStore:
         except OSError:
             return False
 
-    def put_many(self, images: list[bytes]) -> list[str]:
-        """Store images; returns their ids. Evicts first so the limits hold after writing."""
+    def put_many(self, images: list[bytes], svgs: list[bytes] | None = None) -> list[str]:
+        """Store PNGs (and the SVG of each, when given); returns their ids. Evicts first so
+        the limits hold after writing (an SVG counts as a file of its own)."""
         ids = [secrets.token_urlsafe(_ID_BYTES) for _ in images]
-        incoming = sum(len(b) for b in images)
-        if incoming > self.max_bytes or len(images) > self.max_count:
+        files = [(self._path(i), data) for i, data in zip(ids, images, strict=True)]
+        if svgs is not None:
+            files += [(self._path(i, ".svg"), data) for i, data in zip(ids, svgs, strict=True)]
+        incoming = sum(len(data) for _, data in files)
+        if incoming > self.max_bytes or len(files) > self.max_count:
             raise LimitError(
                 "heatmap",
                 f"{len(images)} images of {incoming} bytes do not fit the heatmap store "
@@ -82,19 +88,20 @@ class HeatmapStore:
                 f"ATTN_HEATMAP_MAX_BYTES={self.max_bytes}); ask for fewer or inline images",
             )
         with self._locked():
-            self._evict(incoming_bytes=incoming, incoming_count=len(images))
-            for image_id, data in zip(ids, images, strict=True):
-                self._write_atomic(self._path(image_id), data)
+            self._evict(incoming_bytes=incoming, incoming_count=len(files))
+            for path, data in files:
+                self._write_atomic(path, data)
         return ids
 
     def put(self, data: bytes) -> str:
         return self.put_many([data])[0]
 
-    def get(self, image_id: str) -> StoredImage | None:
-        """The image, or None when the id is malformed, unknown or expired."""
-        if not self.valid_id(image_id):
+    def get(self, image_id: str, suffix: str = _SUFFIX) -> StoredImage | None:
+        """The image (".png", or ".svg"), or None when the id is malformed, unknown or
+        expired, or has no such format."""
+        if not self.valid_id(image_id) or suffix not in _SUFFIXES:
             return None
-        path = self._path(image_id)
+        path = self._path(image_id, suffix)
         try:
             with open(path, "rb") as f:
                 mtime = os.fstat(f.fileno()).st_mtime
@@ -144,7 +151,8 @@ class HeatmapStore:
                     if now - st.st_mtime > 60:
                         self._unlink(entry.path)
                     continue
-                if not (name.endswith(_SUFFIX) and self.valid_id(name[: -len(_SUFFIX)])):
+                stem, dot, ext = name.rpartition(".")
+                if not (dot and "." + ext in _SUFFIXES and self.valid_id(stem)):
                     continue
                 if now - st.st_mtime > self.ttl_s:
                     self._unlink(entry.path)

@@ -56,6 +56,11 @@ async def index() -> Response:
     return _serve("index.html", "no-cache")
 
 
+@router.api_route("/model", methods=["GET", "HEAD"], summary="The web viewer's real-model mode")
+async def model_page() -> Response:
+    return _serve("model.html", "no-cache")
+
+
 @router.api_route("/static/{name}", methods=["GET", "HEAD"])
 async def static_file(name: str) -> Response:
     return _serve(name, "no-cache")

@@ -342,7 +342,7 @@ def bench_block_sparse(rows: list[Row], n: int, budget: float, flex: Callable | 
         mask = torch.from_numpy(np.kron(layout[0, 0], np.ones((block, block), bool))[:n, :n])
 
         def ours(layout: np.ndarray = layout) -> object:
-            return _native.attention(q, k, v, scale=0.125, block_layout=layout, block_q=block)
+            return service.attention(q, k, v, block_mask={"block_size": block, "layout": layout})
 
         ours_ms, torch_ms = _side_by_side(
             ours, partial(F.scaled_dot_product_attention, tq, tk, tv, attn_mask=mask), budget
@@ -367,7 +367,7 @@ def bench_packed(rows: list[Row], docs: int, length: int, budget: float, flex: C
     doc = np.arange(n) // length
     same_doc_causal = (doc[:, None] == doc[None, :]) & (np.arange(n)[:, None] >= np.arange(n))
     ours_ms, torch_ms = _side_by_side(
-        partial(_native.attention, q, k, v, scale=0.125, causal=1, cu_seqlens=cu),
+        partial(service.attention, q, k, v, causal=True, cu_seqlens=cu),
         partial(
             F.scaled_dot_product_attention, tq, tk, tv, attn_mask=torch.from_numpy(same_doc_causal)
         ),
@@ -561,14 +561,17 @@ def write_results(rows: list[Row], info: dict[str, str]) -> None:
 def plot(rows: list[Row], info: dict[str, str]) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 5), dpi=110)
-    ax = fig.add_subplot()
+    sparse = [r for r in rows if r.group == "sparse"]
+    fig = Figure(figsize=(12 if sparse else 7, 5), dpi=110)
+    ax = fig.add_subplot(1, 2 if sparse else 1, 1)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         if r.group not in ("exact", "window", "half") or "dilated" in r.case or "global" in r.case:
             continue
         if r.group == "half" and not r.case.startswith("bfloat16 N"):
             continue  # of the 16-bit rows, bfloat16 with the default precision
+        if "±64" in r.case or "/" in r.case:
+            continue
         n = int(r.case.split("N=")[1].split()[0])
         kind = (
             "causal" if "causal" in r.case else ("window ±128" if r.group == "window" else "full")
@@ -586,11 +589,50 @@ def plot(rows: list[Row], info: dict[str, str]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N (B=1, H=8, D=64; fp32 unless bf16)")
     ax.set_ylabel("time (ms)")
-    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads")
+    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if sparse:
+        # Block-sparse time against the fraction of blocks kept, with the goal's bound.
+        bx = fig.add_subplot(1, 2, 2)
+        kept = [r.extra["kept"] for r in sparse]
+        bx.plot(kept, [r.ours_ms for r in sparse], "-o", label="ours (block_layout)")
+        bx.plot(kept, [r.torch_ms for r in sparse], "--s", label="torch SDPA, dense bool mask")
+        flex = [(r.extra["kept"], r.extra.get("flex_ms")) for r in sparse]
+        if all(ms is not None for _, ms in flex):
+            bx.plot([k for k, _ in flex], [ms for _, ms in flex], "--^", label="FlexAttention")
+        bx.plot(kept, [r.extra["bound_ms"] for r in sparse], ":", label="goal: ρ·dense·1.2 + 2 ms")
+        bx.set_xscale("log")
+        bx.set_yscale("log")
+        bx.set_xlabel(f"fraction of 128×128 blocks kept ({sparse[0].case.split()[-1]}, H=8)")
+        bx.set_ylabel("time (ms)")
+        bx.set_title("block-sparse attention", fontsize=9)
+        bx.grid(True, which="both", alpha=0.3)
+        bx.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "bench.png")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sequence lengths of each group, and seconds per side-by-side figure."""
+
+    exact: list[int]
+    half: list[int]  # bfloat16 / float16 rows
+    shapes: int
+    windows: list[int]
+    long_window: int
+    sparse: int
+    packed: tuple[int, int]  # documents, tokens each
+    baseline: list[int]
+    threads: int
+    memory: int
+    budget: float
+
+
+FULL = Sizes([512, 2048, 8192], [2048, 8192], 2048, [2048, 8192], 32768, 8192, (8, 1024),
+             [2048, 8192], 2048, 32768, 4.0)  # fmt: skip
+QUICK = Sizes([256, 512], [512], 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096, 0.5)
 
 
 def main() -> None:
@@ -608,32 +650,19 @@ def main() -> None:
     )
     print("machine:", info, flush=True)
     rows: list[Row] = []
-    if args.quick:
-        sgemm = bench_sgemm(rows, 0.5)
-        bench_exact(rows, [256, 512], 0.5, sgemm)
-        bench_half(rows, [512], 0.5)
-        bench_shapes(rows, 256, 0.5)
-        bench_windows(rows, [1024, 2048], 4096, 0.5)
-        flex = _flex_attention()
-        bench_block_sparse(rows, 1024, 0.5, flex)
-        bench_packed(rows, 4, 256, 0.5, flex)
-        if args.baseline:
-            bench_regression(rows, args.baseline, [512], 0.5)
-        bench_threads(rows, 512, 0.5)
-        bench_memory(rows, 4096)
-    else:
-        sgemm = bench_sgemm(rows, 2.0)
-        bench_exact(rows, [512, 2048, 8192], 4.0, sgemm)
-        bench_half(rows, [2048, 8192], 4.0)
-        bench_shapes(rows, 2048, 3.0)
-        bench_windows(rows, [2048, 8192], 32768, 4.0)
-        flex = _flex_attention()
-        bench_block_sparse(rows, 8192, 4.0, flex)
-        bench_packed(rows, 8, 1024, 4.0, flex)
-        if args.baseline:
-            bench_regression(rows, args.baseline, [2048, 8192], 4.0)
-        bench_threads(rows, 2048, 3.0)
-        bench_memory(rows, 32768)
+    size = QUICK if args.quick else FULL
+    sgemm = bench_sgemm(rows, size.budget / 2)
+    bench_exact(rows, size.exact, size.budget, sgemm)
+    bench_half(rows, size.half, size.budget)
+    bench_shapes(rows, size.shapes, size.budget * 0.75)
+    bench_windows(rows, size.windows, size.long_window, size.budget)
+    flex = _flex_attention()
+    bench_block_sparse(rows, size.sparse, size.budget, flex)
+    bench_packed(rows, *size.packed, size.budget, flex)
+    if args.baseline:
+        bench_regression(rows, args.baseline, size.baseline, size.budget)
+    bench_threads(rows, size.threads, size.budget * 0.75)
+    bench_memory(rows, size.memory)
     bench_heatmap(rows, 2.0)
     write_results(rows, info)
     missed = [r for r in rows if r.passed is False]

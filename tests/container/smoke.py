@@ -491,6 +491,38 @@ def attention_request(base_url: str) -> tuple[str, bytes]:
     return heatmaps[0]["url"], png
 
 
+def model_request(base_url: str) -> None:
+    """The image carries the real model (the default build): /v1/models says so, and a sentence
+    runs through its 6 layers x 12 heads with the pictures as PNG and SVG."""
+    status, _, body = http("GET", f"{base_url}/v1/models")
+    models = {m["name"]: m for m in json.loads(body)["models"]} if status == 200 else {}
+    if not models.get("minilm-l6", {}).get("installed"):
+        raise SmokeError(f"GET /v1/models -> {status}: {body[:500]!r}")
+    status, _, body = http(
+        "POST",
+        f"{base_url}/v1/tokens",
+        {"model": "minilm-l6", "text": "The cat sat.", "heatmap": {"views": ["model"]}},
+        timeout=120,
+    )
+    if status != 200:
+        raise SmokeError(f"POST /v1/tokens with the model -> {status}: {body[:2000]!r}")
+    resp = json.loads(body)
+    if resp["tokens"] != ["[CLS]", "the", "cat", "sat", ".", "[SEP]"]:
+        raise SmokeError(f"unexpected wordpieces {resp['tokens']}")
+    rows = [row for layer in resp["weights"] for head in layer for row in head]
+    norm = math.sqrt(sum(x * x for x in resp["embedding"]))
+    if len(rows) != 6 * 12 * 6 or any(abs(sum(r) - 1) > 1e-4 for r in rows) or abs(norm - 1) > 1e-4:
+        raise SmokeError("the model's weights or embedding are not what they must be")
+    svg_url = urllib.request.urljoin(base_url + "/", resp["heatmaps"][0]["svg_url"])
+    status, headers, svg = http("GET", svg_url)
+    if status != 200 or headers.get("content-type") != "image/svg+xml" or b"<svg" not in svg:
+        raise SmokeError(f"GET {svg_url} -> {status} {headers.get('content-type')}")
+    log(
+        "ok: the image serves minilm-l6: 6 layers x 12 heads of weights, a unit embedding, "
+        f"the model view as PNG and SVG ({resp['meta']['elapsed_ms']:.0f} ms)"
+    )
+
+
 IMAGE_AUDIT = r"""
 import importlib.util, json, os, shutil
 print(json.dumps({
@@ -736,6 +768,8 @@ def main() -> int:
             raise SmokeError(f"GET /healthz -> {status}")
         url, png = attention_request(f"http://127.0.0.1:{port_a}")
         check_packaged(f"http://127.0.0.1:{port_a}")
+        passed += 1
+        model_request(f"http://127.0.0.1:{port_a}")
         passed += 1
         check_container(engine, a, args.tag)
         passed += 4

@@ -12,27 +12,18 @@ ATTN_FUZZ_SCALE multiplies the number of examples (`make fuzz` runs 10x).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from service import _native
 from tests.support.mask_reference import check
+from tests.support.native import ISAS, fuzz_settings, isa_set
 
-SCALE = int(os.environ.get("ATTN_FUZZ_SCALE", "1"))
-ISAS = _native.available_isas()
-
-fuzz = settings(
-    max_examples=80 * SCALE,
-    deadline=None,
-    database=None,
-    derandomize=not os.environ.get("ATTN_FUZZ_RANDOM"),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+fuzz = fuzz_settings(80)
 
 
 def offsets(draw: st.DrawFn, total: int, docs: int) -> np.ndarray:
@@ -105,12 +96,8 @@ def calls(draw: st.DrawFn) -> tuple[list[np.ndarray], dict[str, Any]]:
 @given(call=calls(), isa=st.sampled_from(ISAS))
 def test_random_combinations_match_the_reference(call: tuple, isa: str) -> None:
     (q, k, v), kw = call
-    previous = _native.isa()
-    _native.set_isa(isa)
-    try:
+    with isa_set(isa):
         check(q, k, v, **kw)
-    finally:
-        _native.set_isa(previous)
 
 
 def _broken(kw: dict[str, Any], lq: int, lk: int, how: int) -> tuple[dict[str, Any], str] | None:
@@ -126,7 +113,7 @@ def _broken(kw: dict[str, Any], lq: int, lk: int, how: int) -> tuple[dict[str, A
         cu = kw["cu_seqlens"].copy()
         cu[1] = cu[-1] + 1
         kw["cu_seqlens"] = cu
-        return kw, "cu_seqlens_q"
+        return kw, "cu_seqlens"
     if how == 2 and lq:
         kw["weights_rows"] = np.array([0, lq], dtype=np.int64)
         return kw, "weights_rows"

@@ -4,7 +4,9 @@ Block-sparse layouts (block_layout, block_q, block_k), packed variable-length se
 (cu_seqlens, cu_seqlens_q / cu_seqlens_k), dilated windows and weights for chosen rows
 (weights_rows), alone and combined with the other options. The reference is independent of
 the kernel: float64 torch over the full score matrix (tests/support/reference.py), with the block
-layout expanded to a dense mask and each packed document run alone.
+layout expanded to a dense mask and each packed document run alone
+(tests/support/mask_reference.py). `isa` (tests/native/conftest.py) runs a test on every
+instruction set.
 """
 
 from __future__ import annotations
@@ -16,16 +18,7 @@ import torch
 from service import _native
 from tests.support.mask_reference import check, qkv, rand, reference
 
-ISAS = _native.available_isas()
 ATOL = 1e-4  # as check() uses
-
-
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest) -> str:
-    previous = _native.isa()
-    _native.set_isa(request.param)
-    yield request.param
-    _native.set_isa(previous)
 
 
 def layout(rng: np.random.Generator, shape: tuple[int, ...], density: float) -> np.ndarray:
@@ -296,11 +289,11 @@ def _bad() -> list[tuple[dict, str]]:
         ({"block_layout": lay, "block_q": 2}, r"^block_layout: shape \(1, 2, 2, 2\) is not broad"),
         ({"block_layout": lay[0], "block_q": 4}, r"^block_layout: expected 4 dimensions"),
         ({"block_layout": lay.astype(np.int64), "block_q": 4}, r"^block_layout: expected dtype b"),
-        ({"cu_seqlens": np.array([0, 3, 2, 8])}, r"^cu_seqlens_q: must be non-decreasing"),
-        ({"cu_seqlens": np.array([1, 8])}, r"^cu_seqlens_q: must start at 0"),
-        ({"cu_seqlens": np.array([0, 7])}, r"^cu_seqlens_q: must end at the packed length Lq=8"),
-        ({"cu_seqlens": np.array([0])}, r"^cu_seqlens_q: expected at least 2 offsets"),
-        ({"cu_seqlens": np.array([0, 8.0])}, r"^cu_seqlens_q: expected dtype int32 or int64"),
+        ({"cu_seqlens": np.array([0, 3, 2, 8])}, r"^cu_seqlens: must be non-decreasing"),
+        ({"cu_seqlens": np.array([1, 8])}, r"^cu_seqlens: must start at 0"),
+        ({"cu_seqlens": np.array([0, 7])}, r"^cu_seqlens: must end at the packed length Lq=8"),
+        ({"cu_seqlens": np.array([0])}, r"^cu_seqlens: expected at least 2 offsets"),
+        ({"cu_seqlens": np.array([0, 8.0])}, r"^cu_seqlens: expected dtype int32 or int64"),
         ({"cu_seqlens_q": np.array([0, 8])}, r"^cu_seqlens_k: required with cu_seqlens_q"),
         (
             {"cu_seqlens_q": np.array([0, 8]), "cu_seqlens_k": np.array([0, 2, 8])},
@@ -312,7 +305,7 @@ def _bad() -> list[tuple[dict, str]]:
         ),
         (
             {"cu_seqlens": np.array([0, 8]), "key_lengths": np.array([8, 8])},
-            r"^cu_seqlens_q: packed sequences need a batch axis of 1",
+            r"^cu_seqlens: packed sequences need a batch axis of 1",
         ),
         ({"weights_rows": np.array([0, 8])}, r"^weights_rows: row 8 at index 1 is outside \[0, 8"),
         ({"weights_rows": np.array([-1])}, r"^weights_rows: row -1 at index 0 is outside"),
@@ -321,8 +314,8 @@ def _bad() -> list[tuple[dict, str]]:
         ({"weights_rows": np.array([[1]])}, r"^weights_rows: expected 1 dimension"),
         ({"weights_rows": np.arange(9)}, r"^weights_rows: 9 rows asked for, but Lq=8"),
         (
-            {"cu_seqlens": np.zeros(19, dtype=np.int64)},  # 18 documents: more than 8 + 8 + 1
-            r"^cu_seqlens_q: 18 documents are more than Lq \+ Lk \+ 1 = 17",
+            {"cu_seqlens": np.zeros(1042, dtype=np.int64)},  # more documents than 8 + 8 + 1024
+            r"^cu_seqlens: 1041 documents are more than Lq \+ Lk \+ 1024 = 1040",
         ),
     ]
 
@@ -343,7 +336,7 @@ def test_packed_sequences_refuse_key_lengths_and_global_tokens() -> None:
         _native.attention(
             q, k, v, scale=0.3, cu_seqlens=cu, global_tokens=np.array([1]), window_left=2
         )
-    with pytest.raises(ValueError, match="^cu_seqlens_q: must end at the packed length"):
+    with pytest.raises(ValueError, match="^cu_seqlens: must end at the packed length"):
         _native.attention_maps(q, k, v, scale=0.3, cu_seqlens=np.array([0, 9]))
     x = q[0].transpose(1, 0, 2).reshape(1, 8, 16)
     w = [np.eye(16, dtype=np.float32)] * 4

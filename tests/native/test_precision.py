@@ -24,24 +24,11 @@ import pytest
 import torch
 
 from service import _native
-from tests.native.test_kernels import REQUIRES, reference
+from tests.native.test_kernels import reference
+from tests.support.native import ISAS, isa_set
 
-ISAS = _native.available_isas()
 U_BF16 = 2.0**-8
 ATOL_FP32 = 1e-4  # as test_kernels' float32 checks
-
-
-def _runnable(name: str) -> Any:
-    reason = f"the {name} kernels are built, but this CPU lacks {', '.join(sorted(REQUIRES[name]))}"
-    return pytest.param(name, marks=pytest.mark.skipif(name not in ISAS, reason=reason))
-
-
-@pytest.fixture(params=[_runnable(name) for name in REQUIRES])
-def isa(request: pytest.FixtureRequest) -> str:
-    previous = _native.isa()
-    _native.set_isa(request.param)
-    yield request.param
-    _native.set_isa(previous)
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -157,17 +144,13 @@ def test_the_emulation_equals_the_instruction_bit_for_bit(case: str) -> None:
     kw = {"scale": 0.2, **CASES[case]}
     qb, kb, vb = (bf16_bits(x) for x in (q, k, v))
     results = []
-    previous = _native.isa()
-    try:
-        for name in ("avx512", "avx512bf16"):
-            _native.set_isa(name)
+    for name in ("avx512", "avx512bf16"):
+        with isa_set(name):
             results.append(
                 _native.attention(
                     qb, kb, vb, bfloat16=True, precision="bf16", return_weights=True, **kw
                 )
             )
-    finally:
-        _native.set_isa(previous)
     for emulated, hardware in zip(*results, strict=True):
         np.testing.assert_array_equal(emulated, hardware)
 

@@ -1,6 +1,6 @@
-"""The reference for the mask plan's tests (test_mask_plan.py, test_fuzz_mask_plan.py).
-
-Independent of the kernel: float64 torch over the full score matrix (reference.py), with a
+"""The reference for the mask plan's tests (tests/native/test_mask_plan.py and
+test_fuzz_mask_plan.py). Independent of the kernel: float64 torch over the full score matrix
+(reference.py), with a
 block layout expanded to a dense mask and each packed document run alone.
 """
 

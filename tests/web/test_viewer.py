@@ -31,7 +31,7 @@ from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_play
 from tests.support.http import Server, app_client
 from tests.support.reference import reference_attention
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 README_SCREENSHOT = REPO / "tests" / "screenshots" / "viewer.png"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -25,6 +25,11 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "return_weights",
             "out_dtype",
             "precision",
+            "block_mask",
+            "cu_seqlens",
+            "cu_seqlens_q",
+            "cu_seqlens_k",
+            "weights_rows",
         }
     ),
     "linear": frozenset({"causal", "key_lengths", "return_weights", "compare"}),
@@ -48,6 +53,11 @@ _WHY: dict[str, str] = {
     "compare": "it is the reference the others are compared with",
     "out_dtype": "the approximations compute and answer in float32",
     "precision": "the approximations compute in float32",
+    "block_mask": "a block-sparse layout is per-(query, key) masking; use method 'exact'",
+    "cu_seqlens": "packed documents need per-(query, key) masking; use method 'exact'",
+    "cu_seqlens_q": "packed documents need per-(query, key) masking; use method 'exact'",
+    "cu_seqlens_k": "packed documents need per-(query, key) masking; use method 'exact'",
+    "weights_rows": "it forms no weights of its own; compare returns its implied map",
 }
 
 
@@ -70,6 +80,11 @@ def _active(opts: AttentionOptions) -> dict[str, tuple[str | int, ...]]:
         "linformer_k": opts.linformer_k is not None,
         "out_dtype": opts.out_dtype != "float32",
         "precision": opts.precision != "auto",
+        "block_mask": opts.block_mask is not None,
+        "cu_seqlens": opts.cu_seqlens is not None,
+        "cu_seqlens_q": opts.cu_seqlens_q is not None,
+        "cu_seqlens_k": opts.cu_seqlens_k is not None,
+        "weights_rows": opts.weights_rows is not None,
     }
     for name, on in checks.items():
         if on:

@@ -1,9 +1,10 @@
 """The /v1 front: JSON tensors in, JSON out, heatmaps as PNG urls (or inline).
 
-One module per route group (attention, multihead, tokens, heatmaps), each with one router that
-sets its prefix once; the request and response models are in schemas.py.
+One module per route group (attention, multihead, tokens, heatmaps, models), each with one
+router that sets its prefix once; the request and response models are in schemas.py (the real
+model's in model_schemas.py).
 """
 
-from service.web.v1 import attention, heatmaps, multihead, tokens
+from service.web.v1 import attention, heatmaps, models, multihead, tokens
 
-ROUTERS = (attention.router, multihead.router, tokens.router, heatmaps.router)
+ROUTERS = (attention.router, multihead.router, tokens.router, heatmaps.router, models.router)

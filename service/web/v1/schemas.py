@@ -45,13 +45,19 @@ class _WithHeatmap(BaseModel):
     @field_validator("heatmap", mode="before")
     @classmethod
     def _heatmap_spec(cls, value: Any) -> Any:
-        if value is True:
-            return HeatmapSpec()
-        if value is False:
-            return None
-        if value is not None and not isinstance(value, (dict, HeatmapSpec)):
-            raise ValueError("expected true, false or an object {batch, heads, tokens, inline}")
-        return value
+        return heatmap_flag(value, HeatmapSpec, "{batch, heads, tokens, inline}")
+
+
+def heatmap_flag(value: Any, spec: type[BaseModel], fields: str) -> Any:
+    """A request's "heatmap" before validation: true = `spec`'s defaults, false = none, else
+    the object (or null) as given."""
+    if value is True:
+        return spec()
+    if value is False:
+        return None
+    if value is not None and not isinstance(value, dict | spec):
+        raise ValueError(f"expected true, false or an object {fields}")
+    return value
 
 
 # Example ids of a heatmap and of a positional-encoding picture.
@@ -203,7 +209,7 @@ class AttentionStats(BaseModel):
 
 
 class AttentionResponse(BaseModel):
-    """Attention output; weights and lse only when return_weights."""
+    """Attention output; weights and lse only when return_weights or weights_rows."""
 
     model_config = example_config(
         {
@@ -216,8 +222,12 @@ class AttentionResponse(BaseModel):
     )
 
     output: Tensor = Field(description="(.., Hq, Lq, Dv), q's rank.")
-    weights: Tensor | None = Field(None, description="(.., Hq, Lq, Lk) probabilities.")
-    lse: Tensor | None = Field(None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key).")
+    weights: Tensor | None = Field(
+        None, description="(.., Hq, Lq, Lk) probabilities; (.., Hq, len(weights_rows), Lk)."
+    )
+    lse: Tensor | None = Field(
+        None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key); of weights_rows' rows."
+    )
     heatmaps: list[HeatmapRef] = Field(default_factory=list)
     comparison: Comparison | None = Field(None, description='Only with "compare": true.')
     stats: AttentionStats | None = Field(None, description='Only with "stats": true.')
