@@ -138,7 +138,6 @@ def set_num_threads(n: int) -> None:
     """Default number of threads for calls with num_threads=0."""
 
 def get_num_threads() -> int: ...
-
 def isa() -> str:
     """Instruction set in use: baseline, avx2, avx512 or avx512bf16."""
 

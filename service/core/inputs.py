@@ -53,8 +53,9 @@ _FIELD_NAMES = frozenset(
 # ---------------------------------------------------------------------------------------------
 # Arrays
 
+
 def is_half(dtype: np.dtype) -> bool:
-    """float16 or bfloat16 (ml_dtypes'): the 16-bit floats the attention kernel reads as they are."""
+    """float16 or bfloat16 (ml_dtypes'): the 16-bit floats the kernel reads as they are."""
     return dtype == np.float16 or is_bfloat16(dtype)
 
 

@@ -7,10 +7,14 @@ blocks; up to `queue_size` more wait; beyond that `run` raises Overloaded (503 +
 at once instead of letting work pile up.
 
 A route may let small requests skip the thread hop (run_request(..., inline=True)): a body of
-at most INLINE_MAX_BYTES is parsed on the event loop, and the job itself decides whether its work
-is small enough to finish there (a few hundred microseconds at most: see jobs.fits_inline) or
-hands the rest to a worker by returning Deferred. Handing off a 128 x 64 attention costs about
-as much CPU as computing it (submit, wake-up, future, disconnect watcher, GIL hand-overs).
+at most `inline_max_bytes` (ATTN_INLINE_MAX_BYTES) is parsed on the event loop, and the job
+itself decides whether its work is small enough to finish there (a few hundred microseconds at
+most: see jobs.fits_inline) or hands the rest to a worker by returning Deferred. Measured with
+`make bench-http` (both servers side by side): a 128 x 64 b64 attention costs 0.8-0.9 ms of
+server CPU inline against 0.9-1.3 ms through a worker (submit, wake-up, future, disconnect
+watcher, GIL hand-overs); a body of nested lists (500 kB for 128 x 64) parses no cheaper on the
+event loop and holds it for milliseconds, hence the default bound of 256 KiB. Such a request
+never waits in the queue; one it admits is still refused (503) while the queue is full.
 
 A job nobody waits for any more is abandoned: when its client disconnects (499) or it has spent
 `timeout_s` in the scheduler, queued or running (504). A queued job is taken off the queue and never
@@ -36,10 +40,6 @@ from service.core.cancel import Cancelled, CancelToken, bound
 from service.web.problems import ClientClosed, ComputeTimeout, Overloaded
 
 T = TypeVar("T")
-
-# Bodies up to this size may be parsed on the event loop (about 1.5 ms for nested lists, the
-# slowest form; a b64 body of this size takes about 0.3 ms).
-INLINE_MAX_BYTES = 1 << 20
 
 
 class Deferred:
@@ -77,10 +77,12 @@ class Scheduler:
         retry_after_s: int = 1,
         observer: SchedulerObserver | None = None,
         timeout_s: float = 0,
+        inline_max_bytes: int = 0,
     ) -> None:
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self.timeout_s = timeout_s  # 0: no limit
+        self.inline_max_bytes = inline_max_bytes  # 0: never inline
         self._capacity = max_concurrency + queue_size
         self._retry_after = str(retry_after_s)
         self._observer = observer
@@ -176,11 +178,11 @@ class Scheduler:
         """A route's whole job: admit it, read the request body, then run fn(*args, body) in a
         worker, watching for the client's disconnect while it waits or runs.
 
-        inline: fn may run on the event loop for a body of at most INLINE_MAX_BYTES; it then
+        inline: fn may run on the event loop for a body of at most inline_max_bytes; it then
         either answers (small work) or returns Deferred, whose rest runs in a worker."""
         self.raise_if_full(job)
         body = await request.body()
-        if inline and len(body) <= INLINE_MAX_BYTES:
+        if inline and len(body) <= self.inline_max_bytes:
             result = self._timed(job, CancelToken(), fn, *args, body)
             if not isinstance(result, Deferred):
                 return result

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import service
 from service import _native
 from tests.benchmarks.machine import describe
+from tests.support.native import REQUIRES, isa_set
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,6 +194,36 @@ def bench_half(rows: list[Row], sizes: list[int], budget: float) -> None:
     row.passed = ours_ms <= 1.03 * before_ms
     rows.append(row)
     print(_fmt(row), flush=True)
+
+
+def bench_isas(rows: list[Row], n: int, budget: float, skipped: list[str]) -> None:
+    """Every kernel build the extension holds (ATTN_ISA names them), forced one at a time:
+    float32 and bfloat16 (precision auto: bf16 dot products on avx512bf16, float32 products
+    elsewhere; "bf16" emulates them) against torch's SDPA in the same dtype. A build this CPU
+    cannot run is listed as skipped, with what it lacks."""
+    q, k, v = (torch.from_numpy(x) for x in _inputs(1, 8, 8, n, 64))
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    for isa, needs in REQUIRES.items():
+        if isa not in _native.available_isas():
+            reason = f"{isa}: skipped, this CPU lacks {', '.join(sorted(needs))}"
+            skipped.append(reason)
+            print(f"isa      {reason}", flush=True)
+            continue
+        with isa_set(isa):
+            for name, args, kw in (
+                ("float32", (q, k, v), {}),
+                ("bfloat16", (qb, kb, vb), {}),
+                ("bfloat16 precision=bf16", (qb, kb, vb), {"precision": "bf16"}),
+            ):
+                ours_ms, torch_ms = _side_by_side(
+                    partial(service.attention, *args, **kw),
+                    partial(F.scaled_dot_product_attention, *args),
+                    budget,
+                )
+                row = Row("isa", f"{isa} {name} N={n} full", ours_ms, torch_ms)
+                row.gflops = _flops(1, 8, n, n, 64) / (ours_ms * 1e6)
+                rows.append(row)
+                print(_fmt(row), flush=True)
 
 
 def bench_shapes(rows: list[Row], n: int, budget: float) -> None:
@@ -538,7 +569,8 @@ def write_results(rows: list[Row], info: dict[str, str]) -> None:
     (RESULTS / "bench.json").write_text(json.dumps(data, indent=2))
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, ISA {info['isa']} (of {info['isas']}), "
-        f"{info['threads']} threads, torch {info['torch']}.",
+        f"{info['threads']} threads, torch {info['torch']}. Builds not run: "
+        f"{info.get('skipped_isas', 'none')}.",
         "",
         "| group | case | ours (ms) | torch (ms) | ratio | GFLOP/s | other | goal | met |",
         "|---|---|---:|---:|---:|---:|---|---|---|",
@@ -619,6 +651,7 @@ class Sizes:
 
     exact: list[int]
     half: list[int]  # bfloat16 / float16 rows
+    isa: int  # every kernel build, forced in turn
     shapes: int
     windows: list[int]
     long_window: int
@@ -630,9 +663,10 @@ class Sizes:
     budget: float
 
 
-FULL = Sizes([512, 2048, 8192], [2048, 8192], 2048, [2048, 8192], 32768, 8192, (8, 1024),
+FULL = Sizes([512, 2048, 8192], [2048, 8192], 2048, 2048, [2048, 8192], 32768, 8192, (8, 1024),
              [2048, 8192], 2048, 32768, 4.0)  # fmt: skip
-QUICK = Sizes([256, 512], [512], 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096, 0.5)
+QUICK = Sizes([256, 512], [512], 512, 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096,
+              0.5)  # fmt: skip
 
 
 def main() -> None:
@@ -654,6 +688,9 @@ def main() -> None:
     sgemm = bench_sgemm(rows, size.budget / 2)
     bench_exact(rows, size.exact, size.budget, sgemm)
     bench_half(rows, size.half, size.budget)
+    skipped: list[str] = []
+    bench_isas(rows, size.isa, size.budget / 2, skipped)
+    info["skipped_isas"] = "; ".join(skipped) or "none"
     bench_shapes(rows, size.shapes, size.budget * 0.75)
     bench_windows(rows, size.windows, size.long_window, size.budget)
     flex = _flex_attention()
