@@ -92,6 +92,22 @@ def test_out_dtype_input_answers_16_bit_tensors_in_kind(client, dtype: str) -> N
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_out_dtype_input_in_list_encoding_answers_the_16_bit_values(client, dtype: str) -> None:
+    """JSON numbers of the 16-bit results (orjson writes no bfloat16 array as it is)."""
+    q, k, v = qkv(6)
+    body = {n: {"dtype": dtype, "shape": list(x.shape), "data": x.ravel().tolist()} for n, x in
+            zip("qkv", (q, k, v), strict=True)}  # fmt: skip
+    r = post(client, "/v1/attention", {**body, "out_dtype": "input", "encoding": "list"})
+    assert r.status_code == 200, r.text
+    # Numbers are rounded to the dtype, nearest even, as numpy (ml_dtypes) rounds them.
+    wire_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    q, k, v = (x.astype(wire_dtype) for x in (q, k, v))
+    expected = service.attention(q, k, v, out_dtype="input").output
+    # Each number is the shortest decimal that reads back as the 16-bit value.
+    np.testing.assert_array_equal(np.array(r.json()["output"]).astype(wire_dtype), expected)
+
+
 def test_output_matches_an_independent_float64_reference(client) -> None:
     q, k, v = qkv(2)
     r = post(client, "/v1/attention", {"q": b64(q), "k": b64(k), "v": b64(v), "causal": True})
