@@ -11,7 +11,8 @@ Speed (a 512x512 map with its colorbar must take well under 60 ms):
   only swaps data, limits, labels and titles per image; titles and axis labels are figure texts
   at fixed places, so no layout pass runs.
 - A figure is drawn in two layers. The frame (axes, ticks, tick and axis labels) is drawn once
-  and kept as a pixel copy while the shape and labels stay the same, as for every head of one
+  per shape and labels and kept as a pixel copy (the last few of them, so that a request's
+  head maps and its positional encoding do not redraw each other's), as for every head of one
   request; per image only the colorbar's ticks and labels, the title and the map itself are
   drawn over that copy (the colorbar's colour strip looks the same whatever the limits, so it is
   part of the frame). Most of a matplotlib draw is text, and most text is in the frame.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import io
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -50,6 +52,7 @@ _MAX_TICK_LABELS = 40  # more token labels than this are thinned to every n-th
 _NUMERIC_TICKS = 6
 _LABEL_CHARS = 12
 _PNG_COMPRESS = 1  # zlib level 1: see the module's docstring
+_FRAMES_KEPT = 4  # frames (pixel copies, 1.4 MB each for a map) kept per figure
 
 
 def _png(canvas: FigureCanvasAgg, crop_width: int | None = None) -> bytes:
@@ -135,17 +138,26 @@ class _Layered:
     def __init__(self, fig: Figure) -> None:
         self.fig = fig
         self.canvas = FigureCanvasAgg(fig)
+        # The key whose labels, ticks and positions the figure's artists hold now.
         self._frame_key: object = None
-        self._frame: object = None
+        # Pixel copies of the last few frames: a request alternates between two (every head's
+        # map, then the positional encoding), and drawing one again costs 40-50 ms.
+        self._frames: OrderedDict[object, object] = OrderedDict()
 
     def _frame_for(self, key: object) -> None:
-        """Put the frame for `key` on the canvas: from the pixel copy if it is the last one."""
-        if key == self._frame_key:
-            self.canvas.restore_region(self._frame)
-            return
-        self._frame_key = None  # until the new frame is complete
-        self.canvas.draw()  # animated artists are left out
-        self._frame = self.canvas.copy_from_bbox(self.fig.bbox)
+        """Put the frame for `key` on the canvas, from its pixel copy when one is kept. The
+        caller has set the artists for `key` (and made it `_frame_key`) first."""
+        frame = self._frames.get(key)
+        if frame is None:
+            self._frame_key = None  # until the new frame is complete
+            self.canvas.draw()  # animated artists are left out
+            frame = self.canvas.copy_from_bbox(self.fig.bbox)
+            self._frames[key] = frame
+            while len(self._frames) > _FRAMES_KEPT:
+                self._frames.popitem(last=False)
+        else:
+            self._frames.move_to_end(key)
+            self.canvas.restore_region(frame)
         self._frame_key = key
 
     def _draw_over(self, *artists: Artist) -> None:

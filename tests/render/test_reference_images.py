@@ -1,7 +1,8 @@
 """The pictures stay as they were: today's rendering against stored reference images.
 
 tests/render/reference/*.png were drawn by service/render as of commit d10df2c (before the
-colorbar's frame was cached, issue 18), from the deterministic cases below, with
+colorbar's strip joined the cached frame and several frames were kept, issue 18), from the
+deterministic cases below, with
 `python -m tests.render.test_reference_images` (which rewrites them: only for a deliberate change
 of the pictures). Each test draws its case again and compares pixels: a user would notice a
 moved tick, a missing label or other colours; the tolerance admits only anti-aliasing noise.
@@ -57,6 +58,13 @@ CASES: dict[str, Callable[[], list[bytes]]] = {
         render_map(_weights(1, 64, 4)[0, 0] * s, title=f"scaled {s}") for s in (1.0, 0.37)
     ],
     "positional": lambda: [render_positional(_sinusoidal(16, 32), "sinusoidal", TOKENS)],
+    # Two frames in turn (a request's heads, its positional encoding, the next request's heads):
+    # the third image starts from a kept frame while the figure was last set for another.
+    "alternating": lambda: [
+        render_map(_weights(1, 16, 5)[0, 0], title="head 0", xlabels=TOKENS, ylabels=TOKENS),
+        render_positional(_sinusoidal(16, 32), "sinusoidal", TOKENS),
+        render_map(_weights(1, 16, 6)[0, 0], title="head 1", xlabels=TOKENS, ylabels=TOKENS),
+    ],
 }
 
 
