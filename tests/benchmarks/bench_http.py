@@ -285,8 +285,8 @@ def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
     def warm(i: int) -> bytes:  # same shape and labels as the call before: the frame is kept
         return render_map(maps[i % 8], title=f"attention, batch 0, head {i}")
 
-    def cold(i: int) -> bytes:  # another axis label every call: the whole figure is drawn
-        return render_map(maps[i % 8], title=f"attention, batch 0, head {i}", ylabel=f"q{i % 2}")
+    def cold(i: int) -> bytes:  # a new axis label every call: the whole figure is drawn
+        return render_map(maps[i % 8], title=f"attention, batch 0, head {i}", ylabel=f"query {i}")
 
     (out_dir / "http_heatmap_512.png").write_bytes(warm(0))
     kept = _time_ms(warm, repeat)
