@@ -77,10 +77,12 @@ attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
       int64_t window_right, int64_t dilation, const py::object &global_tokens,              \
       const py::object &block_layout, int64_t block_q, int64_t block_k,                     \
       const py::object &cu_seqlens, const py::object &cu_seqlens_q,                         \
-      const py::object &cu_seqlens_k
+      const py::object &cu_seqlens_k, int64_t memory_segment, int64_t memory_length,          \
+      int64_t memory_compressed, int64_t memory_rate
 #define ATTN_MASK_VALUES                                                                     \
   causal, mask, key_lengths, window_left, window_right, dilation, global_tokens,            \
-      block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q, cu_seqlens_k
+      block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q, cu_seqlens_k, memory_segment, \
+      memory_length, memory_compressed, memory_rate
 #define ATTN_OPTION_PARAMS \
   double scale, const py::object &alibi_slopes, double softcap, ATTN_MASK_PARAMS
 #define ATTN_OPTION_VALUES scale, alibi_slopes, softcap, ATTN_MASK_VALUES
@@ -92,7 +94,9 @@ auto mask_args() {
       py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("dilation") = 1,
       py::arg("global_tokens") = py::none(), py::arg("block_layout") = py::none(),
       py::arg("block_q") = 0, py::arg("block_k") = 0, py::arg("cu_seqlens") = py::none(),
-      py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none());
+      py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+      py::arg("memory_segment") = 0, py::arg("memory_length") = 0,
+      py::arg("memory_compressed") = 0, py::arg("memory_rate") = 1);
 }
 auto option_args() {
   return std::tuple_cat(std::make_tuple(py::arg("scale"), py::arg("alibi_slopes") = py::none(),
@@ -137,6 +141,10 @@ attn::MaskOptions mask_options(ATTN_MASK_PARAMS) {
     o.cu_seqlens_q = to_ref(cu_seqlens_q, "cu_seqlens_q", true);
     o.cu_seqlens_k = to_ref(cu_seqlens_k, "cu_seqlens_k", true);
   }
+  o.memory_segment = memory_segment;
+  o.memory_length = memory_length;
+  o.memory_compressed = memory_compressed;
+  o.memory_rate = memory_rate;
   return o;
 }
 

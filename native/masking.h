@@ -20,6 +20,10 @@ struct MaskOptions {
   int64_t block_q = 0, block_k = 0;      // block_k 0: block_q
   ArrayRef cu_seqlens_q, cu_seqlens_k;   // packed sequences (flash-attn's offsets)
   bool cu_seqlens_shared = false;        // given once as cu_seqlens (errors name that)
+  // Recurrent memory (Transformer-XL, Compressive Transformer): segments of memory_segment
+  // rows (0: off), memory_length raw keys before each, memory_compressed slots of memory_rate
+  // positions after the raw keys on the key axis (Lk = Lq + ceil(Lq / rate) when compressed).
+  int64_t memory_segment = 0, memory_length = 0, memory_compressed = 0, memory_rate = 1;
 };
 
 // Checked masking options: the rule and the data it points into.
@@ -38,6 +42,10 @@ class Masking {
   MaskRule rule_{};
   const float* float_mask_ = nullptr;
   int64_t float_mask_strides_[4] = {0, 0, 0, 0};
+  // Recurrent memory: one document per segment (per batch with key_lengths).
+  void memory_docs(const MaskOptions& o, int64_t B, int64_t Lq, int64_t Lk,
+                   const std::vector<int64_t>& lengths);
+
   std::vector<MaskDoc> docs_;
   std::vector<int64_t> globals_;
 };

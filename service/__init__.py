@@ -22,6 +22,11 @@ _EXPORTS = {
     "attention_map": "service.core.maps",
     "init_multihead_weights": "service.core.weights",
     "block_layout": "service.core.layouts",
+    "MemorySession": "service.core.sessions",
+    "MemoryState": "service.core.sessions",
+    "SegmentResult": "service.core.sessions",
+    "Memory": "service.core.options",
+    "MemorySpec": "service.core.options",
     "BlockMask": "service.core.options",
     "BlockPattern": "service.core.options",
     "AttentionResult": "service.core.results",
@@ -46,9 +51,14 @@ __all__ = [
     "InputError",
     "LimitError",
     "MaskingOptions",
+    "Memory",
+    "MemorySession",
+    "MemorySpec",
+    "MemoryState",
     "MultiheadOptions",
     "MultiheadResult",
     "MultiheadWeights",
+    "SegmentResult",
     "Window",
     "__version__",
     "attention",
@@ -69,11 +79,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         BlockMask,
         BlockPattern,
         MaskingOptions,
+        Memory,
+        MemorySpec,
         MultiheadOptions,
         MultiheadWeights,
         Window,
     )
     from service.core.results import AttentionMaps, AttentionResult, MultiheadResult
+    from service.core.sessions import MemorySession, MemoryState, SegmentResult
     from service.core.version import VERSION as __version__
     from service.core.weights import init_multihead_weights
 

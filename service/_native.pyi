@@ -31,6 +31,14 @@ class _MaskArgs(TypedDict, total=False):
     cu_seqlens: np.ndarray | None  # packed documents' offsets (q and k alike), B = 1
     cu_seqlens_q: np.ndarray | None
     cu_seqlens_k: np.ndarray | None
+    # Recurrent memory: segments of memory_segment rows (0: off) seeing memory_length raw keys
+    # before them; with memory_compressed > 0, k and v hold the Lq raw positions followed by
+    # ceil(Lq / memory_rate) pooled slots, of which each segment sees its last memory_compressed
+    # slots ending at or before its raw memory.
+    memory_segment: int
+    memory_length: int
+    memory_compressed: int
+    memory_rate: int
 
 class _Masking(_MaskArgs, total=False):
     """Keyword arguments every entry point takes: which keys each query sees, how scores form

@@ -110,6 +110,72 @@ class BlockMask(BaseModel):
         return (bs, bs) if isinstance(bs, int) else (bs[0], bs[1])
 
 
+# Lengths beyond this could not be positions of a sequence the kernel runs (native kMaxLen).
+_MAX_LEN = (1 << 31) - 1
+
+
+class MemorySpec(BaseModel):
+    """Recurrent memory as a stream keeps it: the M most recent positions raw (Transformer-XL,
+    Dai et al. 2019) and, before them, the C most recent compressed slots, each the elementwise
+    mean or max of `rate` consecutive positions' keys and values (Compressive Transformer, Rae
+    et al. 2019). C = 0 turns compression off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    length: int = Field(..., ge=0, le=_MAX_LEN, description="M: raw positions before a segment.")
+    compressed: int = Field(
+        0, ge=0, le=_MAX_LEN, description="C: compressed slots before the raw memory; 0 = none."
+    )
+    rate: int | None = Field(
+        None,
+        ge=1,
+        le=_MAX_LEN,
+        validate_default=True,
+        description="c: positions pooled into one slot; required when compressed > 0 (it must "
+        "divide length and the segments).",
+    )
+    pool: Literal["mean", "max"] = Field(
+        "mean", description="How a slot pools its positions' keys and values, elementwise."
+    )
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_divides_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if not info.data.get("compressed"):
+            return v
+        if v is None:
+            raise ValueError("required when compressed > 0")
+        length = info.data.get("length")
+        if length is not None and length % v:
+            raise ValueError(
+                f"{v} must divide length {length} (slots pool whole positions of the raw memory)"
+            )
+        return v
+
+    @property
+    def slot_rate(self) -> int:
+        """c, or 1 without compression (then nothing is pooled)."""
+        return self.rate if self.compressed > 0 and self.rate is not None else 1
+
+
+class Memory(MemorySpec):
+    """The `memory` option: one sequence cut into segments of S; a query at p in segment
+    s = p // S sees keys max(0, sS - M) <= j < sS (its raw memory), its own segment (j <= p when
+    causal), and the C most recent slots t with (t + 1) c <= sS - M. See the README."""
+
+    segment: int = Field(..., ge=1, le=_MAX_LEN, description="S: positions per segment.")
+
+    @field_validator("segment")
+    @classmethod
+    def _rate_divides_segment(cls, v: int, info: ValidationInfo) -> int:
+        rate = info.data.get("rate")
+        if info.data.get("compressed") and rate and v % rate:
+            raise ValueError(
+                f"must be a multiple of rate {rate} (slots pool whole positions of each segment)"
+            )
+        return v
+
+
 class MaskingOptions(BaseModel):
     """Which keys each query may see, and how scores are formed."""
 
@@ -251,6 +317,12 @@ class AttentionOptions(MaskingOptions):
         "to bf16, products summed in float32; emulated where the CPU lacks the instruction). "
         "The softmax statistics are float32 in every mode.",
     )
+    memory: Memory | None = Field(
+        None,
+        description="Recurrent memory over one sequence (Lq = Lk): segments of `segment` "
+        "positions, each seeing its `length` raw positions before it and `compressed` slots "
+        "pooled by `rate` before those; with weights, slot_weights covers the slots.",
+    )
     # Linear-time approximations (service/core/approx/). Method parameters default to null so
     # that one given to a method that does not use it is reported rather than ignored.
     method: Literal["exact", "linear", "performer", "linformer"] = Field(
@@ -273,6 +345,44 @@ class AttentionOptions(MaskingOptions):
         description="Also run exact attention on the same input and report the approximation's "
         "error and its implied attention map (pooled when long).",
     )
+
+    def active_options(self) -> dict[str, tuple[str | int, ...]]:
+        """The options that are set (not at their no-op default), each with the loc an error
+        about it names: the option, or for a window the part that matters (its dilation when
+        above 1, else the bound that is set)."""
+        on = {
+            "scale": self.scale is not None,
+            "causal": self.causal_mode is not None,
+            "mask": self.mask is not None,
+            "key_lengths": self.key_lengths is not None,
+            "window": self.window is not None,
+            "global_tokens": bool(self.global_tokens),
+            "alibi_slopes": self.alibi_slopes not in (None, False),
+            "softcap": self.softcap is not None,
+            "return_weights": self.return_weights,
+            "compare": self.compare,
+            "num_features": self.num_features is not None,
+            "seed": self.seed is not None,
+            "linformer_k": self.linformer_k is not None,
+            "out_dtype": self.out_dtype != "float32",
+            "precision": self.precision != "auto",
+            "block_mask": self.block_mask is not None,
+            "cu_seqlens": self.cu_seqlens is not None,
+            "cu_seqlens_q": self.cu_seqlens_q is not None,
+            "cu_seqlens_k": self.cu_seqlens_k is not None,
+            "weights_rows": self.weights_rows is not None,
+            "memory": self.memory is not None,
+        }
+        active: dict[str, tuple[str | int, ...]] = {n: (n,) for n, is_on in on.items() if is_on}
+        if self.window is not None:
+            w = self.window
+            parts = (
+                ("dilation", w.dilation > 1),
+                ("left", w.left is not None),
+                ("right", w.right is not None),
+            )
+            active["window"] = ("window", *[name for name, is_on in parts if is_on][:1])
+        return active
 
 
 class MultiheadWeights(BaseModel):

@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     heatmap_max_side: int = Field(1024, ge=1, description="Most query or key positions drawn.")
     heatmap_max_images: int = Field(64, ge=1, description="Most images one request may ask for.")
 
+    # Memory sessions (/v1/sessions and /v2 sequences), kept in the heatmap store's backend.
+    session_ttl_s: int = Field(
+        3600,
+        ge=1,
+        description="Seconds a session lives after its last segment (the default and the most "
+        "a session may ask for).",
+    )
+    session_max: int = Field(
+        1000, ge=1, description="Live sessions and /v2 sequences at most (503 beyond)."
+    )
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:

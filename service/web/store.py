@@ -6,7 +6,8 @@ an advisory file lock, so the limits hold across writers: the stored images neve
 max_bytes or max_count (an interrupted writer's temporary file is removed after a minute).
 The directory itself is the only state, so a restart loses nothing: an id listed before it is
 served, or (expired, evicted) is a clean miss. Only files named like an id are ever counted or
-deleted, so a directory shared with other files loses none of them.
+deleted, so a directory shared with other files loses none of them. Records (a session's
+state) live in the same directory, under records/ (service.web.records).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.core.errors import LimitError
+from service.web.records import FileRecords, Record, RecordLimitReached, VersionConflict
+
+__all__ = ["HeatmapStore", "Record", "RecordLimitReached", "StoredImage", "VersionConflict"]
 
 # secrets.token_urlsafe(16): 22 characters of the URL-safe base64 alphabet (128 random bits).
 _ID_BYTES = 16
@@ -38,8 +42,9 @@ class StoredImage:
     mtime: float
 
 
-class HeatmapStore:
-    """put(png) -> id; get(id) -> bytes or None. Old and excess images are evicted on put."""
+class HeatmapStore(FileRecords):
+    """put(png) -> id; get(id) -> bytes or None. Old and excess images are evicted on put.
+    Records: see service.web.records."""
 
     def __init__(self, directory: Path, max_bytes: int, max_count: int, ttl_s: float) -> None:
         self.directory = Path(directory)

@@ -32,6 +32,7 @@ from service.client import AttentionClient
 from service.core.frameworks import from_numpy, to_numpy
 from service.core.inputs import as_float32
 from service.core.tensor_codec import decode_tensor
+from tests.support.mask_reference import reference as sparse_expected
 from tests.support.reference import (
     bin_means,
     random_qkv,
@@ -278,6 +279,31 @@ def test_list_options_take_arrays_of_any_library_wherever_options_are_given() ->
         service.attention(q, k, v, **as_dict),
     ):
         np.testing.assert_allclose(result.output, ref.output.numpy(), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["tensorflow", "jax"])
+def test_sparse_options_take_the_library_arrays(name: str) -> None:
+    """block_mask's layout, cu_seqlens and weights_rows as TensorFlow / JAX arrays (q from the
+    same library): the answer in q's library, against the dense float64 reference."""
+    lib = LIBRARIES[name]
+    rng = np.random.default_rng(41)
+    q, k, v = (rng.standard_normal((2, 70, 16)).astype(np.float32) for _ in range(3))
+    layout = rng.random((2, 3, 3)) < 0.7  # (H, ceil(70/32), ceil(70/32))
+    layout[:, :, 0] = True  # every row sees a block
+    res = service.attention(
+        lib.make(q, None), lib.make(k, None), lib.make(v, None),
+        block_mask={"block_size": 32, "layout": lib.make(layout, None)},
+        cu_seqlens=lib.make(np.array([0, 25, 70], dtype=np.int32), None),
+        weights_rows=lib.make(np.array([69, 3], dtype=np.int64), None),
+    )  # fmt: skip
+    out, lse, w = sparse_expected(
+        q[None], k[None], v[None], scale=16**-0.5, block_layout=layout[None].copy(),
+        block_q=32, block_k=32, cu_seqlens_q=np.array([0, 25, 70]),
+        cu_seqlens_k=np.array([0, 25, 70]),
+    )  # fmt: skip
+    assert_result(lib, res.output, out[0], ATOL)
+    assert_result(lib, res.weights, w[0][:, [69, 3]], WEIGHT_ATOL)
+    assert_result(lib, res.lse, lse[0][:, [69, 3]], ATOL)
 
 
 def test_the_http_client_sends_any_library_as_its_bytes() -> None:

@@ -80,6 +80,8 @@ def _answer(state: AppState, req: AttentionRequest) -> Response:
     if req.return_weights or req.weights_rows is not None:
         content["weights"] = wire.encode(result.weights, enc)
         content["lse"] = wire.encode(result.lse, enc)
+        if result.slot_weights is not None:
+            content["slot_weights"] = wire.encode(result.slot_weights, enc)
     if result.comparison is not None:
         content["comparison"] = _comparison(result.comparison, enc)
     if maps is not None:
