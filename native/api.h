@@ -21,6 +21,9 @@ struct CallOptions {
   bool return_weights = false;
   ArrayRef weights_rows;  // weights for these query rows only (implies weights)
   int num_threads = 0;
+  bool bfloat16 = false;              // int16/uint16 q, k, v hold bfloat16 bit patterns
+  std::string precision = "auto";     // auto, fp32 or bf16 (see plan_attention)
+  std::string out_dtype = "float32";  // float32, bfloat16, float16, or input (q's dtype)
 };
 
 // A checked attention call: the kernel arguments (output pointers still unset) plus the data
@@ -34,9 +37,15 @@ struct AttentionPlan {
   std::vector<int64_t> out_shape, lse_shape, weights_shape;
 };
 
+// q, k, v are float32, float16 or bfloat16 (one dtype for the three). Precision "auto" forms
+// the products of bfloat16 inputs with bf16 dot products where the kernel build has the
+// instruction, else (and for float16 and float32) in float32, 16-bit inputs widened exactly;
+// "fp32" always in float32; "bf16" always with bf16 numerics (inputs rounded to bf16; emulated
+// where the instruction is missing).
 AttentionPlan plan_attention(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, double scale,
                              const CallOptions& opts);
-void run_attention(AttentionPlan& plan, float* out, float* lse, float* weights);
+// out has plan.args.out_type's element type.
+void run_attention(AttentionPlan& plan, void* out, float* lse, float* weights);
 // Builds the mask plan for the kernel's tiles and runs the attention kernel on plan.args,
 // whose tensor and output pointers are set.
 void run_kernel(AttentionPlan& plan);

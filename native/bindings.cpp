@@ -55,6 +55,12 @@ attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
   r.dtype_name = std::string(py::str(dt));
   if (native && kind == 'f' && dt.itemsize() == 4)
     r.dtype = attn::DType::f32;
+  else if (native && kind == 'f' && dt.itemsize() == 2)
+    r.dtype = attn::DType::f16;
+  else if (dt.itemsize() == 2 && r.dtype_name == "bfloat16")  // ml_dtypes' bfloat16
+    r.dtype = attn::DType::bf16;
+  else if (native && (kind == 'i' || kind == 'u') && dt.itemsize() == 2)
+    r.dtype = attn::DType::u16;
   else if (native && kind == 'i' && dt.itemsize() == 8)
     r.dtype = attn::DType::i64;
   else if (native && kind == 'i' && dt.itemsize() == 4)
@@ -156,15 +162,29 @@ py::array_t<T> empty(const std::vector<int64_t>& shape) {
   return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
 
+// An empty output array of element type t: float32, float16, or bfloat16 bits as uint16.
+py::array empty_of(attn::ElemType t, const std::vector<int64_t>& shape) {
+  switch (t) {
+    case attn::ElemType::bf16:
+      return empty<uint16_t>(shape);
+    case attn::ElemType::f16:
+      return py::array(py::dtype("float16"), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    default:
+      return empty<float>(shape);
+  }
+}
+
 // The outputs of attention() and multihead(): out, lse and, when asked for, the weights.
 struct Outputs {
-  py::array_t<float> out, lse;
+  py::array out;
+  py::array_t<float> lse;
   py::object weights = py::none();
   float* weights_data = nullptr;
 
   Outputs(const std::vector<int64_t>& out_shape, const std::vector<int64_t>& lse_shape,
-          bool with_weights, const std::vector<int64_t>& weights_shape)
-      : out(empty<float>(out_shape)), lse(empty<float>(lse_shape)) {
+          bool with_weights, const std::vector<int64_t>& weights_shape,
+          attn::ElemType out_type = attn::ElemType::f32)
+      : out(empty_of(out_type, out_shape)), lse(empty<float>(lse_shape)) {
     if (with_weights) {
       auto w = empty<float>(weights_shape);
       weights_data = w.mutable_data();
@@ -184,14 +204,19 @@ void run_released(const std::optional<CancelFlag*>& cancel, Work&& work) {
 
 py::tuple attention(const py::object& q, const py::object& k, const py::object& v,
                     ATTN_OPTION_PARAMS, bool return_weights, const py::object& weights_rows,
+                    bool bfloat16, const std::string& precision, const std::string& out_dtype,
                     int num_threads, std::optional<CancelFlag*> cancel) {
   attn::CallOptions opts = call_options(ATTN_OPTION_VALUES);
   opts.return_weights = return_weights;
   opts.weights_rows = to_ref(weights_rows, "weights_rows", true);
+  opts.bfloat16 = bfloat16;
+  opts.precision = precision;
+  opts.out_dtype = out_dtype;
   opts.num_threads = num_threads;
   attn::AttentionPlan plan = attn::plan_attention(to_ref(q, "q", false), to_ref(k, "k", false),
                                                   to_ref(v, "v", false), scale, opts);
-  Outputs o(plan.out_shape, plan.lse_shape, plan.weights, plan.weights_shape);
+  Outputs o(plan.out_shape, plan.lse_shape, plan.weights, plan.weights_shape,
+            plan.args.out_type);
   run_released(cancel, [&] {
     attn::run_attention(plan, o.out.mutable_data(), o.lse.mutable_data(), o.weights_data);
   });
@@ -226,7 +251,8 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
   attn::MultiheadPlan plan = attn::plan_multihead(in, scale, opts);
   Outputs o(plan.out_shape, plan.attn.lse_shape, plan.attn.weights, plan.attn.weights_shape);
   run_released(cancel, [&] {
-    attn::run_multihead(plan, o.out.mutable_data(), o.lse.mutable_data(), o.weights_data);
+    attn::run_multihead(plan, static_cast<float*>(o.out.mutable_data()), o.lse.mutable_data(),
+                        o.weights_data);
   });
   return o.as_tuple();
 }
@@ -246,7 +272,8 @@ py::tuple attention_maps(const py::object& q, const py::object& k, const py::obj
   auto top_w = empty<float>(plan.top_shape);
   auto colsum = empty<double>(plan.colsum_shape);
   run_released(cancel, [&] {
-    attn::run_maps(plan, o.out.mutable_data(), o.lse.mutable_data(), pooled.mutable_data(),
+    attn::run_maps(plan, static_cast<float*>(o.out.mutable_data()), o.lse.mutable_data(),
+                   pooled.mutable_data(),
                    entropy.mutable_data(), top_idx.mutable_data(), top_w.mutable_data(),
                    colsum.mutable_data());
   });
@@ -314,9 +341,15 @@ PYBIND11_MODULE(_native, m) {
       m, "attention", &attention,
       std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()), option_args(),
       tail(py::arg("return_weights") = false, py::arg("weights_rows") = py::none(),
-           "Exact attention. Returns (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the "
-           "weights are (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for "
-           "the rows asked for."));
+           py::arg("bfloat16") = false, py::arg("precision") = "auto",
+           py::arg("out_dtype") = "float32",
+           "Exact attention. q, k, v: float32, float16 or bfloat16 (ml_dtypes' bfloat16, or "
+           "int16/uint16 bit patterns with bfloat16=True), one dtype for the three. precision: "
+           "'auto' (bf16 dot products for bfloat16 inputs where the CPU has AVX512_BF16, else "
+           "float32), 'fp32' or 'bf16' (bf16 numerics, emulated without the instruction). "
+           "out_dtype: float32, bfloat16 (returned as uint16 bits), float16, or input. Returns "
+           "(out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the weights are (B,Hq,Lq,Lk) "
+           "with return_weights, (B,Hq,len(weights_rows),Lk) for the rows asked for."));
   def_with(
       m, "multihead", &multihead,
       std::make_tuple(py::arg("query"), py::arg("key"), py::arg("value"), py::arg("q_weight"),
@@ -348,7 +381,10 @@ PYBIND11_MODULE(_native, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
         "Default number of threads for calls with num_threads=0.");
   m.def("get_num_threads", &attn::default_num_threads);
-  m.def("isa", &attn::current_isa, "Instruction set in use: baseline, avx2 or avx512.");
+  m.def("isa", &attn::current_isa,
+        "Instruction set in use: baseline, avx2, avx512 or avx512bf16.");
+  m.def("bf16_dot", [] { return attn::kernels().bf16_dot; },
+        "Whether the build in use forms bf16 products with the CPU's instruction (AVX512_BF16).");
   m.def("available_isas", &attn::available_isas,
         "Instruction sets this CPU supports and this build contains.");
   m.def("set_isa", &attn::set_isa, py::arg("name"), "Force an instruction set.");

@@ -22,6 +22,12 @@ const char* dtype_label(DType t) {
   switch (t) {
     case DType::f32:
       return "float32";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::u16:
+      return "int16/uint16";
     case DType::i64:
       return "int64";
     case DType::i32:
@@ -33,23 +39,27 @@ const char* dtype_label(DType t) {
   }
 }
 
-int64_t itemsize(DType t) {
-  switch (t) {
-    case DType::i64:
-      return 8;
-    case DType::b8:
-      return 1;
-    default:
-      return 4;
-  }
-}
-
 template <class T>
 T at1(const ArrayRef& a, int64_t i) {
   return *reinterpret_cast<const T*>(static_cast<const char*>(a.data) + i * a.strides[0]);
 }
 
 }  // namespace
+
+int64_t itemsize(DType t) {
+  switch (t) {
+    case DType::i64:
+      return 8;
+    case DType::b8:
+      return 1;
+    case DType::f16:
+    case DType::bf16:
+    case DType::u16:
+      return 2;
+    default:
+      return 4;
+  }
+}
 
 void check_dtype(const ArrayRef& a, const std::string& name, DType want) {
   if (a.dtype != want)

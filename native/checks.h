@@ -10,7 +10,9 @@
 
 namespace attn {
 
-enum class DType { f32, i64, i32, b8, other };
+// u16: int16 or uint16 storage, which holds bfloat16 bit patterns when the caller says so
+// (numpy has no bfloat16; torch's bf16 tensors are handed over as int16 views).
+enum class DType { f32, f16, bf16, u16, i64, i32, b8, other };
 
 // A view of an n-d array as handed over by the bindings; strides are in bytes.
 struct ArrayRef {
@@ -33,6 +35,7 @@ void check_ndim(const ArrayRef& a, const std::string& name, int ndim, const char
 // contiguous (the kernels read rows with vector loads).
 void check_layout(const ArrayRef& a, const std::string& name, int64_t itemsize, bool unit_last);
 void check_float_tensor(const ArrayRef& a, const std::string& name, int ndim, const char* dims);
+int64_t itemsize(DType t);
 // A 1-D array of dtype dt (DType::i32: int32 or int64) and length len (len < 0: any length).
 void check_1d(const ArrayRef& a, const std::string& name, DType dt, int64_t len,
               const std::string& len_desc);
@@ -40,6 +43,8 @@ void check_1d(const ArrayRef& a, const std::string& name, DType dt, int64_t len,
 std::vector<int64_t> read_ints(const ArrayRef& a);
 // Element strides of a float32 array.
 inline int64_t es(const ArrayRef& a, int d) { return a.strides[d] / 4; }
+// Element strides of an array of any dtype.
+inline int64_t elem_stride(const ArrayRef& a, int d) { return a.strides[d] / itemsize(a.dtype); }
 float read_f32(const ArrayRef& a, int64_t i);  // element i of a 1-D float32 array
 
 }  // namespace attn

@@ -26,15 +26,22 @@ bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+// __builtin_cpu_supports reports AVX and AVX-512 features only when the OS saves their
+// registers (OSXSAVE and XCR0, read by libgcc), so these also check the OS support.
 bool has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("fma");
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512bf16() {
+  __builtin_cpu_init();
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 
 // Ordered from the most to the least capable.
 const Isa kIsas[] = {
+    {"avx512bf16", &isa_avx512bf16::table, &has_avx512bf16},
     {"avx512", &isa_avx512::table, &has_avx512},
     {"avx2", &isa_avx2::table, &has_avx2},
     {"baseline", &isa_baseline::table, &has_baseline},
@@ -77,7 +84,7 @@ void set_isa(const std::string& name) {
     return;
   }
   throw std::invalid_argument("isa: unknown instruction set '" + name +
-                              "' (expected baseline, avx2 or avx512)");
+                              "' (expected baseline, avx2, avx512 or avx512bf16)");
 }
 
 }  // namespace attn

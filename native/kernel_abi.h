@@ -102,19 +102,29 @@ struct TileGeometry {
 constexpr TileGeometry kAttentionTiles{96, 144};
 constexpr TileGeometry kMapsTiles{64, 64};
 
+// Storage of q, k, v and out: float32, or 16-bit bfloat16 / IEEE float16.
+enum class ElemType : int32_t { f32, bf16, f16 };
+// How the attention kernel forms Q.K^T and P.V: float32 products, or bf16 pairs accumulated in
+// float32 (VDPBF16PS; emulated bit for bit by builds without it). The softmax statistics are
+// float32 either way.
+enum class Precision : int32_t { fp32, bf16 };
+
 // Everything the attention core needs. Strides are in elements; the last axis of q, k, v and
 // out is contiguous. lse is dense (B, Hq, Lq). weights is dense (B, Hq, n_weight_rows, Lk) or
 // null; query row i goes to weights row weight_index[i] (-1: none), or row i when
 // weight_index is null.
 struct AttnArgs {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
-  const float* q;
+  ElemType in_type;  // of q, k and v
+  Precision precision;
+  const void* q;
   int64_t sq[3];  // batch, head, row
-  const float* k;
+  const void* k;
   int64_t sk[3];
-  const float* v;
+  const void* v;
   int64_t sv[3];
-  float* out;
+  ElemType out_type;
+  void* out;
   int64_t so[3];
   float* lse;
   float* weights;
@@ -147,7 +157,7 @@ struct GemmArgs {
   int num_threads;
 };
 
-// Pass 2 of attention_maps. `a` is a checked AttnArgs whose lse (B, Hq, Lq) pass 1 (the
+// Pass 2 of attention_maps. `a` is a checked float32 AttnArgs whose lse (B, Hq, Lq) pass 1 (the
 // attention kernel) has filled in. Query row i falls in query bin (i+1)*Pq-1 / Lq (integer
 // division; the bins of numpy's (arange(P+1)*L)//P edges), key j likewise; 1 <= Pq <= Lq,
 // 1 <= Pk <= Lk. Outputs (all dense, zeroed by the caller where they are sums):
@@ -167,12 +177,14 @@ struct MapArgs {
   double* colsum;
 };
 
-// The entry points of one instruction set's build (kernels/table.cpp).
+// The entry points of one instruction set's build (kernels/table.cpp). bf16_dot: the build
+// forms bf16 products with the instruction (else Precision::bf16 is emulated).
 struct KernelTable {
   const char* name;
   void (*attention)(const AttnArgs&);
   void (*gemm)(const GemmArgs&);
   void (*maps)(const MapArgs&);
+  bool bf16_dot;
 };
 
 namespace isa_baseline {
@@ -182,6 +194,9 @@ namespace isa_avx2 {
 extern const KernelTable table;
 }
 namespace isa_avx512 {
+extern const KernelTable table;
+}
+namespace isa_avx512bf16 {
 extern const KernelTable table;
 }
 

@@ -21,8 +21,12 @@ MapsPlan plan_maps(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, doub
   CallOptions o = opts;  // the maps replace the weights
   o.return_weights = false;
   o.weights_rows = ArrayRef{};
+  o.precision = "fp32";  // the map kernel recomputes the scores in float32
+  o.out_dtype = "float32";
   p.attn = plan_attention(q, k, v, scale, o);
   const AttnArgs& a = p.attn.args;
+  if (a.in_type != ElemType::f32)
+    throw std::invalid_argument("q: attention_maps takes float32 tensors");
   p.Pq = bins_q < a.Lq ? bins_q : a.Lq;
   p.Pk = bins_k < a.Lk ? bins_k : a.Lk;
   p.K = top_k < a.Lk ? top_k : a.Lk;

@@ -1,8 +1,9 @@
 """Type stub of the compiled extension (native/bindings.cpp): fused attention kernels.
 
-Arrays are read in place through their strides; q, k, v and the weights must be float32,
-masks bool or float32, block layouts bool, key_lengths, global_tokens and weights_rows
-int64, cu_seqlens int32 or int64. Shapes are checked natively and
+Arrays are read in place through their strides; q, k, v of attention() are float32, float16 or
+bfloat16 (ml_dtypes' dtype, or int16/uint16 bits with bfloat16=True), those of the other entry
+points and the weights float32, masks bool or float32, block layouts bool, key_lengths,
+global_tokens and weights_rows int64, cu_seqlens int32 or int64. Shapes are checked natively and
 every problem is a ValueError whose message starts with the argument's name.
 """
 
@@ -79,10 +80,17 @@ def attention(
     scale: float,
     return_weights: bool = False,
     weights_rows: np.ndarray | None = None,
+    bfloat16: bool = False,
+    precision: str = "auto",
+    out_dtype: str = "float32",
     **masking: Unpack[_Masking],
-) -> tuple[_Float32, _Float32, _Float32 | None]:
+) -> tuple[np.ndarray, _Float32, _Float32 | None]:
     """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the weights are
-    (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for the rows asked for."""
+    (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for the rows asked for.
+
+    precision: 'auto' (bf16 dot products for bfloat16 inputs where the CPU has AVX512_BF16,
+    else float32), 'fp32' or 'bf16' (bf16 numerics, emulated without the instruction).
+    out_dtype: float32, bfloat16 (uint16 bits), float16 or input (q's dtype)."""
 
 def multihead(
     query: np.ndarray,
@@ -139,7 +147,10 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int: ...
 def isa() -> str:
-    """Instruction set in use: baseline, avx2 or avx512."""
+    """Instruction set in use: baseline, avx2, avx512 or avx512bf16."""
+
+def bf16_dot() -> bool:
+    """Whether the build in use forms bf16 products with the CPU's instruction."""
 
 def available_isas() -> list[str]:
     """Instruction sets this CPU supports and this build contains."""

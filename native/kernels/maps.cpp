@@ -192,10 +192,10 @@ void map_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const Pl
   if (any) {
     // Queries, pre-scaled, rows padded with zeros to a multiple of MR.
     float* qs = s.qs.p;
-    const float* qb = a.q + b * a.sq[0] + h * a.sq[1];
+    const float* qb = static_cast<const float*>(a.q) + b * a.sq[0] + h * a.sq[1];
     for (int r = 0; r < nr; ++r)
       for (int64_t d = 0; d < D; ++d) qs[r * D + d] = r < n ? qb[rows[r] * a.sq[2] + d] * a.scale : 0.0f;
-    const float* kb = a.k + b * a.sk[0] + hk * a.sk[1];
+    const float* kb = static_cast<const float*>(a.k) + b * a.sk[0] + hk * a.sk[1];
     const float* ktb = c.kt + (b * a.Hkv + hk) * c.n_kt * D * BC;
     float* st = s.s.p;
     float* pt = s.p.p;
@@ -437,7 +437,7 @@ void maps_impl(const MapArgs& m) {
   const size_t tile = size_t(a.D) * BC;
   float* ktp = kt.get(size_t(a.B * a.Hkv * c.n_kt + 1) * tile);
   for (int64_t bk = 0; bk < a.B * a.Hkv; ++bk) {
-    const float* kb = a.k + (bk / a.Hkv) * a.sk[0] + (bk % a.Hkv) * a.sk[1];
+    const float* kb = static_cast<const float*>(a.k) + (bk / a.Hkv) * a.sk[0] + (bk % a.Hkv) * a.sk[1];
     for (int64_t t = 0; t < c.n_kt; ++t) {
       float* dst = ktp + size_t(bk * c.n_kt + t) * tile;
       for (int jj = 0; jj < BC; ++jj) {

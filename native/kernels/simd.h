@@ -70,6 +70,52 @@ inline vf select(vm m, vf if_true, vf if_false) { return _mm_blendv_ps(if_false,
 #endif
 #undef ATTN_SIMD_COMMON
 
+// In-register transpose of a VL x VL tile: r[i] holds row i before, column i after.
+#if defined(__AVX512F__)
+inline void transpose(vf* r) {
+  vf t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#elif defined(__AVX2__)
+inline void transpose(vf* r) {
+  vf t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+#else
+inline void transpose(vf* r) { _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]); }
+#endif
+
 inline vf abs(vf a) { return bit_andnot(set1(-0.0f), a); }
 inline vf copysign(vf mag, vf sgn) {
   const vf sign = set1(-0.0f);
@@ -94,20 +140,31 @@ inline vf exp(vf x) {
 }
 
 // 2^x for float lanes: x = n + f with |f| <= 1/2, 2^f by a degree-5 minimax polynomial
-// (relative error 2e-7 in float32). x <= -126.5 (and -inf) gives exactly 0; NaN propagates.
-// Callers pass x <= 0 (differences from a running maximum); inputs are clamped above at 127.
-inline vf exp2(vf x) {
-  vf xc = min(set1(127.0f), max(set1(-127.0f), x));
-  vf n = round(xc);
-  vf f = sub(xc, n);
+// (relative error 2e-7 in float32). NaN propagates; -inf gives exactly 0. Callers pass x <= 0
+// (differences from a running maximum). With AVX-512 the result is 2^f scaled by vscalefps,
+// so that x in (-150, -126) gives the subnormal 2^x (0 under FTZ), and x <= -150 gives 0;
+// elsewhere by the exponent bits, so x <= -126.5 gives 0.
+inline vf exp2_poly(vf f) {
   vf p = set1(1.326472731307149e-3f);
   p = fma(p, f, set1(9.671512991189957e-3f));
   p = fma(p, f, set1(5.550733581185341e-2f));
   p = fma(p, f, set1(2.4022242426872253e-1f));
   p = fma(p, f, set1(6.931470036506653e-1f));
-  p = fma(p, f, set1(1.0f));
-  return mul(p, pow2i(n));
+  return fma(p, f, set1(1.0f));
 }
+#if defined(__AVX512F__)
+inline vf exp2(vf x) {
+  const vf xc = max(set1(-150.0f), x);  // NaN stays (max returns its second operand)
+  const vf n = round(xc);
+  return _mm512_scalef_ps(exp2_poly(sub(xc, n)), n);
+}
+#else
+inline vf exp2(vf x) {
+  vf xc = min(set1(127.0f), max(set1(-127.0f), x));
+  vf n = round(xc);
+  return mul(exp2_poly(sub(xc, n)), pow2i(n));
+}
+#endif
 
 // tanh(x): odd polynomial for |x| < 0.0625 (avoids cancellation), (1 - e)/(1 + e) with
 // e = exp(-2|x|) elsewhere.

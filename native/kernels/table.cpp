@@ -8,7 +8,11 @@ namespace attn {
 namespace ATTN_ISA_NS {
 
 extern const KernelTable table;
-const KernelTable table = {ATTN_STR(ATTN_ISA_NAME), &attention, &gemm, &maps};
+#if defined(__AVX512BF16__)
+const KernelTable table = {ATTN_STR(ATTN_ISA_NAME), &attention, &gemm, &maps, true};
+#else
+const KernelTable table = {ATTN_STR(ATTN_ISA_NAME), &attention, &gemm, &maps, false};
+#endif
 
 }  // namespace ATTN_ISA_NS
 }  // namespace attn

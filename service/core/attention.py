@@ -32,15 +32,20 @@ def attention(
 
     q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k (.., Hkv, Lk, D); v (.., Hkv, Lk, Dv), one rank
     for all three; arrays of any library (numpy, torch, TensorFlow, JAX, DLPack) and any float
-    dtype (computed in float32); results in q's library.
+    dtype; results in q's library. float16 and bfloat16 (ml_dtypes' in numpy) are read by the
+    kernel as they are when all three share the dtype (see the options out_dtype and precision);
+    anything else is computed in float32.
     Keyword options override those in `options`. A rank-2/3 q is treated as B = 1 (and Hq = 1),
     so a mask is broadcast right-aligned against (B, Hq, Lq, Lk) as numpy and torch would.
     """
     opts = parse_options(AttentionOptions, options, option_kwargs)
     threads = thread_count(num_threads)
-    q4, k4, v4, rank, kw = prepare(q, k, v, opts)
+    exact_method = opts.method == "exact"
+    # 16-bit inputs stay 16-bit for the kernel, except with memory (slots are pooled in float32).
+    keep_half = exact_method and opts.memory is None
+    q4, k4, v4, rank, kw = prepare(q, k, v, opts, keep_half=keep_half)
     approx.check_options(opts)  # options the chosen method does not support are errors
-    if opts.method != "exact":
+    if not exact_method:
         return _approximation(q, q4, k4, v4, opts, rank)
     memory.check_options(opts, q4.shape[2], k4.shape[2])
     if opts.memory is not None:  # compressed slots become keys after the raw ones
@@ -54,6 +59,8 @@ def attention(
         kw,
         return_weights=opts.return_weights,
         threads=threads,
+        out_dtype=opts.out_dtype,
+        precision=opts.precision,
         weights_rows=rows,
     )
     slot_weights = None

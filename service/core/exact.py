@@ -1,5 +1,5 @@
-"""Exact attention on checked 4-D float32 arrays: the kernel call behind `attention` and the
-reference that the approximations are compared with."""
+"""Exact attention on checked 4-D arrays (float32, float16 or bfloat16): the kernel call behind
+`attention` and the reference that the approximations are compared with."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from service import _native
+from service.core.frameworks import bfloat16_from_bits
 from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
@@ -22,10 +23,13 @@ def run(
     *,
     return_weights: bool,
     threads: int,
+    out_dtype: str = "float32",
+    precision: str = "auto",
     weights_rows: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
     """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
-    With weights_rows, the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
+    out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16). With weights_rows,
+    the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
     """
     scale = check_scores(opts, q4, k4, v4)
     values, scaling = scale_values(v4, sum_growth(opts, q4, k4))
@@ -39,8 +43,12 @@ def run(
         return_weights=return_weights,
         weights_rows=rows,
         num_threads=threads,
+        out_dtype=out_dtype,
+        precision=precision,
         **masking,
     )
+    if out.dtype == np.uint16:  # the kernel hands bfloat16 back as its bits
+        out = bfloat16_from_bits(out)
     if scaling is not None:
         out = scaling.restore(out)
     if opts.empty_rows == "nan":

@@ -128,18 +128,27 @@ def _check_device(x: Any) -> None:
         raise ArrayError(f"is on a {where} device (device {int(index)}); {_MOVE_TO_CPU}")
 
 
-def _bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    """16-bit patterns as ml_dtypes.bfloat16 (a view), or as float32 without ml_dtypes."""
+def bfloat16_dtype() -> np.dtype | None:
+    """ml_dtypes' bfloat16, or None where ml_dtypes is not installed (imported on first use only,
+    so that callers who never meet bfloat16 do not load it)."""
     try:
         import ml_dtypes
     except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def bfloat16_from_bits(bits: np.ndarray) -> np.ndarray:
+    """16-bit patterns as ml_dtypes.bfloat16 (a view), or as float32 without ml_dtypes."""
+    dtype = bfloat16_dtype()
+    if dtype is None:
         return bfloat16_bits_to_float32(bits)
-    return bits.view(ml_dtypes.bfloat16)
+    return bits.astype(np.uint16, copy=False).view(dtype)
 
 
 def _bfloat16(x: Any) -> np.ndarray:
     if library(x) == "torch":  # torch exports no bfloat16: its bits, through DLPack
-        return _bfloat16_bits(np.from_dlpack(x.view(_module("torch").int16)).view(np.uint16))
+        return bfloat16_from_bits(np.from_dlpack(x.view(_module("torch").int16)).view(np.uint16))
     arr = np.asarray(x)  # JAX and TensorFlow give ml_dtypes.bfloat16 views
     if not is_bfloat16(arr.dtype):
         raise ArrayError(f"cannot read this {library(x)} bfloat16 array (numpy made {arr.dtype})")
@@ -194,7 +203,10 @@ def _tensorflow_from_dlpack(arr: np.ndarray) -> Any:
 
 
 def _torch_from_dlpack(arr: np.ndarray) -> Any:
-    return _module("torch").from_dlpack(arr)
+    torch = _module("torch")
+    if is_bfloat16(arr.dtype):  # DLPack carries no ml_dtypes: the bits, viewed as bfloat16
+        return torch.from_dlpack(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(arr)
 
 
 # Libraries whose arrays have no Array API namespace to ask for from_dlpack.

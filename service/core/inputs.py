@@ -1,4 +1,5 @@
-"""What a caller passes, normalised: arrays to finite float32, ranks to 4-D, options to models.
+"""What a caller passes, normalised: arrays to finite float32 (or kept in float16 / bfloat16 for the
+kernel, which reads them as they are), ranks to 4-D, options to models.
 
 Every problem is an InputError naming the argument. Arrays of other libraries (torch,
 TensorFlow, JAX, anything speaking DLPack or the array protocol) are read through
@@ -8,6 +9,7 @@ library of the caller's q; no such library is imported unless the caller passed 
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, TypeVar
 
@@ -52,6 +54,15 @@ _FIELD_NAMES = frozenset(
 # Arrays
 
 
+def is_half(dtype: np.dtype) -> bool:
+    """float16 or bfloat16 (ml_dtypes'): the 16-bit floats the kernel reads as they are."""
+    return dtype == np.float16 or is_bfloat16(dtype)
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
 def to_array(name: str, x: Any) -> np.ndarray:
     """x as numpy (a view of another library's array where its layout allows: see frameworks),
     in its own dtype; bfloat16 as ml_dtypes.bfloat16 where ml_dtypes is installed."""
@@ -63,17 +74,65 @@ def to_array(name: str, x: Any) -> np.ndarray:
         raise InputError(name, f"not an array: {exc}") from None
 
 
+def _as_float_array(name: str, x: Any) -> np.ndarray:
+    """A float array of any library as numpy, in its own dtype (bfloat16 as ml_dtypes')."""
+    arr = to_array(name, x)
+    if not is_float_dtype(arr.dtype):
+        raise InputError(name, f"unsupported dtype {arr.dtype}; expected a floating-point array")
+    return arr
+
+
+# Per float dtype (by name; bfloat16's is ml_dtypes', not imported here): the unsigned view of
+# its bits, the magnitude mask, and the bits of +inf.
+_BITS: dict[str, tuple[type, int, int]] = {
+    "float32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    "float16": (np.uint16, 0x7FFF, 0x7C00),
+    "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
+}
+
+
+def _magnitude(arr: np.ndarray) -> float:
+    """max |arr| (NaN when arr holds NaN, inf when it holds inf; 0 when empty) in one integer
+    pass over the bits: for IEEE-style floats the magnitude bits order like the magnitudes. ~10x
+    cheaper than isfinite + min + max, and numpy's float16 / bfloat16 reductions are slow."""
+    if arr.size == 0:
+        return 0.0
+    bits = _BITS.get(arr.dtype.name)
+    if bits is None or not arr.flags.c_contiguous:
+        with np.errstate(invalid="ignore"):
+            return float(np.max(np.abs(arr.astype(np.float64, copy=False))))
+    utype, mask, inf = bits
+    top = int(np.bitwise_and(arr.view(utype), utype(mask)).max())
+    if top > inf:
+        return math.nan
+    return float(np.array([top], dtype=utype).view(arr.dtype)[0])
+
+
+def _check_finite(name: str, arr: np.ndarray) -> np.ndarray:
+    if not math.isfinite(_magnitude(arr)):
+        raise InputError(name, f"contains NaN or Inf (as {arr.dtype})")
+    return arr
+
+
 def as_float32(name: str, x: Any) -> np.ndarray:
     """A C-contiguous, finite float32 view (or copy, when the dtype or strides require one) of a
     floating-point array of any library."""
-    arr = to_array(name, x)
-    if arr.dtype.kind != "f" and not is_bfloat16(arr.dtype):
-        raise InputError(name, f"unsupported dtype {arr.dtype}; expected a floating-point array")
+    arr = _as_float_array(name, x)
     with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(name, "contains NaN or Inf (after conversion to float32)")
-    return arr
+    return _check_finite(name, arr)
+
+
+def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[np.ndarray]:
+    """Arrays the attention kernel reads: C-contiguous and finite, kept in float16 or bfloat16
+    when all of them have that dtype (the kernel reads 16-bit floats as they are), else float32."""
+    arrays = [_as_float_array(name, x) for name, x in zip(names, xs, strict=True)]
+    dtype = arrays[0].dtype
+    if is_half(dtype) and all(a.dtype == dtype for a in arrays):
+        return [
+            _check_finite(n, np.ascontiguousarray(a)) for n, a in zip(names, arrays, strict=True)
+        ]
+    return [as_float32(name, a) for name, a in zip(names, arrays, strict=True)]
 
 
 def to_output(arr: np.ndarray | None, like: Any) -> ArrayLike | None:
@@ -97,8 +156,8 @@ def thread_count(num_threads: int | None) -> int:
 
 
 def absmax(a: np.ndarray | None) -> float:
-    """max |a| without a temporary array (0 for None or empty)."""
-    return 0.0 if a is None or a.size == 0 else float(max(-a.min(), a.max()))
+    """max |a| of a finite array (0 for None or empty)."""
+    return 0.0 if a is None else _magnitude(a)
 
 
 def check_magnitude(loc: str | tuple[str | int, ...], bound: float, what: str) -> None:
@@ -139,9 +198,16 @@ def as_4d(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]
     return q4, k4, v4
 
 
-def qkv_4d(q: Any, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """q, k, v as checked float32 4-D arrays (B, H, L, D), and the rank the caller used."""
-    arrays = [as_float32(name, x) for name, x in (("q", q), ("k", k), ("v", v))]
+def qkv_4d(
+    q: Any, k: Any, v: Any, *, keep_half: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """q, k, v as checked 4-D arrays (B, H, L, D) and the rank the caller used: float32, or
+    with keep_half float16 / bfloat16 when all three have that dtype."""
+    names = ("q", "k", "v")
+    if keep_half:
+        arrays = kernel_inputs(names, (q, k, v))
+    else:
+        arrays = [as_float32(name, x) for name, x in zip(names, (q, k, v), strict=True)]
     q4, k4, v4 = as_4d(*arrays)
     return q4, k4, v4, arrays[0].ndim
 

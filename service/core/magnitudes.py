@@ -79,9 +79,10 @@ class VScaling:
         group = out.shape[1] // max(self.exponents.shape[1], 1)
         exponents = np.repeat(self.exponents, group, axis=1)
         peaks = np.repeat(self.peaks, group, axis=1)
+        dtype = out.dtype  # bfloat16 with out_dtype "input": scaled in float32, exactly
         with np.errstate(over="ignore"):  # rounding at float32's top: clipped just below
-            out = np.ldexp(out, exponents)
-        return np.clip(out, -peaks, peaks, out=out)
+            wide = np.ldexp(out.astype(np.float32, copy=False), exponents)
+        return np.clip(wide, -peaks, peaks, out=wide).astype(dtype, copy=False)
 
 
 def scale_values(v4: np.ndarray, growth: float) -> tuple[np.ndarray, VScaling | None]:
@@ -89,6 +90,10 @@ def scale_values(v4: np.ndarray, growth: float) -> tuple[np.ndarray, VScaling | 
     overflow float32, and what undoes it; v itself and None in the usual case."""
     if absmax(v4) * growth <= F32_SAFE:
         return v4, None
-    peaks = np.maximum(v4.max(axis=(2, 3), keepdims=True), -v4.min(axis=(2, 3), keepdims=True))
+    # Only bfloat16 among the 16-bit inputs reaches float32's range; a power of two keeps it
+    # exact in its own dtype, which the kernel needs alike for q, k and v.
+    wide = v4.astype(np.float32, copy=False)
+    peaks = np.maximum(wide.max(axis=(2, 3), keepdims=True), -wide.min(axis=(2, 3), keepdims=True))
     exponents = np.frexp(peaks)[1].astype(np.int32)  # peak = m * 2^e, 0.5 <= m < 1
-    return np.ldexp(v4, -exponents), VScaling(exponents, peaks.astype(np.float32))
+    scaled = np.ldexp(wide, -exponents).astype(v4.dtype, copy=False)
+    return scaled, VScaling(exponents, peaks.astype(np.float32))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import InputError
-from service.core.inputs import F32_SAFE, check_magnitude, qkv_4d
+from service.core.inputs import F32_SAFE, check_magnitude, is_float_dtype, qkv_4d
 from service.core.layouts import block_layout
 from service.core.options import BlockMask, MaskingOptions
 
@@ -20,7 +20,7 @@ CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
 
 def mask_4d(mask: np.ndarray, convention: str, shape: tuple[int, int, int, int]) -> np.ndarray:
     """The mask as bool (True = attend) or float32, broadcast to `shape` as a strided view."""
-    kind = mask.dtype.kind
+    kind = "f" if is_float_dtype(mask.dtype) else mask.dtype.kind
     if kind == "b":
         m = ~mask if convention == "ignore" else mask
     elif kind == "f":
@@ -88,11 +88,12 @@ def layout_4d(bm: BlockMask, shape: tuple[int, int, int, int]) -> dict[str, Any]
 
 
 def prepare(
-    q: Any, k: Any, v: Any, opts: MaskingOptions
+    q: Any, k: Any, v: Any, opts: MaskingOptions, *, keep_half: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict[str, Any]]:
-    """q, k, v checked and 4-D in float32, the rank the caller used, and the masking options
-    as the kernel's arguments (checked against the shapes)."""
-    q4, k4, v4, rank = qkv_4d(q, k, v)
+    """q, k, v checked and 4-D (float32, or float16 / bfloat16 kept with keep_half), the rank
+    the caller used, and the masking options as the kernel's arguments (checked against the
+    shapes)."""
+    q4, k4, v4, rank = qkv_4d(q, k, v, keep_half=keep_half)
     b, hq, lq, _ = q4.shape
     return q4, k4, v4, rank, native_masking(opts, (b, hq, lq, k4.shape[2]))
 

@@ -317,6 +317,20 @@ class AttentionOptions(MaskingOptions):
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
     weights_rows: Ints | None = Field(None, description=_WEIGHTS_ROWS_DOC)
+    out_dtype: Literal["float32", "input"] = Field(
+        "float32",
+        description="The output's dtype: float32, or \"input\" for q's dtype when q, k and v are "
+        "all float16 or all bfloat16 (the weights and lse stay float32).",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description='How Q.K^T and P.V are formed: "auto" = bf16 dot products for bfloat16 '
+        "inputs on CPUs with AVX512_BF16 (about twice float32's speed; only the probabilities "
+        'are rounded), float32 otherwise (float16 keeps its precision); "fp32" = float32 '
+        'always (16-bit inputs widened exactly); "bf16" = bf16 numerics always (inputs rounded '
+        "to bf16, products summed in float32; emulated where the CPU lacks the instruction). "
+        "The softmax statistics are float32 in every mode.",
+    )
     memory: Memory | None = Field(
         None,
         description="Recurrent memory over one sequence (Lq = Lk): segments of `segment` "
@@ -364,6 +378,8 @@ class AttentionOptions(MaskingOptions):
             "num_features": self.num_features is not None,
             "seed": self.seed is not None,
             "linformer_k": self.linformer_k is not None,
+            "out_dtype": self.out_dtype != "float32",
+            "precision": self.precision != "auto",
             "block_mask": self.block_mask is not None,
             "cu_seqlens": self.cu_seqlens is not None,
             "cu_seqlens_q": self.cu_seqlens_q is not None,

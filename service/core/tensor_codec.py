@@ -21,7 +21,8 @@ import numpy as np
 
 from service.core.frameworks import (
     ArrayError,
-    bfloat16_bits_to_float32,
+    bfloat16_dtype,
+    bfloat16_from_bits,
     is_array,
     is_bfloat16,
     to_numpy,
@@ -135,12 +136,11 @@ def _decode_object(obj: dict[str, Any], max_elements: int | None) -> np.ndarray:
         flat = _array_from_list(data)
         if flat.ndim != 1:
             raise TensorError("'data' must be a flat list of numbers")
-        if dtype_name == "bfloat16":
-            arr = flat.astype(np.float32).reshape(shape)
-            return arr
+        if dtype_name == "bfloat16":  # numbers, rounded to bfloat16 (nearest even)
+            return flat.astype(bfloat16_dtype() or np.float32).reshape(shape)
         arr = _cast_checked(flat, wire).reshape(shape)
     if dtype_name == "bfloat16":
-        return bfloat16_bits_to_float32(arr)
+        return bfloat16_from_bits(arr.astype(np.uint16))
     return arr.astype(wire.newbyteorder("="), copy=False)
 
 
@@ -216,17 +216,21 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
 
 def encode_tensor(arr: np.ndarray, encoding: Encoding = "list") -> Any:
     """Encode an array for a JSON response: nested lists, or {dtype, shape, b64}."""
+    bf16 = is_bfloat16(arr.dtype)
     if encoding == "b64":
         wire = WIRE_DTYPES.get(arr.dtype.name)
         if wire is None:
             raise TensorError(f"cannot encode dtype {arr.dtype}")
-        data = np.ascontiguousarray(arr, dtype=wire)
+        if bf16:  # its bits, little-endian
+            data = np.ascontiguousarray(arr).view(np.uint16).astype(wire, copy=False)
+        else:
+            data = np.ascontiguousarray(arr, dtype=wire)
         return {
             "dtype": arr.dtype.name,
             "shape": list(arr.shape),
             "b64": base64.b64encode(data.data).decode("ascii"),
         }
-    return arr.tolist()
+    return arr.astype(np.float32).tolist() if bf16 else arr.tolist()
 
 
 def encoding_of(value: Any) -> Encoding:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from service.core.errors import InputError
+from service.core.inputs import is_float_dtype
 from service.core.options import MultiheadWeights
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -99,7 +100,7 @@ def checked_arrays(
             out[name] = None
             continue
         loc = ("weights", name)
-        if arr.dtype.kind != "f":
+        if not is_float_dtype(arr.dtype):
             raise InputError(loc, f"expected a floating-point tensor, got dtype {arr.dtype}")
         if arr.shape != shapes[name]:
             raise InputError(

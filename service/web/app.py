@@ -74,6 +74,7 @@ def _state(settings: Settings) -> AppState:
         settings.retry_after_s,
         observer=metrics,
         timeout_s=settings.request_timeout_s,
+        inline_max_bytes=settings.inline_max_bytes,
     )
     metrics.track_scheduler(lambda: scheduler.running, lambda: scheduler.queued)
     store = HeatmapStore(

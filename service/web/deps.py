@@ -5,6 +5,7 @@ create_app puts `authorize` in front of the API routers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -27,8 +28,9 @@ class AppState:
     metrics: Metrics
     access: AccessControl
 
-    @property
+    @cached_property
     def num_threads(self) -> int:
+        # Cached: the settings compute it from the CPU affinity (a system call per request).
         return self.settings.native_threads
 
 

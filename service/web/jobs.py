@@ -40,6 +40,33 @@ from service.web.deps import AppState
 from service.web.images import HeatmapSpec
 from service.web.problems import ModelNotAvailable, ModelRefused
 
+# Work small enough to finish on the event loop instead of a worker thread (a few hundred
+# microseconds of one core): the dense attention flops, and the answered elements (output and
+# weights), whose encoding costs too.
+INLINE_MAX_FLOPS = 1 << 25
+INLINE_MAX_ELEMENTS = 1 << 16
+
+
+def fits_inline(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    opts: AttentionOptions,
+    *,
+    heatmap: HeatmapSpec | None,
+    stats: bool,
+) -> bool:
+    """Whether an attention request is small enough for Scheduler.run_request's inline path:
+    exact, without heatmaps or stats, and within INLINE_MAX_FLOPS / INLINE_MAX_ELEMENTS."""
+    if opts.method != "exact" or heatmap is not None or stats:
+        return False
+    if min(q.ndim, k.ndim, v.ndim) < 2:
+        return True  # refused at once
+    rows = int(np.prod(q.shape[:-1], dtype=np.int64))
+    lk, d, dv = k.shape[-2], q.shape[-1], v.shape[-1]
+    answered = rows * (dv + (lk + 1 if opts.return_weights else 0))
+    return 2 * rows * lk * (d + dv) <= INLINE_MAX_FLOPS and answered <= INLINE_MAX_ELEMENTS
+
 
 @dataclass(frozen=True)
 class AttentionJob:

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         description="Native threads per computation; 0 = cores / (max_concurrency * workers).",
     )
 
+    inline_max_bytes: int = Field(
+        256 * 1024,
+        ge=0,
+        description="Request bodies up to this size are parsed on the event loop, and their "
+        "computation runs there too when it is small (at most 2^25 flops and 2^16 answered "
+        "numbers, no heatmaps: a 128x64 attention sent as b64) instead of hopping to a worker "
+        "thread; such a request never waits in the queue. 0 = always a worker thread.",
+    )
+
     request_timeout_s: float = Field(
         60.0,
         ge=0,

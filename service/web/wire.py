@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from service.core.errors import InputError
+from service.core.frameworks import is_bfloat16
 from service.core.tensor_codec import MAX_NDIM, Encoding, encode_tensor
 from service.core.tensor_field import Tensor
 from service.web.problems import MalformedBody, UnsupportedMediaType
@@ -317,6 +318,8 @@ def encode(arr: np.ndarray | None, encoding: Encoding) -> Any:
         return None
     if encoding == "b64":
         return encode_tensor(np.asarray(arr), "b64")
+    if is_bfloat16(arr.dtype):  # orjson writes no bfloat16: its values, exactly, as float32
+        arr = arr.astype(np.float32)
     # JSON has no NaN or Infinity: orjson writes them as null (documented in the schemas).
     return np.ascontiguousarray(arr)
 

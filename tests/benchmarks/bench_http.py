@@ -1,9 +1,11 @@
 """HTTP benchmark: requests/s through the real server, and the heatmap render time.
 
-Starts `attention-service` (one worker process, a free port, default settings unless flags say
-otherwise) and drives it with wrk (8 connections): GET /healthz as the baseline, then
-POST /v1/attention with q, k, v of 128x64 float32 as nested JSON lists and as b64 tensors,
-interleaved in rounds so that every side sees the same machine load. Beside requests/s it
+Starts `attention-service` twice (one worker process each, free ports): with the defaults, where
+a small request is parsed and computed on the event loop, and with ATTN_INLINE_MAX_BYTES=0, where
+every request hops to a worker thread as before that path existed. wrk (8 connections) drives
+GET /healthz as the baseline, then POST /v1/attention with q, k, v of 128x64 float32 as nested
+JSON lists and as b64 tensors on both servers, interleaved in rounds so that every side sees the
+same machine load; the two are printed side by side. Beside requests/s it
 reports the server's CPU time per request (utime + stime of the server process from
 /proc/<pid>/stat, before and after each run), a figure that depends much less than requests/s
 on what else the machine runs. The 512x512 heatmap (with colorbar) and the 8-head 16x16-token
@@ -41,7 +43,18 @@ from tests.benchmarks.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-GOALS = {"list_rps": 400.0, "b64_rps": 800.0, "heatmap_ms": 60.0}
+GOALS = {
+    "list_rps": 400.0,
+    "b64_rps": 800.0,
+    "list_cpu_ms": 2.5,
+    "b64_cpu_ms": 1.0,
+    "heatmap_ms": 60.0,
+    "grid12_ms": 60.0,
+    "tokens_request_ms": 150.0,
+}
+# The two servers: the defaults (small requests answered on the event loop) and every request
+# through a worker thread, as before the inline path (ATTN_INLINE_MAX_BYTES=0).
+CONFIGS = {"inline": {}, "thread": {"ATTN_INLINE_MAX_BYTES": "0"}}
 CONNECTIONS = 8
 SHAPE = (128, 64)
 
@@ -95,9 +108,11 @@ def _bodies(directory: Path) -> dict[str, Path]:
 class Server:
     """The console script in a child process; stopped (by its own pid) on exit."""
 
-    def __init__(self, port: int, heatmap_dir: Path, extra_args: list[str]) -> None:
+    def __init__(
+        self, port: int, heatmap_dir: Path, extra_args: list[str], env: dict[str, str]
+    ) -> None:
         script = Path(sys.executable).parent / "attention-service"
-        env = {**os.environ, "ATTN_HEATMAP_DIR": str(heatmap_dir)}
+        env = {**os.environ, "ATTN_HEATMAP_DIR": str(heatmap_dir), **env}
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open while the server runs
         self.proc = subprocess.Popen(
@@ -141,6 +156,10 @@ class Server:
         self.log.close()
 
 
+def _key(config: str, name: str) -> str:
+    return name if config == "inline" else f"{name} ({config})"
+
+
 def _wrk(url: str, script: Path | None, duration: float, threads: int) -> dict[str, Any]:
     cmd = ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{duration:g}s", "--latency"]
     if script is not None:
@@ -177,16 +196,22 @@ def bench_http(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], di
     paths = {"healthz": "/healthz", "list": "/v1/attention", "b64": "/v1/attention"}
     # The service's own defaults (log level info, access log on) unless --no-access-log.
     extra = ["--access-log"] if args.access_log else ["--no-access-log"]
-    server = Server(_free_port(), work / "heatmaps", extra)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in scripts}
+    servers = {
+        config: Server(_free_port(), work / f"heatmaps-{config}", extra, env)
+        for config, env in CONFIGS.items()
+    }
+    # (config, request): the baseline is measured with the defaults only.
+    cases = [("inline", "healthz")] + [(c, n) for n in bodies for c in CONFIGS]
+    runs: dict[str, list[dict[str, Any]]] = {_key(c, n): [] for c, n in cases}
     try:
-        for name, body in (("healthz", None), *bodies.items()):
-            assert server.check(paths[name], body) == 200, name
-        # Warm-up: the first requests pay imports and caches.
-        for name in scripts:
-            _wrk(server.url + paths[name], scripts[name], 1, args.threads)
+        for config, name in cases:
+            body = bodies.get(name)
+            assert servers[config].check(paths[name], body) == 200, (config, name)
+            # Warm-up: the first requests pay imports and caches.
+            _wrk(servers[config].url + paths[name], scripts[name], 1, args.threads)
         for _ in range(args.rounds):
-            for name in scripts:
+            for config, name in cases:
+                server = servers[config]
                 before = _cpu_seconds(server.proc.pid)
                 load = Path("/proc/loadavg").read_text().split()[0]
                 run = _wrk(server.url + paths[name], scripts[name], args.duration, args.threads)
@@ -195,17 +220,18 @@ def bench_http(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], di
                 run["server_cpu_ms_per_request"] = 1e3 * (after[0] - before[0]) / count
                 run["event_loop_cpu_ms_per_request"] = 1e3 * (after[1] - before[1]) / count
                 run["loadavg_1min_before"] = float(load)
-                runs[name].append(run)
+                runs[_key(config, name)].append(run)
                 print(
-                    f"{name:8s} {run['rps']:8.1f} req/s  server CPU "
+                    f"{_key(config, name):14s} {run['rps']:8.1f} req/s  server CPU "
                     f"{run['server_cpu_ms_per_request']:.3f} ms/req (event loop "
                     f"{run['event_loop_cpu_ms_per_request']:.3f})  p50 {run['p50_ms']} ms  "
                     f"non-2xx {run['non_2xx']}  load {load}",
                     flush=True,
                 )
-        tokens = bench_tokens_request(server.url, 3 if args.quick else 10)
+        tokens = bench_tokens_request(servers["inline"].url, 3 if args.quick else 10)
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     summary = {}
     for name, rs in runs.items():
         summary[name] = {
@@ -247,7 +273,7 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
-    from service.render.canvas import render_map
+    from service.render.canvas import render_grid, render_map
     from service.render.views import render_weights
 
     rng = np.random.default_rng(0)
@@ -259,8 +285,8 @@ def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
     def warm(i: int) -> bytes:  # same shape and labels as the call before: the frame is kept
         return render_map(maps[i % 8], title=f"attention, batch 0, head {i}")
 
-    def cold(i: int) -> bytes:  # another axis label every call: the whole figure is drawn
-        return render_map(maps[i % 8], title=f"attention, batch 0, head {i}", ylabel=f"q{i % 2}")
+    def cold(i: int) -> bytes:  # a new axis label every call: the whole figure is drawn
+        return render_map(maps[i % 8], title=f"attention, batch 0, head {i}", ylabel=f"query {i}")
 
     (out_dir / "http_heatmap_512.png").write_bytes(warm(0))
     kept = _time_ms(warm, repeat)
@@ -277,10 +303,20 @@ def bench_heatmaps(repeat: int, out_dir: Path) -> dict[str, Any]:
     (out_dir / "http_heatmap_16_tokens.png").write_bytes(images[0].png)
     (out_dir / "http_heatmap_16_tokens_grid.png").write_bytes(images[-1].png)
     eight = _time_ms(heads8, max(3, repeat // 4))
+
+    # The grid of 12 heads (MiniLM's) of 16x16 tokens, one image.
+    w12 = _softmax(rng.standard_normal((12, 16, 16)).astype(np.float32) * 2)
+    names = [f"head {h}" for h in range(12)]
+
+    def grid12(i: int) -> bytes:
+        return render_grid(w12, names, title=f"attention {i}")
+
+    (out_dir / "http_grid_12_heads.png").write_bytes(grid12(0))
     return {
         "map_512_frame_kept": kept,
         "map_512_frame_drawn": drawn,
         "heads8_tokens16": {**eight, "images": len(images)},
+        "grid12_tokens16": _time_ms(grid12, repeat),
     }
 
 
@@ -317,24 +353,35 @@ def _markdown(result: dict[str, Any]) -> str:
         f"{'on' if result['access_log'] else 'off'}.",
         "",
         "| request | req/s (best) | req/s (median) | server CPU ms/req, median (min) "
-        "| of which event loop | goal | best/goal |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| of which event loop | goal req/s | best/goal | goal CPU ms | goal/CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    goal = {"list": GOALS["list_rps"], "b64": GOALS["b64_rps"]}
     labels = {
         "healthz": "GET /healthz (baseline)",
         "list": "POST /v1/attention, nested lists",
         "b64": "POST /v1/attention, b64",
     }
-    for name, s in h.items():
-        g = goal.get(name)
-        goal_text = f"{g:.0f}" if g else "-"
-        ratio_text = f"{s['rps_best'] / g:.2f}" if g else "-"
+    for key, s in h.items():
+        name, _, config = key.partition(" ")
+        label = labels[name] + (f", worker thread {config}" if config else "")
+        rps_goal, cpu_goal = GOALS.get(f"{name}_rps"), GOALS.get(f"{name}_cpu_ms")
+        cpu = s["server_cpu_ms_per_request_median"]
         lines.append(
-            f"| {labels[name]} | {s['rps_best']:.0f} | {s['rps_median']:.0f} | "
-            f"{s['server_cpu_ms_per_request_median']:.3f} "
+            f"| {label} | {s['rps_best']:.0f} | {s['rps_median']:.0f} | {cpu:.3f} "
             f"({s['server_cpu_ms_per_request_min']:.3f}) | "
-            f"{s['event_loop_cpu_ms_per_request_median']:.3f} | {goal_text} | {ratio_text} |"
+            f"{s['event_loop_cpu_ms_per_request_median']:.3f} | "
+            + (f"{rps_goal:.0f} | {s['rps_best'] / rps_goal:.2f} | " if rps_goal else "- | - | ")
+            + (f"{cpu_goal:.1f} | {cpu_goal / cpu:.2f} |" if cpu_goal else "- | - |")
+        )
+    for name in ("list", "b64"):
+        inline, thread = h[name], h[_key("thread", name)]
+        cpu_ratio = (
+            inline["server_cpu_ms_per_request_median"] / thread["server_cpu_ms_per_request_median"]
+        )
+        lines.append(
+            f"\n{labels[name]}: inline / worker thread, side by side: req/s (median) "
+            f"{inline['rps_median'] / thread['rps_median']:.2f}x, server CPU per request "
+            f"{cpu_ratio:.2f}x."
         )
     lines += [
         "",
@@ -348,26 +395,37 @@ def _markdown(result: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = [
-        ("512x512 with colorbar, whole figure drawn", m["map_512_frame_drawn"], True),
-        ("512x512 with colorbar, frame kept (next head)", m["map_512_frame_kept"], True),
+        (
+            "512x512 with colorbar, whole figure drawn",
+            m["map_512_frame_drawn"],
+            GOALS["heatmap_ms"],
+        ),
+        (
+            "512x512 with colorbar, frame kept (next head)",
+            m["map_512_frame_kept"],
+            GOALS["heatmap_ms"],
+        ),
         (
             f"8 heads x 16x16 tokens, {m['heads8_tokens16']['images']} images",
             m["heads8_tokens16"],
-            False,
+            None,
         ),
+        ("grid of 12 heads x 16x16 tokens, one image", m["grid12_tokens16"], GOALS["grid12_ms"]),
     ]
     for label, r, goal in rows:
-        goal_text = f"{GOALS['heatmap_ms']:.0f} | {GOALS['heatmap_ms'] / r['median_ms']:.2f}"
+        goal_text = f"{goal:.0f} | {goal / r['median_ms']:.2f}" if goal else "- | -"
         lines.append(
             f"| {label} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['cpu_median_ms']:.1f} | "
-            f"{goal_text if goal else '- | -'} |"
+            f"{goal_text} |"
         )
     t = result["tokens_request_16_tokens"]
     lines += [
         "",
         f"POST /v1/tokens, 16 tokens, defaults ({t['images']} images: 8 heads, mean, grid, "
         f"positional encoding), one request at a time through the server: median "
-        f"{t['median_ms']:.0f} ms, best {t['min_ms']:.0f} ms.",
+        f"{t['median_ms']:.0f} ms, best {t['min_ms']:.0f} ms; goal "
+        f"{GOALS['tokens_request_ms']:.0f} ms (goal/median "
+        f"{GOALS['tokens_request_ms'] / t['median_ms']:.2f}).",
         "",
     ]
     return "\n".join(lines)
@@ -411,6 +469,10 @@ def main() -> None:
         "heatmaps": heat,
         "tokens_request_16_tokens": tokens,
         "ratios": {
+            "list_inline_over_thread_cpu": http["list"]["server_cpu_ms_per_request_median"]
+            / http[_key("thread", "list")]["server_cpu_ms_per_request_median"],
+            "b64_inline_over_thread_cpu": http["b64"]["server_cpu_ms_per_request_median"]
+            / http[_key("thread", "b64")]["server_cpu_ms_per_request_median"],
             "list_rps_best_over_goal": http["list"]["rps_best"] / GOALS["list_rps"],
             "b64_rps_best_over_goal": http["b64"]["rps_best"] / GOALS["b64_rps"],
             "heatmap_goal_over_median_frame_drawn": GOALS["heatmap_ms"]

@@ -245,6 +245,8 @@ UNSUPPORTED_VALUES: dict[str, dict[str, Any]] = {
     "num_features": {"num_features": 8},
     "seed": {"seed": 1},
     "linformer_k": {"linformer_k": 4},
+    "out_dtype": {"out_dtype": "input"},
+    "precision": {"precision": "bf16"},
 }
 
 

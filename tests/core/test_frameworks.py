@@ -150,7 +150,12 @@ def test_attention_matches_the_reference(name: str, dtype: str) -> None:
         mask=mask,
         key_lengths=lengths.tolist(),
     )
-    assert_result(lib, result.output, ref.output, ATOL)
+    # bfloat16 inputs take bf16 dot products where the CPU has them (precision "auto"): P is
+    # rounded to bf16 for P.V, so each output errs by up to 2^-8 * sum_j p_ij |v_j| <= 2^-8 max|v|
+    # (tests/native/test_precision.py derives the bound); scores, weights and lse stay float32.
+    vmax = float(np.abs(lib.values(tv)).max())
+    out_atol = 2.0**-8 * vmax + 2e-5 * vmax if dtype == "bfloat16" else ATOL
+    assert_result(lib, result.output, ref.output, out_atol)
     assert_result(lib, result.weights, ref.weights, WEIGHT_ATOL)
     assert_result(lib, result.lse, ref.lse, ATOL)
 

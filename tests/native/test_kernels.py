@@ -550,7 +550,7 @@ def test_isa_selection() -> None:
     assert _native.isa() in ISAS
     with pytest.raises(ValueError, match="unknown instruction set"):
         _native.set_isa("sse9")
-    for name in ("baseline", "avx2", "avx512"):
+    for name in REQUIRES:
         if name not in ISAS:
             with pytest.raises(ValueError, match="not supported"):
                 _native.set_isa(name)

@@ -3,7 +3,7 @@
 Block-sparse layouts (block_layout, block_q, block_k), packed variable-length sequences
 (cu_seqlens, cu_seqlens_q / cu_seqlens_k), dilated windows and weights for chosen rows
 (weights_rows), alone and combined with the other options. The reference is independent of
-the kernel: float64 torch over the full score matrix (tests/reference.py), with the block
+the kernel: float64 torch over the full score matrix (tests/support/reference.py), with the block
 layout expanded to a dense mask and each packed document run alone
 (tests/support/mask_reference.py). `isa` (tests/native/conftest.py) runs a test on every
 instruction set.

@@ -16,7 +16,8 @@ from service import _native
 REQUIRES = {
     "baseline": {"sse4_2"},
     "avx2": {"avx2", "fma", "f16c"},
-    "avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"},
+    "avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c"},
+    "avx512bf16": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma", "f16c", "avx512_bf16"},
 }
 ISAS = _native.available_isas()  # those this CPU runs
 

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from service.core.options import AttentionOptions
+from service.core.tensor_codec import decode_tensor
 from service.web.app import create_app
 from service.web.problems import Overloaded
 from service.web.scheduler import Scheduler
 from tests.support.http import PROBLEM, app_client, app_settings, assert_problem, b64, post
+from tests.support.reference import reference_attention
 
 QKV = {"q": [[1.0, 0.0]], "k": [[1.0, 0.0]], "v": [[0.5, 0.5]]}
 
@@ -130,7 +132,10 @@ def test_validation_problem_lists_every_error(client) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after_at_once(tmp_path: Path) -> None:
-    app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=1, retry_after_s=3))
+    # inline_max_bytes=0: small /v1 requests queue instead of being answered on the event loop.
+    app = create_app(
+        app_settings(tmp_path, max_concurrency=1, queue_size=1, retry_after_s=3, inline_max_bytes=0)
+    )
     scheduler: Scheduler = app.state.services.scheduler
     gate = threading.Event()
 
@@ -157,6 +162,42 @@ def test_full_queue_answers_503_with_retry_after_at_once(tmp_path: Path) -> None
     assert "ATTN_MAX_CONCURRENCY=1" in problem["detail"]
     assert waited < 5  # not queued behind the blocked job (which never ends by itself)
     assert queued.status_code == 200 and after.status_code == 200
+
+
+def test_small_requests_are_answered_on_the_event_loop_while_the_workers_are_busy(
+    tmp_path: Path,
+) -> None:
+    """With the defaults a small computation (a b64 128 x 64 attention) never waits for a worker:
+    answered on the event loop while the only worker is held; a request with heatmaps (or too
+    large) still queues for it."""
+    app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=4))
+    scheduler: Scheduler = app.state.services.scheduler
+    gate = threading.Event()
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((128, 64)).astype(np.float32) for _ in range(3))
+    body = {n: b64(a) for n, a in zip("qkv", (q, k, v), strict=True)}
+
+    async def scenario() -> tuple[httpx.Response, int, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            blocker = asyncio.ensure_future(scheduler.run("block", gate.wait))
+            while scheduler.running == 0:
+                await asyncio.sleep(0.005)
+            # Queued, it would wait for the held worker: bounded so that the test fails instead.
+            small = await asyncio.wait_for(ac.post("/v1/attention", json=body), 30)
+            drawn = asyncio.ensure_future(ac.post("/v1/attention", json={**QKV, "heatmap": True}))
+            while scheduler.queued == 0:
+                await asyncio.sleep(0.005)
+            queued = scheduler.queued
+            gate.set()
+            await blocker
+            return small, queued, await drawn
+
+    small, queued, drawn = asyncio.run(scenario())
+    assert small.status_code == 200, small.text
+    expected = reference_attention(q[None, None], k[None, None], v[None, None]).output[0, 0]
+    np.testing.assert_allclose(decode_tensor(small.json()["output"]), expected, atol=1e-4)
+    assert queued == 1 and drawn.status_code == 200 and drawn.json()["heatmaps"]
 
 
 def test_scheduler_never_runs_more_than_max_concurrency() -> None:

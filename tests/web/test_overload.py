@@ -243,7 +243,8 @@ def test_excess_requests_get_503_at_once_while_accepted_ones_finish(
 def test_a_queued_request_whose_client_left_never_runs(
     tmp_path: Path, path: str, body: bytes, job: str
 ) -> None:
-    app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=4))
+    # inline_max_bytes=0: the small /v1 request queues instead of being answered on the loop.
+    app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=4, inline_max_bytes=0))
     gate = threading.Event()
     with LiveServer(app) as srv:
         held = srv.hold(gate)
@@ -306,7 +307,11 @@ async def _asgi(app: FastAPI, scenario: Callable[[httpx.AsyncClient], Any]) -> A
 
 
 def test_a_request_queued_past_the_timeout_is_504_and_never_runs(tmp_path: Path) -> None:
-    app = create_app(app_settings(tmp_path, max_concurrency=1, queue_size=4, request_timeout_s=0.2))
+    app = create_app(
+        app_settings(
+            tmp_path, max_concurrency=1, queue_size=4, request_timeout_s=0.2, inline_max_bytes=0
+        )
+    )
     scheduler: Scheduler = app.state.services.scheduler
     gate = threading.Event()
 

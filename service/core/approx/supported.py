@@ -23,6 +23,8 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "alibi_slopes",
             "softcap",
             "return_weights",
+            "out_dtype",
+            "precision",
             "block_mask",
             "cu_seqlens",
             "cu_seqlens_q",
@@ -50,6 +52,8 @@ _WHY: dict[str, str] = {
     "return_weights": "its weights are over projected rows, not keys; compare returns its "
     "implied key-by-key map",
     "compare": "it is the reference the others are compared with",
+    "out_dtype": "the approximations compute and answer in float32",
+    "precision": "the approximations compute in float32",
     "block_mask": "a block-sparse layout is per-(query, key) masking; use method 'exact'",
     "cu_seqlens": "packed documents need per-(query, key) masking; use method 'exact'",
     "cu_seqlens_q": "packed documents need per-(query, key) masking; use method 'exact'",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,9 @@ from service.core.tensor_codec import Encoding
 from service.web import wire
 from service.web.deps import AppState, StateDep
 from service.web.docs import request_body
-from service.web.jobs import run_attention
+from service.web.jobs import fits_inline, run_attention
 from service.web.problems import PROBLEM_RESPONSES
+from service.web.scheduler import Deferred
 from service.web.v1.schemas import AttentionRequest, AttentionResponse
 
 router = APIRouter(prefix="/v1", tags=["attention"])
@@ -37,7 +39,7 @@ async def post_attention(request: Request, state: StateDep) -> Response:
     in q's encoding unless `encoding` says otherwise.
     """
     wire.require_json(request.headers)
-    return await state.scheduler.run_request("attention", request, _job, state)
+    return await state.scheduler.run_request("attention", request, _job, state, inline=True)
 
 
 def _comparison(comparison: dict[str, Any], encoding: Encoding) -> dict[str, Any]:
@@ -50,9 +52,17 @@ def _comparison(comparison: dict[str, Any], encoding: Encoding) -> dict[str, Any
     }
 
 
-def _job(state: AppState, body: bytes) -> Response:
+def _job(state: AppState, body: bytes) -> Response | Deferred:
+    """Parses the request; answers a small one at once, else defers the computation (the
+    scheduler may run this on the event loop, see Scheduler.run_request)."""
     data = wire.parse_json(body, wire.tensor_fields(AttentionRequest))
     req = wire.validate(AttentionRequest, data, state.settings.max_elements)
+    if fits_inline(req.q, req.k, req.v, req, heatmap=req.heatmap, stats=req.stats):
+        return _answer(state, req)
+    return Deferred(partial(_answer, state, req))
+
+
+def _answer(state: AppState, req: AttentionRequest) -> Response:
     job = run_attention(
         state,
         req.q,

@@ -24,7 +24,7 @@ import orjson
 from starlette.responses import Response
 
 from service.core.errors import LimitError
-from service.core.frameworks import bfloat16_bits_to_float32
+from service.core.frameworks import bfloat16_from_bits
 from service.core.tensor_codec import TensorLimitError, check_elements
 from service.web import wire
 from service.web.problems import BodyTooLarge, UnsupportedMediaType
@@ -151,8 +151,8 @@ def _binary_values(name: str, datatype: str, raw: memoryview) -> np.ndarray:
         values = values.copy()
     if datatype == "BOOL" and values.size and values.view(np.uint8).max() > 1:
         raise ProtocolError(f"input '{name}': BOOL bytes must be 0 or 1")
-    if datatype == "BF16":
-        return bfloat16_bits_to_float32(values)
+    if datatype == "BF16":  # bfloat16 values (ml_dtypes), as the kernel reads them
+        return bfloat16_from_bits(values)
     return values.astype(wire_dtype.newbyteorder("="), copy=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -36,16 +37,22 @@ def qkv(seed: int, shape_q=(2, 4, 8, 16), shape_kv=(2, 2, 12, 16)) -> tuple[np.n
 # Encodings: the service decodes each form to the values a numpy user would pass, and answers
 # exactly what the Python API answers for those values.
 
+
+def bfloat16_values(a: np.ndarray) -> np.ndarray:
+    """bfloat16 tensors decode to bfloat16 values (ml_dtypes), which the kernel reads as such."""
+    return bfloat16_round(a).astype(ml_dtypes.bfloat16)
+
+
 ENCODINGS = [
     ("list", lambda a: a.tolist(), lambda a: a.astype(np.float64)),
     ("data-float32", lambda a: data(a, "float32"), lambda a: a),
     ("data-float64", lambda a: data(a.astype(np.float64)), lambda a: a.astype(np.float64)),
     ("data-float16", lambda a: data(a.astype(np.float16)), lambda a: a.astype(np.float16)),
-    ("data-bfloat16", lambda a: data(bfloat16_round(a), "bfloat16"), bfloat16_round),
+    ("data-bfloat16", lambda a: data(bfloat16_round(a), "bfloat16"), bfloat16_values),
     ("b64-float32", lambda a: b64(a), lambda a: a),
     ("b64-float64", lambda a: b64(a.astype(np.float64)), lambda a: a.astype(np.float64)),
     ("b64-float16", lambda a: b64(a.astype(np.float16)), lambda a: a.astype(np.float16)),
-    ("b64-bfloat16", lambda a: b64(a, "bfloat16"), bfloat16_round),
+    ("b64-bfloat16", lambda a: b64(a, "bfloat16"), bfloat16_values),
 ]
 
 
@@ -64,6 +71,41 @@ def test_every_encoding_matches_the_python_api_exactly(client, name, encode, as_
         assert isinstance(out, list)
         got = decode(out).astype(np.float32)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_out_dtype_input_answers_16_bit_tensors_in_kind(client, dtype: str) -> None:
+    q, k, v = qkv(5)
+    body = {
+        n: b64(x.astype(np.float16) if dtype == "float16" else x, dtype)
+        for n, x in zip("qkv", (q, k, v), strict=True)
+    }
+    r = post(client, "/v1/attention", {**body, "out_dtype": "input"})
+    assert r.status_code == 200, r.text
+    out = r.json()["output"]
+    assert out["dtype"] == dtype and out["shape"] == list(q.shape)
+    as_numpy = bfloat16_values if dtype == "bfloat16" else (lambda a: a.astype(np.float16))
+    expected = service.attention(as_numpy(q), as_numpy(k), as_numpy(v), out_dtype="input").output
+    got = decode(out)
+    if dtype == "bfloat16":  # the b64 carries bfloat16's bits
+        got = got.view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_out_dtype_input_in_list_encoding_answers_the_16_bit_values(client, dtype: str) -> None:
+    """JSON numbers of the 16-bit results (orjson writes no bfloat16 array as it is)."""
+    q, k, v = qkv(6)
+    body = {n: {"dtype": dtype, "shape": list(x.shape), "data": x.ravel().tolist()} for n, x in
+            zip("qkv", (q, k, v), strict=True)}  # fmt: skip
+    r = post(client, "/v1/attention", {**body, "out_dtype": "input", "encoding": "list"})
+    assert r.status_code == 200, r.text
+    # Numbers are rounded to the dtype, nearest even, as numpy (ml_dtypes) rounds them.
+    wire_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    q, k, v = (x.astype(wire_dtype) for x in (q, k, v))
+    expected = service.attention(q, k, v, out_dtype="input").output
+    # Each number is the shortest decimal that reads back as the 16-bit value.
+    np.testing.assert_array_equal(np.array(r.json()["output"]).astype(wire_dtype), expected)
 
 
 def test_output_matches_an_independent_float64_reference(client) -> None:
