@@ -121,3 +121,20 @@ def test_the_approximations_refuse_the_half_options() -> None:
             service.attention(q, k, v, method="linear", **option)
     # The approximations compute in float32 from the same values.
     assert service.attention(q, k, v, method="linear").output.dtype == torch.float32
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "input"])
+def test_bfloat16_values_near_the_float32_limit_keep_their_dtype_and_answer(out_dtype: str) -> None:
+    """max|v| * Lk beyond float32's range: v is scaled by a power of two in bfloat16 itself (the
+    kernel takes q, k, v of one dtype) and the output scaled back, within bf16's bound of the
+    float64 answer."""
+    q, k, v = torch_qkv(torch.bfloat16, seed=3, shape=(1, 2, 40, 16))
+    v = (v * 2.0**126).to(torch.bfloat16)  # max|v| about 3e38, 40 keys
+    res = service.attention(q, k, v, out_dtype=out_dtype)
+    assert res.output.dtype == (torch.bfloat16 if out_dtype == "input" else torch.float32)
+    got = res.output.double()
+    assert torch.isfinite(got).all()
+    s = q.double() @ k.double().transpose(-1, -2) / 4.0
+    want = s.softmax(-1) @ v.double()
+    bound = bf16_bound(q, k, v, causal=False) + (U_BF16 * want.abs() if out_dtype == "input" else 0)
+    assert ((got - want).abs() <= bound).all()
