@@ -6,6 +6,8 @@
 - `server`: the service started as `make run` starts it (its console script, a free port),
   once per module; the module's SERVER_ENV (ATTN_* variables) and SERVER_ARGS (flags)
   configure it.
+- `redis_server`: a real redis-server on a free port, once per module (tests/support/
+  redis_server.py); tests that share it keep apart by their own key prefix.
 
 Helpers are plain functions in tests/support (module-level parametrisation needs them too,
 which a fixture cannot serve): reference.py holds the q, k, v factory (random_qkv) and the
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from starlette.testclient import TestClient
 
     from tests.support.http import Server
+    from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -48,4 +51,12 @@ def server(
     env = {"ATTN_HEATMAP_DIR": str(tmp / "heatmaps"), **getattr(request.module, "SERVER_ENV", {})}
     args = getattr(request.module, "SERVER_ARGS", ("--log-level", "warning"))
     with running_server(tmp / "server.log", env, *args) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    from tests.support.redis_server import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as running:
         yield running

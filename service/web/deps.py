@@ -4,8 +4,10 @@ create_app puts `authorize` in front of the API routers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
@@ -15,7 +17,17 @@ from service.web.metrics import Metrics
 from service.web.scheduler import Scheduler
 from service.web.security import AccessControl, bearer
 from service.web.settings import Settings
-from service.web.store import HeatmapStore
+from service.web.store import Store
+
+
+@dataclass(frozen=True)
+class Replica:
+    """The process serving: an id a client can tell replicas apart by (Ray Serve's replica id,
+    else host and pid) and what runs it (uvicorn, or a Ray Serve replica)."""
+
+    id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    pid: int = field(default_factory=os.getpid)
+    server: Literal["uvicorn", "ray"] = "uvicorn"
 
 
 @dataclass(frozen=True)
@@ -23,9 +35,10 @@ class AppState:
     settings: Settings
     limits: Limits
     scheduler: Scheduler
-    store: HeatmapStore
+    store: Store
     metrics: Metrics
     access: AccessControl
+    replica: Replica
 
     @property
     def num_threads(self) -> int:
@@ -37,12 +50,12 @@ async def app_state(request: Request) -> AppState:
     return request.app.state.services
 
 
-async def heatmap_store(request: Request) -> HeatmapStore:
+async def state_store(request: Request) -> Store:
     return request.app.state.services.store
 
 
 StateDep = Annotated[AppState, Depends(app_state)]
-StoreDep = Annotated[HeatmapStore, Depends(heatmap_store)]
+StoreDep = Annotated[Store, Depends(state_store)]
 
 
 async def authorize(

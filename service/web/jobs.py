@@ -61,6 +61,7 @@ def run_attention(
     compute: Callable[..., AttentionResult] = attention,
 ) -> AttentionJob:
     """Attention with optional heatmaps (pooled beyond ATTN_HEATMAP_MAX_SIDE) and stats."""
+    images.check_store(spec, state.store)
     ranks_ok = 2 <= q.ndim <= 4 and k.ndim == q.ndim and v.ndim == q.ndim
     lq, lk = (q.shape[-2], k.shape[-2]) if ranks_ok else (0, 0)
     side = state.limits.heatmap_max_side
@@ -182,6 +183,7 @@ def run_multihead(
     compute: Callable[..., MultiheadResult] = multihead_attention,
 ) -> MultiheadJob:
     """Multi-head attention (torch semantics) with optional per-head heatmaps."""
+    images.check_store(spec, state.store)
     per_head = spec is not None  # heatmaps need every head, whatever the response averages
     k = query if key is None else key
     _check_multihead_sizes(state, query, k, k if value is None else value, opts, need_weights, spec)
@@ -229,6 +231,7 @@ def run_tokens(
     positional: Positional,
 ) -> TokensJob:
     """Embeddings, positions and multi-head self-attention, with token-labelled heatmaps."""
+    images.check_store(spec, state.store)
     n, d, h = len(tokens), d_model, opts.num_heads
     # Everything this request would allocate is checked before embedding a single token.
     limits = state.limits
@@ -301,6 +304,8 @@ def run_model(
     inline: bool,
 ) -> ModelJob:
     """Tokenise, check the limits against the input's length, run the model, draw `views`."""
+    if views is not None and not inline:
+        state.store.check_available()
     model = load_model(name)
     prepared = model.prepare(text, text_pair, truncate=truncate, layers=layers, heads=heads)
     enc = prepared.encoding
