@@ -364,15 +364,22 @@ class RedisRateLimiter:
         self._interval_us = math.ceil(60e6 / per_minute)
         self._tolerance_us = int(capacity(per_minute, burst) * self._interval_us)
         self._on_fail_open = on_fail_open
+        self._failing_open = False
 
     def acquire(self, caller: str) -> float:
         try:
             wait_us = self._store.gcra(caller, self._interval_us, self._tolerance_us)
-        except StoreUnavailable:
-            # Fail open: an unreachable Redis must not take the service down with it. Logged by
-            # the store once per outage; counted per request.
+        except StoreUnavailable as exc:
+            # Fail open: an unreachable Redis must not take the service down with it. Logged
+            # once per outage, counted per request.
+            if not self._failing_open:
+                self._failing_open = True
+                log.warning("rate limit failing open (requests allowed): %s", exc.detail)
             self._on_fail_open()
             return 0.0
+        if self._failing_open:
+            self._failing_open = False
+            log.warning("rate limit enforced again: Redis is back")
         return wait_us / 1e6
 
 
