@@ -44,9 +44,14 @@ build: $(VENV)/.runtime
 run: build
 	$(BIN)/attention-service --host $(HOST) --port $(PORT)
 
+# TensorFlow and JAX (the `frameworks` extra) are tested in a pytest process of their own: once
+# imported they keep threads running, and other tests fork.
+FRAMEWORK_TESTS := tests/core/test_frameworks.py
+
 test: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
-	$(BIN)/python -m pytest -q
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks]"
+	$(BIN)/python -m pytest -q --ignore=$(FRAMEWORK_TESTS)
+	$(BIN)/python -m pytest -q $(FRAMEWORK_TESTS)
 
 # Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
 # the types (mypy over the whole package, the extension through service/_native.pyi).
@@ -57,9 +62,11 @@ lint: $(VENV)/.testdeps
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run.
+# Side-by-side benchmarks against torch; QUICK=1 for a short smoke run; BASELINE=<git ref>
+# also builds that commit's kernel and runs it side by side (no-regression rows).
 bench: $(VENV)/.testdeps build
-	$(BIN)/python -m tests.benchmarks.bench_kernel $(if $(QUICK),--quick)
+	$(BIN)/python -m tests.benchmarks.bench_kernel $(if $(QUICK),--quick) \
+		$(if $(BASELINE),--baseline $(BASELINE))
 
 # Approximate methods against exact: time and error vs L (1k..64k); QUICK=1 stops at 4k.
 .PHONY: bench-approx
@@ -92,7 +99,8 @@ sanitize: $(VENV)/.testdeps
 fuzz: $(VENV)/.testdeps
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
 	ATTN_FUZZ_SCALE=10 ATTN_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py
+		--hypothesis-show-statistics tests/web/test_fuzz_schema.py tests/native/test_fuzz.py \
+		tests/native/test_fuzz_mask_plan.py
 
 # Load test: the real server under 32 locust users for 60 s (DURATION=n to change); writes
 # and prints tests/load/results/last.md (p50/p99, throughput, status codes, peak RSS).

@@ -14,194 +14,64 @@
 namespace attn {
 namespace {
 
-// Positions and lengths must stay well below 2^31 so that window products cannot overflow.
-constexpr int64_t kMaxLen = int64_t(1) << 31;
+std::string str(int64_t v) { return std::to_string(v); }
 
-[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << '(';
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  if (s.size() == 1) o << ',';
-  o << ')';
-  return o.str();
-}
-
-const char* dtype_label(DType t) {
-  switch (t) {
-    case DType::f32:
-      return "float32";
-    case DType::i64:
-      return "int64";
-    case DType::b8:
-      return "bool";
-    default:
-      return "?";
-  }
-}
-
-void check_dtype(const ArrayRef& a, const std::string& name, DType want) {
-  if (a.dtype != want)
-    fail(name + ": expected dtype " + dtype_label(want) + ", got " + a.dtype_name);
-}
-
-void check_ndim(const ArrayRef& a, const std::string& name, int ndim, const char* dims) {
-  if (a.ndim() != ndim)
-    fail(name + ": expected " + std::to_string(ndim) + " dimension" + (ndim == 1 ? "" : "s") +
-         " " + dims + ", got " + std::to_string(a.ndim()));
-}
-
-// Strides must be whole elements and the data aligned; with unit_last, the last axis must be
-// contiguous (the kernels read rows with vector loads).
-void check_layout(const ArrayRef& a, const std::string& name, int64_t itemsize, bool unit_last) {
-  for (int64_t n : a.shape)
-    if (n == 0) return;  // empty: never read, and numpy gives such arrays arbitrary strides
-  if (reinterpret_cast<uintptr_t>(a.data) % uintptr_t(itemsize) != 0)
-    fail(name + ": data is not aligned to its element size");
-  for (int d = 0; d < a.ndim(); ++d)
-    if (a.strides[d] % itemsize != 0)
-      fail(name + ": strides must be multiples of the element size, got " + shape_str(a.strides));
-  const int last = a.ndim() - 1;
-  if (unit_last && last >= 0 && a.shape[last] > 1 && a.strides[last] != itemsize)
-    fail(name + ": the last axis must be contiguous (stride " + std::to_string(itemsize) +
-         " bytes), got stride " + std::to_string(a.strides[last]) + " bytes");
-}
-
-void check_float_tensor(const ArrayRef& a, const std::string& name, int ndim, const char* dims) {
-  check_ndim(a, name, ndim, dims);
-  check_dtype(a, name, DType::f32);
-  check_layout(a, name, 4, true);
-  for (int64_t s : a.shape)
-    if (s >= kMaxLen) fail(name + ": dimension too large " + shape_str(a.shape));
-}
-
-// Element strides of a float32 array.
-int64_t es(const ArrayRef& a, int d) { return a.strides[d] / 4; }
-
-// Reads element i of a 1-D array of type T through its stride.
-template <class T>
-T at1(const ArrayRef& a, int64_t i) {
-  return *reinterpret_cast<const T*>(static_cast<const char*>(a.data) + i * a.strides[0]);
-}
-
-void check_1d(const ArrayRef& a, const std::string& name, DType dt, int64_t len,
-              const std::string& len_desc) {
-  check_ndim(a, name, 1, len_desc.c_str());
-  check_dtype(a, name, dt);
-  check_layout(a, name, dt == DType::i64 ? 8 : 4, false);
-  if (a.shape[0] != len)
-    fail(name + ": expected shape " + len_desc + " = (" + std::to_string(len) + ",), got " +
-         shape_str(a.shape));
-}
-
-// Checks the masking options against the attention shapes and fills them into the plan.
-void plan_masking(AttentionPlan& p, const MaskOptions& o, double scale) {
+// Checks everything beyond the tensors against the attention shapes (already in p.args) and
+// fills it into the plan: masking, score modifiers, weights, threads.
+void plan_options(AttentionPlan& p, const CallOptions& o, double scale) {
   AttnArgs& a = p.args;
   if (!std::isfinite(scale)) fail("scale: must be finite, got " + std::to_string(scale));
   a.scale = float(scale);
-  if (o.causal < 0 || o.causal > 2)
-    fail("causal: expected 0 (none), 1 (top_left) or 2 (bottom_right), got " +
-         std::to_string(o.causal));
-  a.causal = o.causal;
   if (!(o.softcap >= 0.0) || !std::isfinite(o.softcap))
     fail("softcap: must be >= 0 and finite (0 = off), got " + std::to_string(o.softcap));
   a.softcap = float(o.softcap);
-  if (o.window_left < -1)
-    fail("window_left: must be >= 0, or -1 for unbounded, got " + std::to_string(o.window_left));
-  if (o.window_right < -1)
-    fail("window_right: must be >= 0, or -1 for unbounded, got " +
-         std::to_string(o.window_right));
-  if (o.dilation < 1) fail("dilation: must be >= 1, got " + std::to_string(o.dilation));
-  a.window_left = o.window_left;
-  a.window_right = o.window_right;
-  a.dilation = o.dilation;
-
-  const std::vector<int64_t> mshape{a.B, a.Hq, a.Lq, a.Lk};
-  if (o.mask.given) {
-    const ArrayRef& m = o.mask;
-    if (m.ndim() != 4 || m.shape != mshape)
-      fail("mask: shape must be (B, Hq, Lq, Lk) = " + shape_str(mshape) + ", got " +
-           shape_str(m.shape));
-    if (m.dtype == DType::b8) {
-      check_layout(m, "mask", 1, false);
-      a.bool_mask = static_cast<const uint8_t*>(m.data);
-      for (int d = 0; d < 4; ++d) a.mask_strides[d] = m.strides[d];
-    } else if (m.dtype == DType::f32) {
-      check_layout(m, "mask", 4, false);
-      a.float_mask = static_cast<const float*>(m.data);
-      for (int d = 0; d < 4; ++d) a.mask_strides[d] = m.strides[d] / 4;
-    } else {
-      fail("mask: expected dtype bool or float32, got " + m.dtype_name);
-    }
-  }
-  if (o.key_lengths.given) {
-    check_1d(o.key_lengths, "key_lengths", DType::i64, a.B, "(B,)");
-    p.key_lengths.resize(size_t(a.B));
-    for (int64_t b = 0; b < a.B; ++b) {
-      const int64_t n = at1<int64_t>(o.key_lengths, b);
-      if (n < 0)
-        fail("key_lengths: value " + std::to_string(n) + " at index " + std::to_string(b) +
-             " is negative");
-      if (n > a.Lk)
-        fail("key_lengths: value " + std::to_string(n) + " at index " + std::to_string(b) +
-             " exceeds Lk=" + std::to_string(a.Lk));
-      p.key_lengths[size_t(b)] = n;
-    }
-    a.key_lengths = p.key_lengths.data();
-  }
-  if (o.global_tokens.given) {
-    const ArrayRef& g = o.global_tokens;
-    check_ndim(g, "global_tokens", 1, "(n,)");
-    check_dtype(g, "global_tokens", DType::i64);
-    check_layout(g, "global_tokens", 8, false);
-    p.global_tokens.resize(size_t(g.shape[0]));
-    for (int64_t i = 0; i < g.shape[0]; ++i) {
-      const int64_t pos = at1<int64_t>(g, i);
-      if (pos < 0 || pos >= a.Lk)
-        fail("global_tokens: position " + std::to_string(pos) + " outside [0, " +
-             std::to_string(a.Lk) + ")");
-      if (i > 0 && pos <= p.global_tokens[size_t(i - 1)])
-        fail("global_tokens: must be sorted and unique (position " + std::to_string(pos) +
-             " at index " + std::to_string(i) + " follows " +
-             std::to_string(p.global_tokens[size_t(i - 1)]) + ")");
-      p.global_tokens[size_t(i)] = pos;
-    }
-    a.global_tokens = p.global_tokens.data();
-    a.n_global = int64_t(p.global_tokens.size());
-  }
+  p.masking = Masking(o.masking, a.B, a.Hq, a.Lq, a.Lk);
+  a.float_mask = p.masking.float_mask();
+  for (int d = 0; d < 4; ++d) a.float_mask_strides[d] = p.masking.float_mask_strides()[d];
   if (o.alibi_slopes.given) {
     check_1d(o.alibi_slopes, "alibi_slopes", DType::f32, a.Hq, "(Hq,)");
     p.alibi.resize(size_t(a.Hq));
     for (int64_t h = 0; h < a.Hq; ++h) {
-      const float s = at1<float>(o.alibi_slopes, h);
-      if (!std::isfinite(s))
-        fail("alibi_slopes: value at index " + std::to_string(h) + " is not finite");
+      const float s = read_f32(o.alibi_slopes, h);
+      if (!std::isfinite(s)) fail("alibi_slopes: value at index " + str(h) + " is not finite");
       p.alibi[size_t(h)] = s;
     }
     a.alibi = p.alibi.data();
   }
-}
-
-void set_threads(AttnArgs& a, int num_threads) {
-  if (num_threads < 0) fail("num_threads: must be >= 0 (0 = default), got " +
-                            std::to_string(num_threads));
-  a.num_threads = num_threads > 0 ? num_threads : default_num_threads();
-}
-
-void finish_shapes(AttentionPlan& p, bool return_weights) {
-  const AttnArgs& a = p.args;
-  p.return_weights = return_weights;
+  // Weights: of every row (return_weights), or of the rows asked for, which win.
+  p.weights = o.return_weights || o.weights_rows.given;
+  a.n_weight_rows = a.Lq;
+  if (o.weights_rows.given) {
+    check_1d(o.weights_rows, "weights_rows", DType::i64, -1, "(n,)");
+    if (o.weights_rows.shape[0] > a.Lq)  // distinct rows of [0, Lq): checked before reading
+      fail("weights_rows: " + str(o.weights_rows.shape[0]) + " rows asked for, but Lq=" +
+           str(a.Lq));
+    const std::vector<int64_t> rows = read_ints(o.weights_rows);
+    p.weight_index.assign(size_t(a.Lq), -1);
+    for (size_t w = 0; w < rows.size(); ++w) {
+      const int64_t i = rows[w];
+      if (i < 0 || i >= a.Lq)
+        fail("weights_rows: row " + str(i) + " at index " + str(int64_t(w)) + " is outside [0, " +
+             str(a.Lq) + ")");
+      if (p.weight_index[size_t(i)] >= 0)
+        fail("weights_rows: row " + str(i) + " appears twice (at indices " +
+             str(p.weight_index[size_t(i)]) + " and " + str(int64_t(w)) + ")");
+      p.weight_index[size_t(i)] = int64_t(w);
+    }
+    a.n_weight_rows = int64_t(rows.size());
+  }
+  if (o.num_threads < 0)
+    fail("num_threads: must be >= 0 (0 = default), got " + std::to_string(o.num_threads));
+  a.num_threads = o.num_threads > 0 ? o.num_threads : default_num_threads();
   p.out_shape = {a.B, a.Hq, a.Lq, a.Dv};
   p.lse_shape = {a.B, a.Hq, a.Lq};
-  if (return_weights) p.weights_shape = {a.B, a.Hq, a.Lq, a.Lk};
+  if (p.weights) p.weights_shape = {a.B, a.Hq, a.n_weight_rows, a.Lk};
 }
 
 }  // namespace
 
 AttentionPlan plan_attention(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v,
-                             double scale, const MaskOptions& opts, bool return_weights,
-                             int num_threads) {
+                             double scale, const CallOptions& opts) {
   check_float_tensor(q, "q", 4, "(B, Hq, Lq, D)");
   check_float_tensor(k, "k", 4, "(B, Hkv, Lk, D)");
   check_float_tensor(v, "v", 4, "(B, Hkv, Lk, Dv)");
@@ -244,10 +114,21 @@ AttentionPlan plan_attention(const ArrayRef& q, const ArrayRef& k, const ArrayRe
     a.sk[d] = es(k, d);
     a.sv[d] = es(v, d);
   }
-  plan_masking(p, opts, scale);
-  set_threads(a, num_threads);
-  finish_shapes(p, return_weights);
+  plan_options(p, opts, scale);
   return p;
+}
+
+void run_kernel(AttentionPlan& p) {
+  AttnArgs& a = p.args;
+  a.weight_index = p.weight_index.empty() ? nullptr : p.weight_index.data();
+  const MaskRule rule = p.masking.rule();
+  const PlanStorage storage = build_plan(rule, kAttentionTiles, a.B, a.Hq, a.Lq);
+  const MaskPlan plan = storage.view();
+  a.rule = &rule;
+  a.plan = &plan;
+  kernels().attention(a);
+  a.rule = nullptr;
+  a.plan = nullptr;
 }
 
 void run_attention(AttentionPlan& p, float* out, float* lse, float* weights) {
@@ -257,12 +138,11 @@ void run_attention(AttentionPlan& p, float* out, float* lse, float* weights) {
   a.so[1] = a.Lq * a.Dv;
   a.so[2] = a.Dv;
   a.lse = lse;
-  a.weights = p.return_weights ? weights : nullptr;
-  kernels().attention(a);
+  a.weights = p.weights ? weights : nullptr;
+  run_kernel(p);
 }
 
-MultiheadPlan plan_multihead(const MultiheadInputs& in, double scale, const MaskOptions& opts,
-                             bool return_weights, int num_threads) {
+MultiheadPlan plan_multihead(const MultiheadInputs& in, double scale, const CallOptions& opts) {
   check_float_tensor(in.query, "query", 3, "(B, Lq, E)");
   check_float_tensor(in.key, "key", 3, "(B, Lk, kdim)");
   check_float_tensor(in.value, "value", 3, "(B, Lk, vdim)");
@@ -335,9 +215,7 @@ MultiheadPlan plan_multihead(const MultiheadInputs& in, double scale, const Mask
   a.Lk = p.Lk;
   a.D = p.head_dim;
   a.Dv = p.head_dim;
-  plan_masking(p.attn, opts, scale);
-  set_threads(a, num_threads);
-  finish_shapes(p.attn, return_weights);
+  plan_options(p.attn, opts, scale);
   p.out_shape = {p.B, p.Lq, p.E};
   return p;
 }
@@ -398,8 +276,8 @@ void run_multihead(MultiheadPlan& p, float* out, float* lse, float* weights) {
   a.so[1] = hd;
   a.so[2] = E;
   a.lse = lse;
-  a.weights = p.attn.return_weights ? weights : nullptr;
-  kt.attention(a);
+  a.weights = p.attn.weights ? weights : nullptr;
+  run_kernel(p.attn);
 
   ArrayRef concat;
   concat.given = true;

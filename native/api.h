@@ -6,43 +6,40 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "kernel_abi.h"
+#include "masking.h"
 #include "thread_pool.h"
 
 namespace attn {
 
-enum class DType { f32, i64, b8, other };
-
-// A view of an n-d array as handed over by the bindings; strides are in bytes.
-struct ArrayRef {
-  bool given = false;  // false for None
-  const void* data = nullptr;
-  DType dtype = DType::other;
-  std::string dtype_name;
-  std::vector<int64_t> shape, strides;
-  int ndim() const { return int(shape.size()); }
-};
-
-struct MaskOptions {
-  int causal = 0;
-  ArrayRef mask, key_lengths, global_tokens, alibi_slopes;
-  int64_t window_left = -1, window_right = -1, dilation = 1;
+// Options of every entry point beyond the tensors.
+struct CallOptions {
+  MaskOptions masking;
+  ArrayRef alibi_slopes;
   double softcap = 0.0;
+  bool return_weights = false;
+  ArrayRef weights_rows;  // weights for these query rows only (implies weights)
+  int num_threads = 0;
 };
 
 // A checked attention call: the kernel arguments (output pointers still unset) plus the data
-// they point into that the checks copied out (key lengths, global tokens, slopes).
+// they point into (masking, slopes, the weights rows).
 struct AttentionPlan {
   AttnArgs args{};
-  bool return_weights = false;
-  std::vector<int64_t> key_lengths, global_tokens;
+  Masking masking;
+  bool weights = false;  // a weights output exists
   std::vector<float> alibi;
+  std::vector<int64_t> weight_index;  // query row -> weights row (-1: none), with weights_rows
   std::vector<int64_t> out_shape, lse_shape, weights_shape;
 };
 
 AttentionPlan plan_attention(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, double scale,
-                             const MaskOptions& opts, bool return_weights, int num_threads);
+                             const CallOptions& opts);
 void run_attention(AttentionPlan& plan, float* out, float* lse, float* weights);
+// Builds the mask plan for the kernel's tiles and runs the attention kernel on plan.args,
+// whose tensor and output pointers are set.
+void run_kernel(AttentionPlan& plan);
 
 struct MultiheadInputs {
   ArrayRef query, key, value, q_weight, k_weight, v_weight, out_weight;
@@ -57,8 +54,7 @@ struct MultiheadPlan {
   std::vector<int64_t> out_shape;
 };
 
-MultiheadPlan plan_multihead(const MultiheadInputs& in, double scale, const MaskOptions& opts,
-                             bool return_weights, int num_threads);
+MultiheadPlan plan_multihead(const MultiheadInputs& in, double scale, const CallOptions& opts);
 void run_multihead(MultiheadPlan& plan, float* out, float* lse, float* weights);
 
 // Instruction-set dispatch (dispatch.cpp).

@@ -12,6 +12,7 @@
 #include <string>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "api.h"
@@ -56,15 +57,58 @@ attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
     r.dtype = attn::DType::f32;
   else if (native && kind == 'i' && dt.itemsize() == 8)
     r.dtype = attn::DType::i64;
+  else if (native && kind == 'i' && dt.itemsize() == 4)
+    r.dtype = attn::DType::i32;
   else if (kind == 'b' && dt.itemsize() == 1)
     r.dtype = attn::DType::b8;
   return r;
 }
 
-attn::MaskOptions mask_options(int causal, const py::object& mask, const py::object& key_lengths,
-                               int64_t window_left, int64_t window_right, int64_t dilation,
-                               const py::object& global_tokens, const py::object& alibi_slopes,
-                               double softcap) {
+// Keyword options of every entry point, in the signatures' order (after the tensors): the
+// masking ones, and with them the score ones.
+#define ATTN_MASK_PARAMS                                                                     \
+  int causal, const py::object &mask, const py::object &key_lengths, int64_t window_left,   \
+      int64_t window_right, int64_t dilation, const py::object &global_tokens,              \
+      const py::object &block_layout, int64_t block_q, int64_t block_k,                     \
+      const py::object &cu_seqlens, const py::object &cu_seqlens_q,                         \
+      const py::object &cu_seqlens_k
+#define ATTN_MASK_VALUES                                                                     \
+  causal, mask, key_lengths, window_left, window_right, dilation, global_tokens,            \
+      block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q, cu_seqlens_k
+#define ATTN_OPTION_PARAMS \
+  double scale, const py::object &alibi_slopes, double softcap, ATTN_MASK_PARAMS
+#define ATTN_OPTION_VALUES scale, alibi_slopes, softcap, ATTN_MASK_VALUES
+
+// The keyword arguments matching ATTN_MASK_PARAMS and ATTN_OPTION_PARAMS, for m.def.
+auto mask_args() {
+  return std::make_tuple(
+      py::arg("causal") = 0, py::arg("mask") = py::none(), py::arg("key_lengths") = py::none(),
+      py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("dilation") = 1,
+      py::arg("global_tokens") = py::none(), py::arg("block_layout") = py::none(),
+      py::arg("block_q") = 0, py::arg("block_k") = 0, py::arg("cu_seqlens") = py::none(),
+      py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none());
+}
+auto option_args() {
+  return std::tuple_cat(std::make_tuple(py::arg("scale"), py::arg("alibi_slopes") = py::none(),
+                                        py::arg("softcap") = 0.0),
+                        mask_args());
+}
+
+// m.def(name, f, <head...>, <options...>, <tail...>).
+template <class F, class Head, class Options, class Tail>
+void def_with(py::module_& m, const char* name, F f, Head head, Options options, Tail tail) {
+  std::apply(
+      [&](auto&&... h) {
+        std::apply(
+            [&](auto&&... o) {
+              std::apply([&](auto&&... t) { m.def(name, f, h..., o..., t...); }, tail);
+            },
+            options);
+      },
+      head);
+}
+
+attn::MaskOptions mask_options(ATTN_MASK_PARAMS) {
   attn::MaskOptions o;
   o.causal = causal;
   o.mask = to_ref(mask, "mask", true);
@@ -73,9 +117,30 @@ attn::MaskOptions mask_options(int causal, const py::object& mask, const py::obj
   o.window_right = window_right;
   o.dilation = dilation;
   o.global_tokens = to_ref(global_tokens, "global_tokens", true);
-  o.alibi_slopes = to_ref(alibi_slopes, "alibi_slopes", true);
-  o.softcap = softcap;
+  o.block_layout = to_ref(block_layout, "block_layout", true);
+  o.block_q = block_q;
+  o.block_k = block_k;
+  // flash-attn's names: cu_seqlens for self-attention, or the pair for cross-attention.
+  if (!cu_seqlens.is_none()) {
+    if (!cu_seqlens_q.is_none() || !cu_seqlens_k.is_none())
+      throw std::invalid_argument(
+          "cu_seqlens: give cu_seqlens, or cu_seqlens_q and cu_seqlens_k, not both");
+    o.cu_seqlens_q = o.cu_seqlens_k = to_ref(cu_seqlens, "cu_seqlens", true);
+    o.cu_seqlens_shared = true;
+  } else {
+    o.cu_seqlens_q = to_ref(cu_seqlens_q, "cu_seqlens_q", true);
+    o.cu_seqlens_k = to_ref(cu_seqlens_k, "cu_seqlens_k", true);
+  }
   return o;
+}
+
+attn::CallOptions call_options(ATTN_OPTION_PARAMS) {
+  attn::CallOptions c;
+  (void)scale;  // passed to the plan on its own
+  c.masking = mask_options(ATTN_MASK_VALUES);
+  c.alibi_slopes = to_ref(alibi_slopes, "alibi_slopes", true);
+  c.softcap = softcap;
+  return c;
 }
 
 template <class T>
@@ -109,19 +174,16 @@ void run_released(const std::optional<CancelFlag*>& cancel, Work&& work) {
   work();
 }
 
-py::tuple attention(const py::object& q, const py::object& k, const py::object& v, double scale,
-                    int causal, const py::object& mask, const py::object& key_lengths,
-                    int64_t window_left, int64_t window_right, int64_t dilation,
-                    const py::object& global_tokens, const py::object& alibi_slopes,
-                    double softcap, bool return_weights, int num_threads,
-                    std::optional<CancelFlag*> cancel) {
-  const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
-                                              window_right, dilation, global_tokens,
-                                              alibi_slopes, softcap);
-  attn::AttentionPlan plan =
-      attn::plan_attention(to_ref(q, "q", false), to_ref(k, "k", false), to_ref(v, "v", false),
-                           scale, opts, return_weights, num_threads);
-  Outputs o(plan.out_shape, plan.lse_shape, plan.return_weights, plan.weights_shape);
+py::tuple attention(const py::object& q, const py::object& k, const py::object& v,
+                    ATTN_OPTION_PARAMS, bool return_weights, const py::object& weights_rows,
+                    int num_threads, std::optional<CancelFlag*> cancel) {
+  attn::CallOptions opts = call_options(ATTN_OPTION_VALUES);
+  opts.return_weights = return_weights;
+  opts.weights_rows = to_ref(weights_rows, "weights_rows", true);
+  opts.num_threads = num_threads;
+  attn::AttentionPlan plan = attn::plan_attention(to_ref(q, "q", false), to_ref(k, "k", false),
+                                                  to_ref(v, "v", false), scale, opts);
+  Outputs o(plan.out_shape, plan.lse_shape, plan.weights, plan.weights_shape);
   run_released(cancel, [&] {
     attn::run_attention(plan, o.out.mutable_data(), o.lse.mutable_data(), o.weights_data);
   });
@@ -133,10 +195,7 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
                     const py::object& v_weight, const py::object& out_weight,
                     const py::object& q_bias, const py::object& k_bias, const py::object& v_bias,
                     const py::object& out_bias, int64_t num_heads, int64_t num_kv_heads,
-                    double scale, int causal, const py::object& mask,
-                    const py::object& key_lengths, int64_t window_left, int64_t window_right,
-                    int64_t dilation, const py::object& global_tokens,
-                    const py::object& alibi_slopes, double softcap, bool return_weights,
+                    ATTN_OPTION_PARAMS, bool return_weights, const py::object& weights_rows,
                     int num_threads, std::optional<CancelFlag*> cancel) {
   attn::MultiheadInputs in;
   in.query = to_ref(query, "query", false);
@@ -152,12 +211,12 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
   in.out_bias = to_ref(out_bias, "out_bias", true);
   in.num_heads = num_heads;
   in.num_kv_heads = num_kv_heads;
-  const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
-                                              window_right, dilation, global_tokens,
-                                              alibi_slopes, softcap);
-  attn::MultiheadPlan plan = attn::plan_multihead(in, scale, opts, return_weights, num_threads);
-  Outputs o(plan.out_shape, plan.attn.lse_shape, plan.attn.return_weights,
-            plan.attn.weights_shape);
+  attn::CallOptions opts = call_options(ATTN_OPTION_VALUES);
+  opts.return_weights = return_weights;
+  opts.weights_rows = to_ref(weights_rows, "weights_rows", true);
+  opts.num_threads = num_threads;
+  attn::MultiheadPlan plan = attn::plan_multihead(in, scale, opts);
+  Outputs o(plan.out_shape, plan.attn.lse_shape, plan.attn.weights, plan.attn.weights_shape);
   run_released(cancel, [&] {
     attn::run_multihead(plan, o.out.mutable_data(), o.lse.mutable_data(), o.weights_data);
   });
@@ -165,18 +224,13 @@ py::tuple multihead(const py::object& query, const py::object& key, const py::ob
 }
 
 py::tuple attention_maps(const py::object& q, const py::object& k, const py::object& v,
-                         double scale, int causal, const py::object& mask,
-                         const py::object& key_lengths, int64_t window_left,
-                         int64_t window_right, int64_t dilation,
-                         const py::object& global_tokens, const py::object& alibi_slopes,
-                         double softcap, int64_t bins_q, int64_t bins_k, int64_t top_k,
+                         ATTN_OPTION_PARAMS, int64_t bins_q, int64_t bins_k, int64_t top_k,
                          int num_threads, std::optional<CancelFlag*> cancel) {
-  const attn::MaskOptions opts = mask_options(causal, mask, key_lengths, window_left,
-                                              window_right, dilation, global_tokens,
-                                              alibi_slopes, softcap);
-  attn::MapsPlan plan =
-      attn::plan_maps(to_ref(q, "q", false), to_ref(k, "k", false), to_ref(v, "v", false),
-                      scale, opts, bins_q, bins_k, top_k, num_threads);
+  attn::CallOptions opts = call_options(ATTN_OPTION_VALUES);
+  opts.num_threads = num_threads;
+  attn::MapsPlan plan = attn::plan_maps(to_ref(q, "q", false), to_ref(k, "k", false),
+                                        to_ref(v, "v", false), scale, opts, bins_q, bins_k,
+                                        top_k);
   Outputs o(plan.attn.out_shape, plan.attn.lse_shape, false, {});
   auto pooled = empty<double>(plan.pooled_shape);
   auto entropy = empty<float>(plan.attn.lse_shape);
@@ -189,6 +243,33 @@ py::tuple attention_maps(const py::object& q, const py::object& k, const py::obj
                    colsum.mutable_data());
   });
   return py::make_tuple(o.out, o.lse, pooled, entropy, top_idx, top_w, colsum);
+}
+
+// The mask plan a call with these shapes and masking options would follow, summarised: for
+// benchmarks (its build time) and tests (its size follows the tiles, never Lq x Lk).
+py::dict mask_plan(int64_t b, int64_t hq, int64_t lq, int64_t lk, ATTN_MASK_PARAMS,
+                   const std::string& kernel) {
+  if (kernel != "attention" && kernel != "maps")
+    throw std::invalid_argument("kernel: expected 'attention' or 'maps', got '" + kernel + "'");
+  for (const int64_t n : {b, hq, lq, lk})
+    if (n < 0 || n >= attn::kMaxLen)
+      throw std::invalid_argument("shape: each of b, hq, lq, lk must be in [0, 2^31)");
+  const attn::MaskOptions opts = mask_options(ATTN_MASK_VALUES);
+  attn::PlanStats st;
+  {
+    py::gil_scoped_release nogil;
+    st = attn::plan_stats(opts, kernel == "maps" ? attn::kMapsTiles : attn::kAttentionTiles, b,
+                          hq, lq, lk);
+  }
+  py::dict d;
+  d["groups"] = st.groups;
+  d["items"] = st.items;
+  d["spans"] = st.spans;
+  d["full_spans"] = st.full_spans;
+  d["pairs"] = st.pairs;
+  d["head_dependent"] = st.head_dependent;
+  d["build_seconds"] = st.build_seconds;
+  return d;
 }
 
 void set_num_threads(int n) {
@@ -218,41 +299,44 @@ PYBIND11_MODULE(_native, m) {
         return f.value.load(std::memory_order_relaxed) != 0;
       });
 
-  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
-        py::arg("scale"), py::arg("causal") = 0, py::arg("mask") = py::none(),
-        py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("dilation") = 1,
-        py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
-        py::arg("softcap") = 0.0, py::arg("return_weights") = false,
-        py::arg("num_threads") = 0, py::arg("cancel") = py::none(),
-        "Exact attention. Returns (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or "
-        "None).");
+  const auto tail = [](auto... extra) {
+    return std::make_tuple(extra..., py::arg("num_threads") = 0, py::arg("cancel") = py::none());
+  };
+  def_with(
+      m, "attention", &attention,
+      std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()), option_args(),
+      tail(py::arg("return_weights") = false, py::arg("weights_rows") = py::none(),
+           "Exact attention. Returns (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the "
+           "weights are (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for "
+           "the rows asked for."));
+  def_with(
+      m, "multihead", &multihead,
+      std::make_tuple(py::arg("query"), py::arg("key"), py::arg("value"), py::arg("q_weight"),
+                      py::arg("k_weight"), py::arg("v_weight"), py::arg("out_weight"),
+                      py::arg("q_bias") = py::none(), py::arg("k_bias") = py::none(),
+                      py::arg("v_bias") = py::none(), py::arg("out_bias") = py::none(),
+                      py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads")),
+      option_args(),
+      tail(py::arg("return_weights") = false, py::arg("weights_rows") = py::none(),
+           "torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads. Returns "
+           "(out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq or len(weights_rows),Lk) or None)."));
+  def_with(
+      m, "attention_maps", &attention_maps,
+      std::make_tuple(py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only()), option_args(),
+      tail(py::arg("bins_q") = 1, py::arg("bins_k") = 1, py::arg("top_k") = 0,
+           "Exact attention maps in O(L) memory. Returns (out, lse, pooled (B,Hq,Pq,Pk) bin "
+           "means, entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk)); "
+           "Pq, Pk, K are clamped to Lq, Lk, Lk."));
 
-  m.def("multihead", &multihead, py::arg("query"), py::arg("key"), py::arg("value"),
-        py::arg("q_weight"), py::arg("k_weight"), py::arg("v_weight"), py::arg("out_weight"),
-        py::arg("q_bias") = py::none(), py::arg("k_bias") = py::none(),
-        py::arg("v_bias") = py::none(), py::arg("out_bias") = py::none(), py::kw_only(),
-        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"),
-        py::arg("causal") = 0, py::arg("mask") = py::none(),
-        py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("dilation") = 1,
-        py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
-        py::arg("softcap") = 0.0, py::arg("return_weights") = false,
-        py::arg("num_threads") = 0, py::arg("cancel") = py::none(),
-        "torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads. Returns "
-        "(out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None).");
-
-  m.def("attention_maps", &attention_maps, py::arg("q"), py::arg("k"), py::arg("v"),
-        py::kw_only(), py::arg("scale"), py::arg("causal") = 0, py::arg("mask") = py::none(),
-        py::arg("key_lengths") = py::none(), py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("dilation") = 1,
-        py::arg("global_tokens") = py::none(), py::arg("alibi_slopes") = py::none(),
-        py::arg("softcap") = 0.0, py::arg("bins_q") = 1, py::arg("bins_k") = 1,
-        py::arg("top_k") = 0, py::arg("num_threads") = 0, py::arg("cancel") = py::none(),
-        "Exact attention maps in O(L) memory. Returns (out, lse, pooled (B,Hq,Pq,Pk) bin "
-        "means, entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk)); "
-        "Pq, Pk, K are clamped to Lq, Lk, Lk.");
-
+  def_with(m, "mask_plan", &mask_plan,
+           std::make_tuple(py::arg("b"), py::arg("hq"), py::arg("lq"), py::arg("lk"),
+                           py::kw_only()),
+           mask_args(),
+           std::make_tuple(py::arg("kernel") = "attention",
+                           "Summary of the mask plan of a call with these shapes and masking "
+                           "options: groups of query rows, work items, key spans (and how many "
+                           "are full), (query, key) pairs visited over all heads, whether it "
+                           "differs by head, and the seconds its checks and building took."));
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
         "Default number of threads for calls with num_threads=0.");
   m.def("get_num_threads", &attn::default_num_threads);

@@ -10,8 +10,96 @@
 
 namespace attn {
 
+// ---------------------------------------------------------------------------------------------
+// Masking: the rule (MaskRule, MaskDoc; applied by mask_rule.h) and the plan built from it
+// (MaskPlan; built by masking.cpp). Every pattern is a producer of these; the attention and
+// maps kernels are their consumers.
+
+// One document: query rows [qs, qe) see keys [ks, kend) only. Without packed sequences each
+// batch is one document (qs = ks = 0, qe = Lq, kend = key_lengths[b]; without key_lengths,
+// one document with kend = Lk serves every batch). Row i's aligned
+// key position is c = i + shift (bottom-right alignment: the window, ALiBi and bottom-right
+// causality are measured from it); causality allows j <= i + coff.
+struct MaskDoc {
+  int64_t qs, qe, ks, kend;
+  int64_t shift, coff;
+};
+
+// Everything "may query i see key j" depends on, checked.
+struct MaskRule {
+  int causal;  // 0 none, 1 top-left, 2 bottom-right (coff of each document)
+  bool window;
+  int64_t wl, wr;          // window sides in keys (window_left * dilation; -1 unbounded),
+  int64_t dil;             // clamped to Lq + Lk + 1, beyond which they change nothing
+  const int64_t* globals;  // sorted global key positions: null unless a window is active
+  int64_t n_globals;
+  const uint8_t* bool_mask;  // (B, Hq, Lq, Lk) through mask_strides (elements), or null
+  int64_t mask_strides[4];
+  const uint8_t* layout;  // block layout (B, Hq, ceil(Lq/bq), ceil(Lk/bk)), broadcast by
+  int64_t layout_strides[4];  // zero strides, or null
+  int64_t bq, bk;
+  const MaskDoc* docs;  // one per batch, or (packed: B = 1) one per document
+  int64_t n_docs;
+  bool packed;
+};
+
+// Query rows the kernels process together, one SIMD lane each: rows i0 + l * rstride for l in
+// [0, n), or (rstride 0) the sorted rows plan.rows[i0 .. i0 + n). All in one document.
+// global_rows: rows aligned to a global token, which ignore the window; such a group follows
+// the group holding the same rows (computed there with the window) and overrides its results.
+struct PlanGroup {
+  int64_t b, doc, i0;
+  int32_t n, rstride;
+  int32_t global_rows;
+};
+
+// Parts of the element rule a span needs (0: a full span, every key allowed for every row).
+enum : uint32_t {
+  kCheckRange = 1,   // document, causality, window bounds and dilation cut some (row, key)
+  kCheckMask = 2,    // the boolean mask
+  kCheckLayout = 4,  // the block layout differs between the group's rows or keys
+  kGlobalsElsewhere = 8,  // global keys here are visited by the group's global span: skip them
+};
+
+// Keys a group visits: j0 + m * kstride for m in [0, n), or (kstride 0) the global tokens
+// rule.globals[j0 .. j0 + n). A group's spans never share a key.
+struct PlanSpan {
+  int64_t j0;
+  int32_t n, kstride;
+  uint32_t checks;
+};
+
+// One thread's unit of work (times the heads): groups [g0, g1), run in order.
+struct PlanItem {
+  int64_t g0, g1;
+};
+
+// The spans of group g for head h are spans[span_ptr[hp * n_groups + g] ..
+// span_ptr[hp * n_groups + g + 1]) with hp = h when the plan depends on the head
+// (n_heads == Hq), else 0. Items are ordered by decreasing work.
+struct MaskPlan {
+  const PlanGroup* groups;
+  int64_t n_groups;
+  const PlanItem* items;
+  int64_t n_items;
+  const int64_t* span_ptr;
+  const PlanSpan* spans;
+  int64_t n_heads;
+  const int64_t* rows;  // explicit rows of groups with rstride 0
+};
+
+// Rows per group the planner makes for a kernel: `rows` normally, up to `max_rows` to follow
+// the query blocks of a block layout.
+struct TileGeometry {
+  int rows, max_rows;
+};
+constexpr TileGeometry kAttentionTiles{96, 144};
+constexpr TileGeometry kMapsTiles{64, 64};
+
 // Everything the attention core needs. Strides are in elements; the last axis of q, k, v and
-// out is contiguous. lse is dense (B, Hq, Lq); weights is dense (B, Hq, Lq, Lk) or null.
+// out is contiguous. lse is dense (B, Hq, Lq). weights is dense (B, Hq, n_weight_rows, Lk) or
+// null; query row i goes to weights row weight_index[i] (-1: none), or row i when
+// weight_index is null.
 struct AttnArgs {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
   const float* q;
@@ -24,16 +112,14 @@ struct AttnArgs {
   int64_t so[3];
   float* lse;
   float* weights;
+  const int64_t* weight_index;
+  int64_t n_weight_rows;
 
   float scale;
-  int causal;  // 0 none, 1 top-left (j <= i), 2 bottom-right (j <= i + Lk - Lq)
-  const uint8_t* bool_mask;  // (B, Hq, Lq, Lk) through mask_strides, or null
-  const float* float_mask;   // idem, or null
-  int64_t mask_strides[4];
-  const int64_t* key_lengths;  // (B,) or null
-  int64_t window_left, window_right, dilation;  // -1 = unbounded; dilation >= 1
-  const int64_t* global_tokens;                 // sorted unique key positions, or null
-  int64_t n_global;
+  const MaskRule* rule;
+  const MaskPlan* plan;
+  const float* float_mask;  // (B, Hq, Lq, Lk) through float_mask_strides, added to the scores
+  int64_t float_mask_strides[4];
   const float* alibi;  // (Hq,) or null
   float softcap;       // 0 = off
   int num_threads;
@@ -66,6 +152,7 @@ struct GemmArgs {
 //   colsum  (B, Hq, Lk)      sum over query rows of the probabilities of each key
 struct MapArgs {
   const AttnArgs* a;
+  const MaskPlan* plan;  // built with kMapsTiles
   int64_t Pq, Pk, K;
   double* pooled;
   float* entropy;

@@ -10,8 +10,7 @@
 namespace attn {
 
 MapsPlan plan_maps(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, double scale,
-                   const MaskOptions& opts, int64_t bins_q, int64_t bins_k, int64_t top_k,
-                   int num_threads) {
+                   const CallOptions& opts, int64_t bins_q, int64_t bins_k, int64_t top_k) {
   if (bins_q < 1) throw std::invalid_argument("bins: query bins must be >= 1, got " +
                                               std::to_string(bins_q));
   if (bins_k < 1) throw std::invalid_argument("bins: key bins must be >= 1, got " +
@@ -19,7 +18,10 @@ MapsPlan plan_maps(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, doub
   if (top_k < 0) throw std::invalid_argument("top_k: must be >= 0, got " +
                                              std::to_string(top_k));
   MapsPlan p;
-  p.attn = plan_attention(q, k, v, scale, opts, false, num_threads);
+  CallOptions o = opts;  // the maps replace the weights
+  o.return_weights = false;
+  o.weights_rows = ArrayRef{};
+  p.attn = plan_attention(q, k, v, scale, o);
   const AttnArgs& a = p.attn.args;
   p.Pq = bins_q < a.Lq ? bins_q : a.Lq;
   p.Pk = bins_k < a.Lk ? bins_k : a.Lk;
@@ -38,8 +40,14 @@ void run_maps(MapsPlan& p, float* out, float* lse, double* pooled, float* entrop
   std::memset(pooled, 0, sizeof(double) * npool);
   std::memset(colsum, 0, sizeof(double) * size_t(a.B * a.Hq * a.Lk));
   if (a.B == 0 || a.Hq == 0 || a.Lq == 0) return;
-  MapArgs m{&a, p.Pq, p.Pk, p.K, pooled, entropy, top_idx, top_w, colsum};
+  // Pass 2 follows its own plan: the same rule, grouped for the map kernel's tiles.
+  const MaskRule rule = p.attn.masking.rule();
+  const PlanStorage storage = build_plan(rule, kMapsTiles, a.B, a.Hq, a.Lq);
+  const MaskPlan plan = storage.view();
+  a.rule = &rule;
+  MapArgs m{&a, &plan, p.Pq, p.Pk, p.K, pooled, entropy, top_idx, top_w, colsum};
   kernels().maps(m);
+  a.rule = nullptr;
   // Sums -> means over each bin's cells.
   if (p.Pq == 0 || p.Pk == 0) return;
   for (int64_t bh = 0; bh < a.B * a.Hq; ++bh)

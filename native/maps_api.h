@@ -19,8 +19,7 @@ struct MapsPlan {
 // Checks (std::invalid_argument naming the argument) and output shapes. Pq, Pk are clamped to
 // Lq, Lk and K to Lk.
 MapsPlan plan_maps(const ArrayRef& q, const ArrayRef& k, const ArrayRef& v, double scale,
-                   const MaskOptions& opts, int64_t bins_q, int64_t bins_k, int64_t top_k,
-                   int num_threads);
+                   const CallOptions& opts, int64_t bins_q, int64_t bins_k, int64_t top_k);
 // Pass 1 (the attention kernel: out, lse) then pass 2; pooled comes back as bin means.
 void run_maps(MapsPlan& plan, float* out, float* lse, double* pooled, float* entropy,
               int64_t* top_idx, float* top_w, double* colsum);

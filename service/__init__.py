@@ -21,6 +21,9 @@ _EXPORTS = {
     "multihead_attention": "service.core.multihead",
     "attention_map": "service.core.maps",
     "init_multihead_weights": "service.core.weights",
+    "block_layout": "service.core.layouts",
+    "BlockMask": "service.core.options",
+    "BlockPattern": "service.core.options",
     "AttentionResult": "service.core.results",
     "MultiheadResult": "service.core.results",
     "AttentionMaps": "service.core.results",
@@ -38,6 +41,8 @@ __all__ = [
     "AttentionMaps",
     "AttentionOptions",
     "AttentionResult",
+    "BlockMask",
+    "BlockPattern",
     "InputError",
     "LimitError",
     "MaskingOptions",
@@ -48,6 +53,7 @@ __all__ = [
     "__version__",
     "attention",
     "attention_map",
+    "block_layout",
     "init_multihead_weights",
     "multihead_attention",
 ]
@@ -55,10 +61,13 @@ __all__ = [
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
     from service.core.attention import attention
     from service.core.errors import InputError, LimitError
+    from service.core.layouts import block_layout
     from service.core.maps import attention_map
     from service.core.multihead import multihead_attention
     from service.core.options import (
         AttentionOptions,
+        BlockMask,
+        BlockPattern,
         MaskingOptions,
         MultiheadOptions,
         MultiheadWeights,

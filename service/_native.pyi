@@ -1,7 +1,8 @@
 """Type stub of the compiled extension (native/bindings.cpp): fused attention kernels.
 
 Arrays are read in place through their strides; q, k, v and the weights must be float32,
-masks bool or float32, key_lengths and global_tokens int64. Shapes are checked natively and
+masks bool or float32, block layouts bool, key_lengths, global_tokens and weights_rows
+int64, cu_seqlens int32 or int64. Shapes are checked natively and
 every problem is a ValueError whose message starts with the argument's name.
 """
 
@@ -13,9 +14,8 @@ __version__: str
 
 _Float32 = npt.NDArray[np.float32]
 
-class _Masking(TypedDict, total=False):
-    """Keyword arguments every entry point takes: which keys each query sees, how scores form
-    (service.core.masking builds them from the options model), threads and cancellation."""
+class _MaskArgs(TypedDict, total=False):
+    """Which keys each query sees (native/masking.cpp checks them and builds the mask plan)."""
 
     causal: int  # 0 none, 1 top-left, 2 bottom-right
     mask: np.ndarray | None  # bool (True = attend) or float32 added to the scores
@@ -24,10 +24,30 @@ class _Masking(TypedDict, total=False):
     window_right: int
     dilation: int
     global_tokens: np.ndarray | None
+    block_layout: np.ndarray | None  # bool, broadcastable to (B, Hq, ceil(Lq/bq), ceil(Lk/bk))
+    block_q: int  # 0 without a layout
+    block_k: int  # 0: block_q
+    cu_seqlens: np.ndarray | None  # packed documents' offsets (q and k alike), B = 1
+    cu_seqlens_q: np.ndarray | None
+    cu_seqlens_k: np.ndarray | None
+
+class _Masking(_MaskArgs, total=False):
+    """Keyword arguments every entry point takes: which keys each query sees, how scores form
+    (service.core.masking builds them from the options model), threads and cancellation."""
+
     alibi_slopes: np.ndarray | None
     softcap: float  # 0: none
     num_threads: int  # 0: the default
     cancel: CancelFlag | None
+
+class _PlanSummary(TypedDict):
+    groups: int
+    items: int
+    spans: int
+    full_spans: int
+    pairs: int  # (query, key) pairs visited, over every batch and head
+    head_dependent: bool
+    build_seconds: float
 
 class Cancelled(RuntimeError):
     """A call stopped because its CancelFlag was set."""
@@ -50,9 +70,11 @@ def attention(
     *,
     scale: float,
     return_weights: bool = False,
+    weights_rows: np.ndarray | None = None,
     **masking: Unpack[_Masking],
 ) -> tuple[_Float32, _Float32, _Float32 | None]:
-    """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights (B,Hq,Lq,Lk) or None)."""
+    """Exact attention: (out (B,Hq,Lq,Dv), lse (B,Hq,Lq), weights or None): the weights are
+    (B,Hq,Lq,Lk) with return_weights, (B,Hq,len(weights_rows),Lk) for the rows asked for."""
 
 def multihead(
     query: np.ndarray,
@@ -71,10 +93,11 @@ def multihead(
     num_kv_heads: int,
     scale: float,
     return_weights: bool = False,
+    weights_rows: np.ndarray | None = None,
     **masking: Unpack[_Masking],
 ) -> tuple[_Float32, _Float32, _Float32 | None]:
     """torch.nn.MultiheadAttention(batch_first=True) math with grouped kv heads:
-    (out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq,Lk) or None)."""
+    (out (B,Lq,E), lse (B,H,Lq), weights (B,H,Lq or len(weights_rows),Lk) or None)."""
 
 def attention_maps(
     q: np.ndarray,
@@ -97,6 +120,11 @@ def attention_maps(
 ]:
     """Exact attention maps in O(L) memory: (out, lse, pooled (B,Hq,Pq,Pk) bin means,
     entropy (B,Hq,Lq), top_idx and top_w (B,Hq,Lq,K), column sums (B,Hq,Lk))."""
+
+def mask_plan(
+    b: int, hq: int, lq: int, lk: int, *, kernel: str = "attention", **masking: Unpack[_MaskArgs]
+) -> _PlanSummary:
+    """Summary of the mask plan of a call with these shapes and masking options."""
 
 def set_num_threads(n: int) -> None:
     """Default number of threads for calls with num_threads=0."""

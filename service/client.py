@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from service.core.frameworks import is_array
 from service.core.tensor_codec import decode_tensor, encode_tensor
 
 _DEFAULT_URL = "http://127.0.0.1:8000"
@@ -48,8 +49,9 @@ class Result:
 
 
 def _encode(value: Any) -> Any:
-    """numpy arrays and torch tensors become {dtype, shape, b64}; containers are walked."""
-    if isinstance(value, np.ndarray) or type(value).__module__.split(".")[0] == "torch":
+    """Arrays (numpy, torch, TensorFlow, JAX, ...) become {dtype, shape, b64}; containers are
+    walked."""
+    if isinstance(value, np.ndarray) or is_array(value):
         arr = decode_tensor(value)
         if arr.dtype.kind == "f" and arr.dtype.name not in ("float16", "float32", "float64"):
             arr = arr.astype(np.float32)

@@ -87,5 +87,6 @@ start=$(date +%s)
 # --capture=sys: a sanitizer writes its report to file descriptor 2 and then kills the
 # process, so pytest must not be holding fd 2 in a temporary file that dies with it.
 (cd "$SAN/site" && "$SAN_PY" -m pytest -q -p no:cacheprovider --capture=sys \
-  tests/native/test_kernels.py tests/native/test_fuzz.py "$@")
+  tests/native/test_kernels.py tests/native/test_mask_plan.py tests/native/test_fuzz.py \
+  tests/native/test_fuzz_mask_plan.py "$@")
 echo "sanitize: ASan + UBSan clean in $(($(date +%s) - start)) s"

@@ -19,6 +19,8 @@ from service import _native
 from tests.support.http import app_client
 
 WEB_AND_PLOTTING = ("fastapi", "starlette", "uvicorn", "matplotlib", "PIL")
+# Array libraries the service reads but never needs: loaded only by a caller passing their arrays.
+ARRAY_LIBRARIES = ("torch", "tensorflow", "keras", "jax", "jaxlib", "ml_dtypes")
 # What a thin client (numpy and httpx installed, nothing else of the service's) does not have.
 NOT_IN_A_THIN_CLIENT = (
     *WEB_AND_PLOTTING,
@@ -79,7 +81,7 @@ def test_the_client_needs_neither_the_extension_nor_the_server_dependencies() ->
     assert found == []
 
 
-def test_running_the_python_api_loads_no_web_framework_server_or_plotting() -> None:
+def test_running_the_python_api_loads_no_web_framework_server_plotting_or_array_library() -> None:
     loaded = _run(
         f"""
         import json, sys
@@ -87,15 +89,19 @@ def test_running_the_python_api_loads_no_web_framework_server_or_plotting() -> N
         import service
 
         q = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
-        service.attention(q, q, q, causal=True, return_weights=True)
+        service.attention(q, q, q, causal=True, return_weights=True, mask=q[0, :, :5] > 0,
+                          key_lengths=np.array([3]))
         service.attention(q, q, q, method="performer", compare=True)
-        service.multihead_attention(q, num_heads=2, need_weights=True)
+        w = service.init_multihead_weights(8, 2)
+        service.multihead_attention(q, num_heads=2, need_weights=True,
+                                    weights={{"q_proj": w.q_proj, "k_proj": w.k_proj,
+                                             "v_proj": w.v_proj, "out_proj": w.out_proj}})
         service.attention_map(q, q, q, bins=2, top_k=2)
         from service.core.tokens import self_attention
         self_attention(["a", "b"], d_model=8, num_heads=2, num_kv_heads=None,
                        positional="rope", seed=0, weights=None,
                        masking=service.MaskingOptions())
-        names = {WEB_AND_PLOTTING!r}
+        names = {WEB_AND_PLOTTING + ARRAY_LIBRARIES!r}
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in names)))
         """
     )

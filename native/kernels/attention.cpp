@@ -4,24 +4,27 @@
 // shared with another TU (the linker could otherwise keep an AVX copy for baseline callers).
 //
 // Algorithm (FlashAttention with an online softmax, laid out like ggml's tiled CPU kernel):
-// a work item is one (batch, head, tile of BR query rows). The query tile is packed transposed
-// and pre-scaled (Qt[d][lane]); the score tile is computed transposed, St[key][lane], so that
-// the softmax statistics of a query row live in one SIMD lane: the row max, the rescale factor
-// and the row sum are plain vertical vector ops, and the accumulator Ot[dv][lane] is updated by
-// broadcasting V[key][dv] against P rows. K and V are read in their natural layout.
-// For each tile of BC keys, and each lane block (one micro-tile width of query rows):
-//   St   = K_tile . Qt                      (register-blocked RJ x RI-vector micro-kernel)
-//   St   = softcap / ALiBi / float mask / -inf for disallowed keys (boundary tiles only)
+// a work item is one (plan item, head): a group of query rows (at most BR, one SIMD lane
+// each) and the key spans the mask plan (masking.h) lists for it. The rows are packed
+// transposed and pre-scaled (Qt[d][lane]); the score tile is computed transposed,
+// St[key][lane], so that the softmax statistics of a query row live in one SIMD lane: the row
+// max, the rescale factor and the row sum are plain vertical vector ops, and the accumulator
+// Ot[dv][lane] is updated by broadcasting V[key][dv] against P rows. K and V are read in their
+// natural layout (with a stride for a dilated window's keys; global tokens are gathered).
+// For each chunk of at most BC keys of a span, and each lane block (one micro-tile width of
+// query rows):
+//   St   = K_chunk . Qt                     (register-blocked RJ x RI-vector micro-kernel)
+//   St   = softcap / ALiBi / float mask / -inf for disallowed keys (partial spans only)
 //   m'   = max(m, max_j St[j])              (row max)
 //   a    = 2^(m - m'),  P = 2^(St - m')     (vectorised 2^x, 2^-inf = 0)
 //   l    = a * l + sum_j P[j]               (row sum)
-//   Ot   = a * Ot + V_tile^T . P            (rescale folded into the P.V micro-kernel)
+//   Ot   = a * Ot + V_chunk^T . P           (rescale folded into the P.V micro-kernel)
 // and at the end out = Ot / l, lse = (m + log2 l) * ln 2. Scores are kept in base-2 units
 // (s * log2 e, folded into the packed Q unless a modifier needs natural units), which makes the
-// exponentials cheaper. Tiles the mask rules out entirely are never visited, and within a
-// boundary tile each lane block only computes the keys some of its rows may see, so a window
-// of width W costs O(L * W) and a causal mask about half the dense work. Extra memory is
-// O(tile) per thread.
+// exponentials cheaper. Only the keys the plan lists are visited, and within a partial span
+// each lane block only computes the keys some of its rows may see, so a window of width W
+// costs O(L * W) and a causal mask about half the dense work. Extra memory is O(tile) per
+// thread.
 #include <immintrin.h>
 
 #include <cmath>
@@ -34,11 +37,11 @@
 #include "entries.h"
 #include "thread_pool.h"
 
-
 namespace attn {
 namespace ATTN_ISA_NS {
 namespace {
 
+#include "mask_rule.h"
 #include "tile_util.h"
 
 #if defined(__AVX512F__)
@@ -48,14 +51,13 @@ constexpr int RI = 3;  // micro-tile width in vectors of query lanes
 constexpr int RJ = 4;
 constexpr int RI = 3;
 #endif
-constexpr int IB = RI * VL;  // lanes (query rows) per lane block = micro-tile width
-constexpr int BR = 96;       // query rows per tile (a multiple of IB for every ISA)
-constexpr int BC = 128;      // keys per tile
+constexpr int IB = RI * VL;                      // lanes (query rows) per lane block
+constexpr int BR = kAttentionTiles.max_rows;     // query rows per group, at most
+constexpr int BC = 128;                          // keys per chunk
 constexpr int NBLK = BR / IB;
 static_assert(BR % IB == 0, "BR must be a multiple of the micro-tile width");
 
 constexpr float LN2 = 0.693147180559945309f;
-
 // ----------------------------------------------------------------------------------------
 // Micro-kernels
 
@@ -133,119 +135,53 @@ struct MicroTables {
 template <size_t... I>
 MicroTables<I...> make_tables(std::index_sequence<I...>);
 using Tables = decltype(make_tables(std::make_index_sequence<RJ * RI>{}));
-
 // ----------------------------------------------------------------------------------------
 // Attention
-
-struct Tile {
-  int64_t j0;
-  int32_t jn;
-  bool boundary;     // some element of the tile may be disallowed: check each one
-  bool has_global;   // holds a global key (which ignores the window)
-  int64_t g0;        // first global token at or after the tile start (index into the list)
-};
 
 // Per-call constants shared by all work items.
 struct Ctx {
   const AttnArgs* a;
+  const MaskRule* rule;
+  const MaskPlan* plan;
   int64_t group;  // query heads per kv head
-  int64_t coff;   // causal: key j allowed iff j <= i + coff
-  int64_t off;    // aligned key position of query row i: c = i + off
-  bool window;
-  int64_t wl, wr, dil;       // window, clamped so products cannot overflow
-  const int64_t* globals;  // sorted global key positions; null without window or globals
-  int64_t n_globals;
-  const int64_t* gtiles;  // key tiles holding a global token
-  int64_t n_gtiles;
-  bool natural;          // modifiers need scores in natural units before conversion to base 2
-  int64_t n_qt;          // query tiles per (batch, head)
-  const int64_t* order;  // (batch, query tile) pairs, most work first
+  bool natural;   // modifiers need scores in natural units before conversion to base 2
 };
 
-// Keys [js, je) of a tile (tile-relative) that some lane of a lane block may attend to.
+// The rows of one plan group, one lane each.
+struct Rows {
+  RowCtx x;             // what the mask rule needs about them
+  const int64_t* rows;  // query row of each lane
+  int n;                // valid lanes
+  int nvec;             // vectors covering the valid lanes
+  int64_t rs;           // rows[l] = rows[0] + l * rs; 0: no such progression
+};
+
+// At most BC keys of a span: key m is at position key(m), its K and V rows at kp + m * ldk and
+// vp + m * ldv (a dilated window's keys are strided, global tokens gathered into scratch).
+struct Chunk {
+  int64_t j0, kstride;  // key(m) = j0 + m * kstride, unless keys
+  const int64_t* keys;  // positions of gathered keys, or null
+  int jn;
+  uint32_t checks;  // the parts of the mask rule to apply (0: none, a full span)
+  const float* kp;
+  int64_t ldk;
+  const float* vp;
+  int64_t ldv;
+  int64_t key(int m) const { return keys ? keys[m] : j0 + m * kstride; }
+};
+
+// Keys [js, je) of a chunk that some lane of a lane block may attend to.
 struct KeyRange {
   int js, je;
 };
 
 struct Scratch {
-  Buf<float> qt, st, ot, m, l, alpha, cpos, lsev;
-  Buf<int64_t> rows, grows;
-  Buf<Tile> tiles;
+  Buf<float> qt, st, ot, m, l, alpha, cpos, lsev, kg, vg;
+  Buf<int64_t> rows;
 };
 thread_local Scratch tls_scratch;
 
-// Index of the first global token >= pos.
-int64_t first_global_at_or_after(const Ctx& c, int64_t pos) {
-  return lower_bound64(c.globals, c.n_globals, pos);
-}
-
-bool is_global(const Ctx& c, int64_t pos) {
-  if (c.globals == nullptr) return false;
-  const int64_t g = first_global_at_or_after(c, pos);
-  return g < c.n_globals && c.globals[g] == pos;
-}
-
-// The key tiles a set of query rows [imin, imax] must visit, with their boundary flags, in
-// `out` (grown as needed: its size follows the keys visited, not Lk).
-size_t plan_tiles(const Ctx& c, int64_t b, int64_t imin, int64_t imax, bool ignore_window,
-                  Buf<Tile>& buf) {
-  const AttnArgs& a = *c.a;
-  int64_t jend = a.Lk;
-  if (a.key_lengths) jend = min64(jend, a.key_lengths[b]);
-  if (a.causal) jend = min64(jend, imax + c.coff + 1);
-  if (jend <= 0) return 0;
-  const bool win = c.window && !ignore_window;
-  int64_t lo = 0, hi = jend - 1;
-  if (win) {
-    if (c.wl >= 0) lo = max64(lo, imin + c.off - c.wl * c.dil);
-    if (c.wr >= 0) hi = min64(hi, imax + c.off + c.wr * c.dil);
-  }
-  int64_t t0 = 0, t1 = -1;
-  if (lo <= hi) {
-    t0 = lo / BC;
-    t1 = hi / BC;
-  }
-  Tile* out = buf.get(size_t(t1 - t0 + 1 + (win ? c.n_gtiles : 0)));
-  size_t n = 0;
-  auto add = [&](int64_t t) {
-    Tile& T = out[n++];
-    T.j0 = t * BC;
-    T.jn = int32_t(min64(BC, jend - T.j0));
-    const int64_t jlast = T.j0 + T.jn - 1;
-    bool bnd = a.bool_mask != nullptr;
-    if (a.causal && jlast > imin + c.coff) bnd = true;
-    if (win) {
-      if (c.dil > 1) bnd = true;
-      if (c.wl >= 0 && T.j0 < imax + c.off - c.wl * c.dil) bnd = true;
-      if (c.wr >= 0 && jlast > imin + c.off + c.wr * c.dil) bnd = true;
-    }
-    T.boundary = bnd;
-    T.has_global = false;
-    T.g0 = 0;
-    if (c.globals) {
-      T.g0 = first_global_at_or_after(c, T.j0);
-      T.has_global = T.g0 < c.n_globals && c.globals[T.g0] <= jlast;
-    }
-  };
-  for (int64_t t = t0; t <= t1; ++t) add(t);
-  // Global keys are visible from every row: visit their tiles even outside the band.
-  if (win)
-    for (int64_t g = 0; g < c.n_gtiles; ++g) {
-      const int64_t t = c.gtiles[g];
-      if ((t < t0 || t > t1) && t * BC < jend) add(t);
-    }
-  return n;
-}
-
-struct RowSet {
-  const int64_t* rows;  // query row of each lane
-  int n;                // valid lanes
-  int nvec;             // vectors covering the valid lanes
-  bool ignore_window;   // global query rows see every key
-  bool contiguous;      // rows[l] == rows[0] + l
-};
-
-// A lane block: vectors [iv, iv + C) of the row set, i.e. one micro-tile width. Each tile is
+// A lane block: vectors [iv, iv + C) of the rows, i.e. one micro-tile width. Each chunk is
 // processed block by block (scores, softmax, P.V); each block has its own contiguous slices of
 // Qt [d][IB], St [key][IB] and Ot [dv][IB], which stay in L1 between the steps.
 struct Block {
@@ -256,100 +192,99 @@ struct Block {
   float* ot;
 };
 
-// The keys of tile t that some lane of block k may attend to. Outside this range the block's
-// scores are -inf and its P rows zero, so Q.K and P.V skip them: along a causal diagonal or a
-// window edge this saves a large part of a boundary tile.
-KeyRange key_range(const Ctx& c, const RowSet& rs, const Tile& t, const Block& k) {
+// Keys [m0, m0 + BC) of span sp, for batch b and kv head hk.
+Chunk chunk(const Ctx& c, Scratch& s, const PlanSpan& sp, int64_t m0, int64_t b, int64_t hk) {
   const AttnArgs& a = *c.a;
-  if (!t.boundary || !rs.contiguous || a.bool_mask || t.has_global) return {0, t.jn};
-  const int64_t first = rs.rows[0] + k.l0, last = rs.rows[0] + k.l1 - 1;
-  int64_t lo = t.j0, hi = t.j0 + t.jn - 1;
-  if (a.causal) hi = min64(hi, last + c.coff);
-  if (c.window && !rs.ignore_window) {
-    if (c.wl >= 0) lo = max64(lo, first + c.off - c.wl * c.dil);
-    if (c.wr >= 0) hi = min64(hi, last + c.off + c.wr * c.dil);
+  const float* kb = a.k + b * a.sk[0] + hk * a.sk[1];
+  const float* vb = a.v + b * a.sv[0] + hk * a.sv[1];
+  Chunk ch{};
+  ch.jn = int(min64(BC, sp.n - m0));
+  ch.checks = sp.checks;
+  if (sp.kstride > 0) {
+    ch.j0 = sp.j0 + m0 * sp.kstride;
+    ch.kstride = sp.kstride;
+    ch.kp = kb + ch.j0 * a.sk[2];
+    ch.ldk = a.sk[2] * sp.kstride;
+    ch.vp = vb + ch.j0 * a.sv[2];
+    ch.ldv = a.sv[2] * sp.kstride;
+    return ch;
   }
-  if (hi < lo) return {0, 0};
-  return {int(lo - t.j0), int(hi - t.j0 + 1)};
+  // Global tokens: gather their K and V rows into dense scratch.
+  ch.keys = c.rule->globals + sp.j0 + m0;
+  float* kg = s.kg.p;
+  float* vg = s.vg.p;
+  for (int m = 0; m < ch.jn; ++m) {
+    std::memcpy(kg + m * a.D, kb + ch.keys[m] * a.sk[2], sizeof(float) * size_t(a.D));
+    std::memcpy(vg + m * a.Dv, vb + ch.keys[m] * a.sv[2], sizeof(float) * size_t(a.Dv));
+  }
+  ch.kp = kg;
+  ch.ldk = a.D;
+  ch.vp = vg;
+  ch.ldv = a.Dv;
+  return ch;
 }
 
-// Sets St to -inf where the boolean constraints (bool mask, causal, window) disallow a key,
-// for keys [kr.js, kr.je) and the lanes of block k. Called only for tiles that straddle a
-// boundary; key_lengths is handled by tile truncation.
-void apply_constraints(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b,
-                       int64_t h, const Block& k, KeyRange kr) {
-  const AttnArgs& a = *c.a;
-  const int64_t* ms = a.mask_strides;
-  const bool win = c.window && !rs.ignore_window;
-  if (a.bool_mask == nullptr && rs.contiguous && (!win || c.dil == 1)) {
-    // Consecutive rows i = i0 + l: each constraint allows an interval of lanes for key j.
-    const int64_t i0 = rs.rows[0];
-    int64_t g = t.g0;  // cursor over the (sorted) global tokens
-    for (int jj = kr.js; jj < kr.je; ++jj) {
-      const int64_t j = t.j0 + jj;
+// The keys of chunk ch that some lane of block k may attend to: outside this range the block's
+// scores are -inf and its P rows zero, so Q.K and P.V skip them. Along a causal diagonal or a
+// window edge this saves a large part of a partial span.
+KeyRange key_range(const Rows& rs, const Chunk& ch, const Block& k) {
+  if (!(ch.checks & kCheckRange) || rs.rs == 0 || ch.keys) return {0, ch.jn};
+  const int64_t lo = key_lo(rs.x, rs.rows[k.l0]), hi = key_hi(rs.x, rs.rows[k.l1 - 1]);
+  const int64_t js = max64(0, ceil_div(lo - ch.j0, ch.kstride));
+  const int64_t je = min64(ch.jn, floor_div(hi - ch.j0, ch.kstride) + 1);
+  if (je <= js) return {0, 0};
+  return {int(js), int(je)};
+}
+
+// Sets St to -inf where the mask rule disallows a key, for keys kr of chunk ch and the lanes
+// of block k (partial spans only).
+void apply_mask(const Ctx& c, const Rows& rs, const Chunk& ch, const Block& k, KeyRange kr) {
+  const MaskRule& r = *c.rule;
+  const uint32_t checks = ch.checks;
+  // Rows and keys in arithmetic progression and only the interval parts of the rule: each key
+  // allows an interval of lanes.
+  const bool lanes = rs.rs > 0 && !ch.keys && !(checks & (kCheckMask | kCheckLayout));
+  const bool skips = (checks & kGlobalsElsewhere) != 0;
+  int64_t g = skips ? first_global(r, ch.key(kr.js)) : 0;  // cursor over the global tokens
+  for (int jj = kr.js; jj < kr.je; ++jj) {
+    const int64_t j = ch.key(jj);
+    float* row = k.st + jj * IB - k.l0;  // indexed by lane
+    bool global = ch.keys != nullptr;
+    if (skips) {
+      while (g < r.n_globals && r.globals[g] < j) ++g;
+      global = g < r.n_globals && r.globals[g] == j;
+    }
+    if (skipped_here(checks, global)) {
+      for (int l = k.l0; l < k.l1; ++l) row[l] = NEG_INF;
+    } else if (lanes) {
+      if (!(checks & kCheckRange)) continue;
       int64_t lo = k.l0, hi = k.l1 - 1;
-      if (a.causal) lo = max64(lo, j - c.coff - i0);  // j <= i + coff
-      bool global = false;
-      if (t.has_global) {
-        while (g < c.n_globals && c.globals[g] < j) ++g;
-        global = g < c.n_globals && c.globals[g] == j;
-      }
-      if (win && !global) {
-        const int64_t d0 = j - c.off - i0;  // delta = d0 - l
-        if (c.wl >= 0) hi = min64(hi, d0 + c.wl);
-        if (c.wr >= 0) lo = max64(lo, d0 - c.wr);
-      }
-      float* row = k.st + jj * IB - k.l0;  // indexed by lane
-      if (lo > hi) lo = hi = k.l1;        // nothing allowed
+      allowed_lanes(rs.x, rs.rows[0], rs.rs, j, lo, hi);
+      if (lo > hi) lo = hi = k.l1;  // nothing allowed
       for (int64_t l = k.l0; l < lo; ++l) row[l] = NEG_INF;
       for (int64_t l = hi + 1; l < k.l1; ++l) row[l] = NEG_INF;
-    }
-    return;
-  }
-  const uint8_t* bm = a.bool_mask ? a.bool_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3] : nullptr;
-  const int64_t lo = c.wl >= 0 ? -c.wl * c.dil : INT64_MIN;
-  const int64_t hi = c.wr >= 0 ? c.wr * c.dil : INT64_MAX;
-  int64_t g = t.g0;  // cursor over the (sorted) global tokens
-  for (int jj = kr.js; jj < kr.je; ++jj) {
-    const int64_t j = t.j0 + jj;
-    float* row = k.st + jj * IB - k.l0;  // indexed by lane
-    bool global = false;
-    if (t.has_global) {
-      while (g < c.n_globals && c.globals[g] < j) ++g;
-      global = g < c.n_globals && c.globals[g] == j;
-    }
-    const bool check_win = win && !global;
-    for (int l = k.l0; l < k.l1; ++l) {
-      const int64_t i = rs.rows[l];
-      bool ok = true;
-      if (bm) ok = bm[i * ms[2] + jj * ms[3]] != 0;
-      if (a.causal && j > i + c.coff) ok = false;
-      if (check_win) {
-        const int64_t delta = j - (i + c.off);
-        if (delta < lo || delta > hi || (c.dil > 1 && delta % c.dil != 0)) ok = false;
-      }
-      if (!ok) row[l] = NEG_INF;
+    } else {
+      for (int l = k.l0; l < k.l1; ++l)
+        if (!allowed(rs.x, checks, rs.rows[l], j, global)) row[l] = NEG_INF;
     }
   }
 }
 
-// St[j][lanes of block k] for the keys of tile t: scores with every modifier and constraint
+// St[j][lanes of block k] for the keys of chunk ch: scores with every modifier and the mask
 // applied, for the keys of the returned range only (the others are disallowed).
-KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64_t b,
-                int64_t h, const Block& k, const float* kb) {
+KeyRange scores(const Ctx& c, Scratch& s, const Rows& rs, const Chunk& ch, int64_t b, int64_t h,
+                const Block& k) {
   const AttnArgs& a = *c.a;
-  const int64_t ldk = a.sk[2];
-  const int64_t* ms = a.mask_strides;
+  const int64_t ldk = ch.ldk;
   float* st = k.st;
   const float* qt = k.qt;
-  const KeyRange kr = key_range(c, rs, t, k);
+  const KeyRange kr = key_range(rs, ch, k);
   int jj = kr.js;
   if (k.C == RI)
-    for (; jj + RJ <= kr.je; jj += RJ)
-      qk_micro<RJ, RI>(kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * IB);
+    for (; jj + RJ <= kr.je; jj += RJ) qk_micro<RJ, RI>(ch.kp + jj * ldk, ldk, qt, a.D, st + jj * IB);
   for (; jj < kr.je; jj += RJ) {
     const int R = int(min64(RJ, kr.je - jj));
-    Tables::qk[(R - 1) * RI + (k.C - 1)](kb + (t.j0 + jj) * ldk, ldk, qt, a.D, st + jj * IB);
+    Tables::qk[(R - 1) * RI + (k.C - 1)](ch.kp + jj * ldk, ldk, qt, a.D, st + jj * IB);
   }
   if (a.softcap > 0.0f) {
     const vf cap = simd::set1(a.softcap), inv = simd::set1(1.0f / a.softcap);
@@ -362,7 +297,7 @@ KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64
   if (a.alibi) {
     const vf slope = simd::set1(-a.alibi[h]);
     for (jj = kr.js; jj < kr.je; ++jj) {
-      const vf jf = simd::set1(float(t.j0 + jj));
+      const vf jf = simd::set1(float(ch.key(jj)));
       for (int v = 0; v < k.C; ++v) {
         float* p = st + jj * IB + v * VL;
         const vf dist = simd::abs(simd::sub(simd::load(s.cpos.p + (k.iv + v) * VL), jf));
@@ -371,10 +306,11 @@ KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64
     }
   }
   if (a.float_mask) {
-    const float* fm = a.float_mask + b * ms[0] + h * ms[1] + t.j0 * ms[3];
+    const int64_t* ms = a.float_mask_strides;
+    const float* fm = a.float_mask + b * ms[0] + h * ms[1];
     for (jj = kr.js; jj < kr.je; ++jj) {
       float* row = st + jj * IB - k.l0;  // indexed by lane
-      const float* fmj = fm + jj * ms[3];
+      const float* fmj = fm + ch.key(jj) * ms[3];
       for (int l = k.l0; l < k.l1; ++l) row[l] += fmj[rs.rows[l] * ms[2]];
     }
   }
@@ -386,11 +322,11 @@ KeyRange scores(const Ctx& c, Scratch& s, const RowSet& rs, const Tile& t, int64
         simd::store(p, simd::mul(simd::load(p), log2e));
       }
   }
-  if (t.boundary) apply_constraints(c, s, rs, t, b, h, k, kr);
+  if (ch.checks) apply_mask(c, rs, ch, k, kr);
   return kr;
 }
 
-// Online-softmax update of block k for the keys kr of one tile: turns St into P in place,
+// Online-softmax update of block k for the keys kr of one chunk: turns St into P in place,
 // updates m and l, and leaves the accumulator rescale factor in alpha.
 void softmax_update(Scratch& s, const Block& k, KeyRange kr) {
   const vf ninf = simd::set1(NEG_INF);
@@ -416,13 +352,12 @@ void softmax_update(Scratch& s, const Block& k, KeyRange kr) {
   }
 }
 
-// Ot = alpha * Ot + V^T P for block k over the keys kr of tile t. Skipping an empty range is
-// exact: its lanes saw only -inf in this tile, so alpha is 1 (or Ot is still 0).
-void pv_update(const AttnArgs& a, Scratch& s, const Tile& t, const Block& k, KeyRange kr,
-               const float* vb) {
+// Ot = alpha * Ot + V^T P for block k over the keys kr of chunk ch. Skipping an empty range is
+// exact: its lanes saw only -inf in this chunk, so alpha is 1 (or Ot is still 0).
+void pv_update(const AttnArgs& a, Scratch& s, const Chunk& ch, const Block& k, KeyRange kr) {
   if (kr.je <= kr.js) return;
-  const int64_t ldv = a.sv[2];
-  const float* vt = vb + (t.j0 + kr.js) * ldv;
+  const int64_t ldv = ch.ldv;
+  const float* vt = ch.vp + kr.js * ldv;
   const float* pt = k.st + kr.js * IB;
   const float* al = s.alpha.p + k.iv * VL;
   float* ot = k.ot;
@@ -436,13 +371,21 @@ void pv_update(const AttnArgs& a, Scratch& s, const Tile& t, const Block& k, Key
   }
 }
 
-// Attention for one set of query rows (one lane each) of batch b, head h.
-void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& rs) {
+// The weights row of query row i, or -1.
+int64_t weight_row(const AttnArgs& a, int64_t i) {
+  return a.weight_index ? a.weight_index[i] : i;
+}
+
+// Attention for one plan group of batch b, head h over its spans [sp0, sp1).
+void process_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, const PlanSpan* sp0,
+                   const PlanSpan* sp1) {
   const AttnArgs& a = *c.a;
-  const int64_t hk = h / c.group;
+  const int64_t b = g.b, hk = h / c.group;
   const float* qb = a.q + b * a.sq[0] + h * a.sq[1];
-  const float* kb = a.k + b * a.sk[0] + hk * a.sk[1];
-  const float* vb = a.v + b * a.sv[0] + hk * a.sv[1];
+  Rows rs{row_ctx(*c.rule, g, h), s.rows.p, g.n, (g.n + VL - 1) / VL, g.rstride};
+  int64_t* rows = s.rows.p;
+  for (int l = 0; l < g.n; ++l)
+    rows[l] = g.rstride ? g.i0 + l * g.rstride : c.plan->rows[g.i0 + l];
   const int lanes = rs.nvec * VL;
 
   // Pack the query rows transposed and pre-scaled, block by block; padding lanes are zero.
@@ -450,24 +393,17 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
   for (int l = 0; l < lanes; ++l) {
     float* qt = s.qt.p + (l / IB) * a.D * IB + l % IB;
     if (l < rs.n) {
-      const float* qr = qb + rs.rows[l] * a.sq[2];
+      const float* qr = qb + rows[l] * a.sq[2];
       for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = qr[d] * qscale;
     } else {
       for (int64_t d = 0; d < a.D; ++d) qt[d * IB] = 0.0f;
     }
   }
-  int64_t imin = rs.rows[0], imax = rs.rows[0];
   for (int l = 0; l < lanes; ++l) {
-    const int64_t i = l < rs.n ? rs.rows[l] : rs.rows[0];
-    if (l < rs.n) {
-      imin = min64(imin, i);
-      imax = max64(imax, i);
-    }
-    s.cpos.p[l] = float(i + c.off);
+    s.cpos.p[l] = float((l < rs.n ? rows[l] : rows[0]) + rs.x.d->shift);  // for ALiBi
     s.m.p[l] = NEG_INF;
     s.l.p[l] = 0.0f;
   }
-  std::memset(s.ot.p, 0, sizeof(float) * size_t(a.Dv) * BR);
 
   Block blocks[NBLK];
   int nblocks = 0;
@@ -477,17 +413,18 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
                             s.qt.p + nblocks * a.D * IB, s.st.p + nblocks * BC * IB,
                             s.ot.p + nblocks * a.Dv * IB};
   }
+  std::memset(s.ot.p, 0, sizeof(float) * size_t(a.Dv * IB * nblocks));
 
-  const size_t nt = plan_tiles(c, b, imin, imax, rs.ignore_window, s.tiles);
-  for (size_t ti = 0; ti < nt; ++ti) {
-    const Tile& t = s.tiles.p[ti];
-    for (int bi = 0; bi < nblocks; ++bi) {
-      const Block& k = blocks[bi];
-      const KeyRange kr = scores(c, s, rs, t, b, h, k, kb);
-      softmax_update(s, k, kr);
-      pv_update(a, s, t, k, kr, vb);
+  for (const PlanSpan* sp = sp0; sp != sp1; ++sp)
+    for (int64_t m0 = 0; m0 < sp->n; m0 += BC) {
+      const Chunk ch = chunk(c, s, *sp, m0, b, hk);
+      for (int bi = 0; bi < nblocks; ++bi) {
+        const Block& k = blocks[bi];
+        const KeyRange kr = scores(c, s, rs, ch, b, h, k);
+        softmax_update(s, k, kr);
+        pv_update(a, s, ch, k, kr);
+      }
     }
-  }
 
   // out = Ot / l; lse = m + log(l) (m is in base 2). Rows with no allowed key get 0, -inf.
   float* ob = a.out + b * a.so[0] + h * a.so[1];
@@ -495,46 +432,58 @@ void process_rows(const Ctx& c, Scratch& s, int64_t b, int64_t h, const RowSet& 
   for (int l = 0; l < rs.n; ++l) {
     const float L = s.l.p[l];
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    float* orow = ob + rs.rows[l] * a.so[2];
+    float* orow = ob + rows[l] * a.so[2];
     const float* ot = s.ot.p + (l / IB) * a.Dv * IB + l % IB;
     for (int64_t dv = 0; dv < a.Dv; ++dv) orow[dv] = ot[dv * IB] * inv;
-    lb[rs.rows[l]] = L > 0.0f ? s.m.p[l] * LN2 + std::log(L) : NEG_INF;
+    lb[rows[l]] = L > 0.0f ? s.m.p[l] * LN2 + std::log(L) : NEG_INF;
     // Base-2 shift for the weights pass; +inf makes every weight of an empty row 2^-inf = 0.
     s.lsev.p[l] = L > 0.0f ? s.m.p[l] + std::log2(L) : INFINITY;
   }
   for (int l = rs.n; l < lanes; ++l) s.lsev.p[l] = INFINITY;
 
   if (!a.weights) return;
-  // Second pass: recompute each visited tile and write exp(s - lse) with the final lse.
-  float* wb = a.weights + (b * a.Hq + h) * a.Lq * a.Lk;
-  for (int l = 0; l < rs.n; ++l)
-    std::memset(wb + rs.rows[l] * a.Lk, 0, sizeof(float) * size_t(a.Lk));
-  for (size_t ti = 0; ti < nt; ++ti) {
-    const Tile& t = s.tiles.p[ti];
-    for (int bi = 0; bi < nblocks; ++bi) {
-      const Block& k = blocks[bi];
-      const KeyRange kr = scores(c, s, rs, t, b, h, k, kb);
-      for (int v = k.iv; v < k.iv + k.C; ++v) {
-        const vf shift = simd::load(s.lsev.p + v * VL);
-        float* st = k.st + (v - k.iv) * VL;
-        for (int jj = kr.js; jj < kr.je; ++jj)
-          simd::store(st + jj * IB, simd::exp2(simd::sub(simd::load(st + jj * IB), shift)));
+  // Second pass, for the blocks holding rows whose weights were asked for: recompute each
+  // visited chunk and write exp(s - lse) with the final lse.
+  float* wb = a.weights + (b * a.Hq + h) * a.n_weight_rows * a.Lk;
+  bool wanted[NBLK] = {};
+  bool any = false;
+  for (int bi = 0; bi < nblocks; ++bi)
+    for (int l = blocks[bi].l0; l < blocks[bi].l1; ++l)
+      if (weight_row(a, rows[l]) >= 0) {
+        std::memset(wb + weight_row(a, rows[l]) * a.Lk, 0, sizeof(float) * size_t(a.Lk));
+        wanted[bi] = any = true;
       }
-      for (int l = k.l0; l < k.l1; ++l) {
-        const float* st = k.st + (l - k.l0);
-        float* wrow = wb + rs.rows[l] * a.Lk + t.j0;
-        for (int jj = kr.js; jj < kr.je; ++jj) wrow[jj] = st[jj * IB];
+  if (!any) return;
+  for (const PlanSpan* sp = sp0; sp != sp1; ++sp)
+    for (int64_t m0 = 0; m0 < sp->n; m0 += BC) {
+      const Chunk ch = chunk(c, s, *sp, m0, b, hk);
+      for (int bi = 0; bi < nblocks; ++bi) {
+        if (!wanted[bi]) continue;
+        const Block& k = blocks[bi];
+        const KeyRange kr = scores(c, s, rs, ch, b, h, k);
+        for (int v = k.iv; v < k.iv + k.C; ++v) {
+          const vf shift = simd::load(s.lsev.p + v * VL);
+          float* st = k.st + (v - k.iv) * VL;
+          for (int jj = kr.js; jj < kr.je; ++jj)
+            simd::store(st + jj * IB, simd::exp2(simd::sub(simd::load(st + jj * IB), shift)));
+        }
+        for (int l = k.l0; l < k.l1; ++l) {
+          const int64_t w = weight_row(a, rows[l]);
+          if (w < 0) continue;
+          const float* st = k.st + (l - k.l0);
+          float* wrow = wb + w * a.Lk;
+          for (int jj = kr.js; jj < kr.je; ++jj) wrow[ch.key(jj)] = st[jj * IB];
+        }
       }
     }
-  }
 }
 
-void attention_item(void* p, int64_t item) {
+void attention_item(void* p, int64_t work) {
   const Ctx& c = *static_cast<const Ctx*>(p);
   const AttnArgs& a = *c.a;
-  const int64_t k = item / a.Hq, h = item % a.Hq;
-  const int64_t bq = c.order[k];
-  const int64_t b = bq / c.n_qt, qtile = bq % c.n_qt;
+  const MaskPlan& plan = *c.plan;
+  const int64_t h = work % a.Hq;
+  const PlanItem& item = plan.items[work / a.Hq];
 
   Scratch& s = tls_scratch;
   s.qt.get(size_t(a.D) * BR);
@@ -545,21 +494,16 @@ void attention_item(void* p, int64_t item) {
   s.alpha.get(BR);
   s.cpos.get(BR);
   s.lsev.get(BR);
-  int64_t* rows = s.rows.get(BR);
-  int64_t* grows = s.grows.get(BR);
+  s.kg.get(size_t(a.D) * BC);
+  s.vg.get(size_t(a.Dv > 0 ? a.Dv : 1) * BC);
+  s.rows.get(BR);
 
-  const int64_t i0 = qtile * BR;
-  const int n = int(min64(BR, a.Lq - i0));
-  for (int l = 0; l < n; ++l) rows[l] = i0 + l;
-  process_rows(c, s, b, h, RowSet{rows, n, (n + VL - 1) / VL, false, true});
-
-  // Query rows aligned to a global token ignore the window: redo them over all keys (same
-  // thread, so the overwrite cannot race).
-  if (c.globals) {
-    int ng = 0;
-    for (int l = 0; l < n; ++l)
-      if (is_global(c, rows[l] + c.off)) grows[ng++] = rows[l];
-    if (ng > 0) process_rows(c, s, b, h, RowSet{grows, ng, (ng + VL - 1) / VL, true, false});
+  // Groups in order: a group of global rows overrides the results of the group before it
+  // (same thread, so the overwrite cannot race).
+  const int64_t hp = plan.n_heads > 1 ? h : 0;
+  for (int64_t g = item.g0; g < item.g1; ++g) {
+    const int64_t* sp = plan.span_ptr + hp * plan.n_groups + g;
+    process_group(c, s, plan.groups[g], h, plan.spans + sp[0], plan.spans + sp[1]);
   }
 }
 
@@ -567,63 +511,11 @@ void attention_impl(const AttnArgs& a) {
   if (a.B == 0 || a.Hq == 0 || a.Lq == 0) return;
   Ctx c{};
   c.a = &a;
+  c.rule = a.rule;
+  c.plan = a.plan;
   c.group = a.Hq / a.Hkv;
-  c.off = a.Lk - a.Lq;
-  c.coff = a.causal == 2 ? c.off : 0;
-  c.window = a.window_left >= 0 || a.window_right >= 0 || a.dilation > 1;
   c.natural = a.softcap > 0.0f || a.alibi != nullptr || a.float_mask != nullptr;
-  // Beyond Lq + Lk the window bounds no longer change anything; clamping keeps products small.
-  const int64_t lim = a.Lq + a.Lk + 1;
-  c.wl = a.window_left < 0 ? -1 : min64(a.window_left, lim);
-  c.wr = a.window_right < 0 ? -1 : min64(a.window_right, lim);
-  c.dil = min64(max64(a.dilation, 1), lim);
-
-  // Global tokens only matter with a window.
-  Buf<int64_t> gtiles;
-  if (c.window && a.n_global > 0) {
-    int64_t* gt = gtiles.get(size_t(a.n_global));
-    int64_t ng = 0;
-    for (int64_t i = 0; i < a.n_global; ++i) {
-      const int64_t t = a.global_tokens[i] / BC;
-      if (ng == 0 || gt[ng - 1] != t) gt[ng++] = t;  // positions are sorted
-    }
-    c.globals = a.global_tokens;
-    c.n_globals = a.n_global;
-    c.gtiles = gt;
-    c.n_gtiles = ng;
-  }
-
-  // Hand out the (batch, query tile) pairs with the most keys to visit first (causal and
-  // key_lengths make the work uneven); a counting sort on a coarse cost keeps this O(n).
-  c.n_qt = (a.Lq + BR - 1) / BR;
-  const int64_t nbq = a.B * c.n_qt;
-  Buf<int64_t> cost, order;
-  int64_t* cs = cost.get(size_t(nbq));
-  int64_t* od = order.get(size_t(nbq));
-  {
-    Buf<Tile> tiles;
-    int64_t maxc = 0;
-    for (int64_t bq = 0; bq < nbq; ++bq) {
-      const int64_t b = bq / c.n_qt, i0 = (bq % c.n_qt) * BR;
-      const int64_t i1 = min64(a.Lq, i0 + BR) - 1;
-      const size_t nt = plan_tiles(c, b, i0, i1, false, tiles);
-      int64_t keys = 0;
-      for (size_t t = 0; t < nt; ++t) keys += tiles.p[t].jn;
-      cs[bq] = keys * (i1 - i0 + 1);  // rows x keys visited
-      maxc = max64(maxc, cs[bq]);
-    }
-    constexpr int NB = 256;
-    int64_t count[NB + 1] = {0};
-    for (int64_t bq = 0; bq < nbq; ++bq) {
-      cs[bq] = maxc > 0 ? (NB - 1) - cs[bq] * (NB - 1) / maxc : 0;  // bucket, largest first
-      ++count[cs[bq] + 1];
-    }
-    for (int i = 0; i < NB; ++i) count[i + 1] += count[i];
-    for (int64_t bq = 0; bq < nbq; ++bq) od[count[cs[bq]]++] = bq;
-  }
-  c.order = od;
-
-  parallel_for(nbq * a.Hq, a.num_threads, &attention_item, &c);
+  parallel_for(c.plan->n_items * a.Hq, a.num_threads, &attention_item, &c);
 }
 
 }  // namespace

@@ -13,19 +13,6 @@ constexpr float LOG2E = 1.44269504088896341f;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Index of the first element >= x in the sorted array v[0..n).
-inline int64_t lower_bound64(const int64_t* v, int64_t n, int64_t x) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (v[mid] < x)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
 // Grow-only, 64-byte aligned buffer (kept per thread between calls).
 template <class T>
 struct Buf {

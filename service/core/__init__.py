@@ -1,4 +1,4 @@
-"""The compute core: attention on numpy arrays (or torch tensors) through the C++ extension.
+"""The compute core: attention on numpy arrays (or any library's) through the C++ extension.
 
 numpy, pydantic and `service._native` (and threadpoolctl, to keep BLAS serial in approx/ and
 model/; tokenizers and safetensors, to read a real model's files in model/); never FastAPI,
@@ -7,7 +7,8 @@ Starlette, uvicorn, matplotlib or Pillow (`make lint` checks it). What is where:
 - options.py: the one options model shared by the Python API and every HTTP front.
 - tensor_codec.py: tensors in and out of JSON-friendly forms (the client uses it too, so it
   needs numpy alone); tensor_field.py: the pydantic field type built on it.
-- inputs.py: normalising what a caller passes (dtypes, ranks, torch -> numpy, options).
+- inputs.py: normalising what a caller passes (dtypes, ranks, options); frameworks.py: other
+  libraries' arrays (torch, TensorFlow, JAX, DLPack) as numpy views, and results back.
 - masking.py: the masking options as the extension's arguments; native_call.py: one call into
   the extension (cancellation, errors, timing).
 - attention.py, multihead.py, maps.py: the public functions (exact attention and its

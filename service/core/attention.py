@@ -1,4 +1,4 @@
-"""`attention`: scaled dot-product attention on numpy arrays or torch tensors.
+"""`attention`: scaled dot-product attention on numpy arrays or any library's (frameworks.py).
 
 Inputs are normalised and checked (service.core.inputs), the options validated into the one
 options model, the masking options turned into the kernel's arguments; then the exact kernel
@@ -31,7 +31,8 @@ def attention(
     """Exact scaled dot-product attention (see service.core.options for every option's meaning).
 
     q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k (.., Hkv, Lk, D); v (.., Hkv, Lk, Dv), one rank
-    for all three; numpy arrays or torch tensors of any float dtype (computed in float32).
+    for all three; arrays of any library (numpy, torch, TensorFlow, JAX, DLPack) and any float
+    dtype (computed in float32); results in q's library.
     Keyword options override those in `options`. A rank-2/3 q is treated as B = 1 (and Hq = 1),
     so a mask is broadcast right-aligned against (B, Hq, Lq, Lk) as numpy and torch would.
     """
@@ -41,13 +42,23 @@ def attention(
     approx.check_options(opts)  # options the chosen method does not support are errors
     if opts.method != "exact":
         return _approximation(q, q4, k4, v4, opts, rank)
+    rows = opts.weights_rows
     out, lse, weights, elapsed = exact.run(
-        q4, k4, v4, opts, kw, return_weights=opts.return_weights, threads=threads
+        q4,
+        k4,
+        v4,
+        opts,
+        kw,
+        return_weights=opts.return_weights,
+        threads=threads,
+        weights_rows=rows,
     )
+    if rows is not None:
+        lse = lse[:, :, rows]  # the rows asked for, in their order, as the weights
     return AttentionResult(
         output=to_output(caller_rank(out, rank), q),
         weights=to_output(caller_rank(weights, rank), q) if weights is not None else None,
-        lse=to_output(caller_rank(lse, rank), q) if opts.return_weights else None,
+        lse=to_output(caller_rank(lse, rank), q) if weights is not None else None,
         elapsed_ms=elapsed,
         flops=exact.dense_flops(q4, k4, v4),
     )

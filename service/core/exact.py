@@ -31,9 +31,13 @@ def run(
     *,
     return_weights: bool,
     threads: int,
+    weights_rows: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
-    """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking."""
+    """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
+    With weights_rows, the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
+    """
     scale = checked_scale(opts, q4, k4)
+    rows = None if weights_rows is None else np.asarray(weights_rows, dtype=np.int64)
     (out, lse, weights), elapsed = call_native(
         _native.attention,
         q4,
@@ -41,11 +45,15 @@ def run(
         v4,
         scale=scale,
         return_weights=return_weights,
+        weights_rows=rows,
         num_threads=threads,
         **masking,
     )
     if opts.empty_rows == "nan":
-        nan_where_empty(lse, out, weights)
+        empty = np.isneginf(lse)
+        nan_where_empty(lse, out)
+        if weights is not None:  # the weights hold the rows `rows` (all when None)
+            weights[empty if rows is None else empty[:, :, rows]] = np.nan
     return out, lse, weights, elapsed
 
 

@@ -1,8 +1,9 @@
 """What a caller passes, normalised: arrays to finite float32, ranks to 4-D, options to models.
 
-Every problem is an InputError naming the argument. torch is never imported unless the caller
-passed a torch tensor (then answers are torch tensors on the input's device), so the service runs
-without it. Support for other array libraries belongs here too.
+Every problem is an InputError naming the argument. Arrays of other libraries (torch,
+TensorFlow, JAX, anything speaking DLPack or the array protocol) are read through
+service.core.frameworks, without a copy where their layout allows, and answers go back in the
+library of the caller's q; no such library is imported unless the caller passed one of its arrays.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.core.errors import InputError
-from service.core.options import AttentionOptions, MultiheadOptions, MultiheadWeights, Window
+from service.core.frameworks import ArrayError, from_numpy, is_bfloat16, to_numpy
+from service.core.options import (
+    AttentionOptions,
+    BlockMask,
+    BlockPattern,
+    MultiheadOptions,
+    MultiheadWeights,
+    Window,
+)
 
-# A numpy array or a torch tensor (torch is not a dependency, so no stricter annotation).
+# A numpy array or another library's array (none is a dependency, so no stricter annotation).
 ArrayLike = Any
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -34,51 +43,42 @@ _FIELD_NAMES = frozenset(
     | set(AttentionOptions.model_fields)
     | set(Window.model_fields)
     | set(MultiheadWeights.model_fields)
+    | set(BlockMask.model_fields)
+    | set(BlockPattern.model_fields)
 )
-# List options that may be given as arrays or tensors.
-_LIST_FIELDS = frozenset({"key_lengths", "global_tokens", "alibi_slopes"})
 
 
 # ---------------------------------------------------------------------------------------------
 # Arrays
 
 
-def is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".", 1)[0] == "torch"
+def to_array(name: str, x: Any) -> np.ndarray:
+    """x as numpy (a view of another library's array where its layout allows: see frameworks),
+    in its own dtype; bfloat16 as ml_dtypes.bfloat16 where ml_dtypes is installed."""
+    try:
+        return to_numpy(x)
+    except ArrayError as exc:
+        raise InputError(name, str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(name, f"not an array: {exc}") from None
 
 
 def as_float32(name: str, x: Any) -> np.ndarray:
-    """A C-contiguous, finite float32 copy (or view) of a float array or tensor."""
-    if is_torch(x):
-        if x.is_complex() or not x.is_floating_point():
-            raise InputError(name, f"unsupported dtype {x.dtype}; expected a floating-point tensor")
-        try:
-            arr = x.detach().cpu().float().contiguous().numpy()
-        except (RuntimeError, TypeError) as exc:  # e.g. sparse or meta tensors
-            raise InputError(name, f"cannot read this tensor: {exc}") from None
-    else:
-        try:
-            arr = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise InputError(name, f"not an array: {exc}") from None
-        if arr.dtype.kind != "f":
-            raise InputError(
-                name, f"unsupported dtype {arr.dtype}; expected a floating-point array"
-            )
-        with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+    """A C-contiguous, finite float32 view (or copy, when the dtype or strides require one) of a
+    floating-point array of any library."""
+    arr = to_array(name, x)
+    if arr.dtype.kind != "f" and not is_bfloat16(arr.dtype):
+        raise InputError(name, f"unsupported dtype {arr.dtype}; expected a floating-point array")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise InputError(name, "contains NaN or Inf (after conversion to float32)")
     return arr
 
 
 def to_output(arr: np.ndarray | None, like: Any) -> ArrayLike | None:
-    """Answer in the caller's type: torch tensor (on the input's device) or numpy array."""
-    if arr is None or not is_torch(like):
-        return arr
-    import torch  # only reached when the caller already uses torch
-
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(like.device)
+    """Answer in the library of `like` (the caller's q), on the CPU, or as numpy."""
+    return None if arr is None else from_numpy(arr, like)
 
 
 def thread_count(num_threads: int | None) -> int:
@@ -174,13 +174,6 @@ def input_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> Inp
     return InputError(prefix + loc or ("options",), "; ".join(msgs))
 
 
-def _plain(name: str, value: Any) -> Any:
-    """numpy arrays and torch tensors given for the list options (key_lengths, ...) -> lists."""
-    if name in _LIST_FIELDS and (isinstance(value, np.ndarray) or is_torch(value)):
-        return value.tolist()
-    return value
-
-
 def parse_options(
     model: type[ModelT], options: BaseModel | dict[str, Any] | None, overrides: dict[str, Any]
 ) -> ModelT:
@@ -193,7 +186,7 @@ def parse_options(
         base = dict(options)
     else:
         raise InputError("options", f"expected {model.__name__} or a dict, got {type(options)}")
-    data = {**base, **{name: _plain(name, v) for name, v in overrides.items()}}
+    data = {**base, **overrides}
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -12,7 +12,8 @@ import numpy as np
 
 from service.core.errors import InputError
 from service.core.inputs import F32_SAFE, check_magnitude, qkv_4d
-from service.core.options import MaskingOptions
+from service.core.layouts import block_layout
+from service.core.options import BlockMask, MaskingOptions
 
 CAUSAL_CODES = {None: 0, "top_left": 1, "bottom_right": 2}
 
@@ -50,6 +51,40 @@ def mask_4d(mask: np.ndarray, convention: str, shape: tuple[int, int, int, int])
             "mask",
             f"shape {tuple(mask.shape)} is not broadcastable to (B, H, Lq, Lk) = {shape}",
         ) from None
+
+
+def layout_4d(bm: BlockMask, shape: tuple[int, int, int, int]) -> dict[str, Any]:
+    """The kernel's block_layout (bool, broadcast to (B, H, nqb, nkb)), block_q and block_k."""
+    b, h, lq, lk = shape
+    bq, bk = bm.sizes
+    blocks = (b, h, -(-lq // bq), -(-lk // bk))
+    if bm.pattern is not None:
+        p = bm.pattern
+        pattern = p.model_dump(exclude={"kind"})  # window, stride, global and random blocks, seed
+        layout = block_layout(p.kind, lq, lk, (bq, bk), num_heads=h, **pattern)
+    else:
+        assert bm.layout is not None  # the model holds exactly one of layout and pattern
+        layout = bm.layout
+        if layout.dtype.kind in "iu":
+            if layout.size and not np.isin(layout, (0, 1)).all():
+                raise InputError(("block_mask", "layout"), "integer layouts hold only 0 and 1")
+            layout = layout.astype(bool)
+        elif layout.dtype.kind != "b":
+            raise InputError(
+                ("block_mask", "layout"),
+                f"expected a bool (or 0/1 integer) layout, got dtype {layout.dtype}",
+            )
+        if not layout.flags.aligned or any(s < 0 for s in layout.strides):
+            layout = layout.copy()  # the kernel reads through strides, non-negative ones
+    try:
+        layout4 = np.broadcast_to(layout, blocks)
+    except ValueError:
+        raise InputError(
+            ("block_mask", "layout"),
+            f"shape {tuple(layout.shape)} is not broadcastable to (B, H, ceil(Lq/bq), "
+            f"ceil(Lk/bk)) = {blocks}",
+        ) from None
+    return {"block_layout": layout4, "block_q": bq, "block_k": bk}
 
 
 def prepare(
@@ -98,6 +133,13 @@ def native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> di
                 "global_tokens", f"position {opts.global_tokens[-1]} outside [0, {lk})"
             )
         kw["global_tokens"] = np.asarray(opts.global_tokens, dtype=np.int64)
+    if opts.block_mask is not None:
+        kw.update(layout_4d(opts.block_mask, shape))
+    # Packed documents: the offsets are checked natively (errors name the field).
+    for name in ("cu_seqlens", "cu_seqlens_q", "cu_seqlens_k"):
+        offsets = getattr(opts, name)
+        if offsets is not None:
+            kw[name] = np.asarray(offsets, dtype=np.int64)
     slopes = opts.alibi_slopes
     if slopes is True:
         kw["alibi_slopes"] = (2.0 ** (-8.0 * np.arange(1, h + 1) / h)).astype(np.float32)

@@ -23,7 +23,7 @@ from service.core.inputs import (
 )
 from service.core.masking import native_masking
 from service.core.native_call import call_native
-from service.core.options import MaskingOptions, MultiheadWeights
+from service.core.options import MaskingOptions, MultiheadMasking, MultiheadWeights
 from service.core.results import MultiheadResult
 from service.core.weights import (
     check_seed,
@@ -67,8 +67,12 @@ def multihead_attention(
     options as in `attention` with H = num_heads: torch's key_padding_mask is key_lengths (or
     a (B, 1, 1, Lk) bool mask with mask_convention="ignore"); torch's attn_mask is mask with
     mask_convention="ignore" (a (B*H, Lq, Lk) one reshaped to (B, H, Lq, Lk)).
+    weights_rows (in `options` or as a keyword) returns the weights and lse of those query rows
+    only, (B, [H,] len(rows), Lk), and implies need_weights.
     """
-    opts = parse_options(MaskingOptions, options, option_kwargs)
+    opts = parse_options(MultiheadMasking, options, option_kwargs)
+    rows = opts.weights_rows
+    need_weights = need_weights or rows is not None
     threads = thread_count(num_threads)
     key = query if key is None else key
     value = key if value is None else value
@@ -121,6 +125,7 @@ def multihead_attention(
         num_kv_heads=hkv,
         scale=float(scale),
         return_weights=need_weights,
+        weights_rows=None if rows is None else np.asarray(rows, dtype=np.int64),
         num_threads=threads,
         **kw,
     )
@@ -128,7 +133,9 @@ def multihead_attention(
         empty = np.isneginf(lse)  # (B, H, Lq); out_proj mixes heads, so any empty head -> NaN row
         out[empty.any(axis=1)] = np.nan
         if probs is not None:
-            probs[empty] = np.nan
+            probs[empty if rows is None else empty[..., rows]] = np.nan
+    if rows is not None:
+        lse = lse[:, :, rows]  # the rows asked for, in their order, as the weights
     if need_weights and average_weights:
         probs = probs.mean(axis=1)
     if not batched:

@@ -13,10 +13,12 @@ Semantics (see README "Semantics"):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from service.core.frameworks import is_array, is_bfloat16, to_numpy
 from service.core.tensor_field import Tensor
 
 CausalMode = Literal["top_left", "bottom_right"]
@@ -34,6 +36,78 @@ class Window(BaseModel):
     left: int | None = Field(None, ge=0, description="Keys allowed before the diagonal.")
     right: int | None = Field(None, ge=0, description="Keys allowed after the diagonal.")
     dilation: int = Field(1, ge=1, le=1 << 20, description="Stride between allowed keys.")
+
+
+class BlockPattern(BaseModel):
+    """A common block layout, built by service.core.layouts.block_layout instead of drawn.
+
+    The diagonal of query block qb is the key blocks covering the same positions (top-left
+    aligned); "local" keeps those and `window` blocks on each side; "strided" adds every
+    stride-th key block (Sparse Transformer's fixed columns); "bigbird" adds the first
+    `global_blocks` blocks as global rows and columns and `random_blocks` random key blocks per
+    query block and head, drawn from `seed`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "strided", "bigbird"]
+    window: int = Field(1, ge=0, le=1 << 31, description="Key blocks on each side of the diagonal.")
+    stride: int | None = Field(
+        None, ge=1, le=1 << 31, description='"strided": keep every stride-th key block.'
+    )
+    global_blocks: int = Field(0, ge=0, le=1 << 31, description='"bigbird": global blocks.')
+    random_blocks: int = Field(
+        0, ge=0, le=1 << 31, description='"bigbird": random key blocks per query block and head.'
+    )
+    seed: int = Field(0, ge=0, description='"bigbird": seed of the random blocks.')
+
+    @model_validator(mode="after")
+    def _pattern_parameters(self) -> BlockPattern:
+        if (self.stride is not None) != (self.kind == "strided"):
+            raise ValueError('stride is required by "strided" and used by it alone')
+        if self.kind != "bigbird" and (self.global_blocks or self.random_blocks):
+            raise ValueError('global_blocks and random_blocks are used by "bigbird" alone')
+        return self
+
+
+class BlockMask(BaseModel):
+    """Block-sparse attention (FlexAttention's BlockMask): query block qb = i // bq may see key
+    block kb = j // bk only where layout[b, h, qb, kb] is true; a false block is never computed.
+    Combines with every other option by AND. Block sizes need not divide the lengths."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    block_size: int | tuple[int, int] = Field(
+        ..., description="bs, or [bq, bk] for query and key blocks of different sizes."
+    )
+    layout: Tensor | None = Field(
+        None,
+        description="Bool (or 0/1 integer) tensor broadcastable to (B, H, ceil(Lq/bq), "
+        "ceil(Lk/bk)), H = query heads.",
+    )
+    pattern: BlockPattern | None = Field(
+        None, description="A common layout by name instead of `layout` (exactly one of them)."
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _positive_sizes(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        for n in (v,) if isinstance(v, int) else v:
+            if not 1 <= n < 1 << 31:
+                raise ValueError(f"block sizes must be between 1 and 2^31 - 1, got {n}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> BlockMask:
+        if (self.layout is None) == (self.pattern is None):
+            raise ValueError("give exactly one of layout and pattern")
+        return self
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(bq, bk)."""
+        bs = self.block_size
+        return (bs, bs) if isinstance(bs, int) else (bs[0], bs[1])
 
 
 class MaskingOptions(BaseModel):
@@ -71,6 +145,24 @@ class MaskingOptions(BaseModel):
         description="One slope per query head, or true for the standard 2^(-8(h+1)/H); adds "
         "-slope*|i + Lk - Lq - j| to the scores.",
     )
+    block_mask: BlockMask | None = Field(
+        None, description="Block-sparse layout: only the kept (query block, key block) pairs."
+    )
+    cu_seqlens: list[int] | None = Field(
+        None,
+        description="Packed variable-length documents (flash-attn's cu_seqlens): offsets "
+        "0 = c0 <= c1 <= ... = L; the batch axis is 1 and document d holds positions "
+        "[c_d, c_d+1) of q, k and v. A query sees only keys of its own document; causal, the "
+        "window and ALiBi align per document. Not with key_lengths or global_tokens.",
+    )
+    cu_seqlens_q: list[int] | None = Field(
+        None,
+        description="Packed documents with other key offsets (cross attention): the "
+        "queries' offsets, with cu_seqlens_k.",
+    )
+    cu_seqlens_k: list[int] | None = Field(
+        None, description="The keys' offsets, with cu_seqlens_q (same number of documents)."
+    )
     softcap: float | None = Field(
         None, gt=0, description="Scores become softcap*tanh(scores/softcap)."
     )
@@ -79,6 +171,18 @@ class MaskingOptions(BaseModel):
         description='A row with no allowed key: "zero" gives output 0 and weights 0 (like torch '
         'SDPA); "nan" gives NaN (like torch.nn.MultiheadAttention).',
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _arrays_as_lists(cls, v: Any, info: ValidationInfo) -> Any:
+        """An array of any library given for a list option (key_lengths, global_tokens, ...,
+        in this model or a subclass) becomes a list; tensor fields read arrays themselves."""
+        if not (isinstance(v, np.ndarray) or is_array(v)) or info.field_name is None:
+            return v
+        if "list[" not in str(cls.model_fields[info.field_name].annotation):
+            return v
+        arr = to_numpy(v)
+        return (arr.astype(np.float32) if is_bfloat16(arr.dtype) else arr).tolist()
 
     @field_validator("scale", "softcap")
     @classmethod
@@ -118,12 +222,21 @@ class MaskingOptions(BaseModel):
         return self.causal or None
 
 
+_WEIGHTS_ROWS_DOC = (
+    "Query rows (distinct, in [0, Lq), any order) whose probabilities and log-sum-exp to "
+    "return, in this order: weights (.., H, len(rows), Lk) from the tiled kernel, without the "
+    "Lq x Lk matrix. Implies the weights; with cu_seqlens a row spans the packed keys (0 outside "
+    "its document)."
+)
+
+
 class AttentionOptions(MaskingOptions):
     """Options of scaled dot-product attention (the Python API and /v1/attention)."""
 
     return_weights: bool = Field(
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
+    weights_rows: list[int] | None = Field(None, description=_WEIGHTS_ROWS_DOC)
     # Linear-time approximations (service/core/approx/). Method parameters default to null so
     # that one given to a method that does not use it is reported rather than ignored.
     method: Literal["exact", "linear", "performer", "linformer"] = Field(
@@ -169,7 +282,14 @@ class MultiheadWeights(BaseModel):
     out_bias: Tensor | None = None
 
 
-class MultiheadOptions(MaskingOptions):
+class MultiheadMasking(MaskingOptions):
+    """What `multihead_attention` takes as `options` (or keywords) beside its own arguments:
+    the masking options and weights_rows."""
+
+    weights_rows: list[int] | None = Field(None, description=_WEIGHTS_ROWS_DOC)
+
+
+class MultiheadOptions(MultiheadMasking):
     """Options of multi-head attention (the Python API and /v1/multihead)."""
 
     num_heads: int = Field(..., ge=1, description="Query heads H; embed_dim must divide by it.")

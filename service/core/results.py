@@ -1,4 +1,4 @@
-"""What the public functions return: frozen dataclasses of arrays (numpy, or torch for torch in)."""
+"""What the public functions return: frozen dataclasses of arrays, in the library of the q given."""
 
 from __future__ import annotations
 

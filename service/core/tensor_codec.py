@@ -5,7 +5,8 @@ dependencies or the compiled extension. A tensor arrives as one of:
 - a nested list of numbers (or booleans);
 - {"dtype", "shape", "data": [flat numbers]};
 - {"dtype", "shape", "b64": base64 of the little-endian C-order bytes};
-- (Python API only) a numpy array or a torch tensor.
+- (Python API only) a numpy array, or an array of another library (torch, TensorFlow, JAX, ...:
+  service.core.frameworks reads it, bfloat16 becoming float32 here).
 
 Everything is parsed by numpy in bulk, never element by element.
 """
@@ -17,6 +18,14 @@ import math
 from typing import Any, Literal
 
 import numpy as np
+
+from service.core.frameworks import (
+    ArrayError,
+    bfloat16_bits_to_float32,
+    is_array,
+    is_bfloat16,
+    to_numpy,
+)
 
 try:
     # SIMD base64, ~30x faster than the standard library on large tensors; a server dependency.
@@ -48,11 +57,6 @@ class TensorError(ValueError):
 
 class TensorLimitError(TensorError):
     """A tensor is larger than the configured element limit (HTTP answers 413)."""
-
-
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: shift the 16 bits into place."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -164,19 +168,16 @@ def _cast_checked(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def _from_torch(t: Any) -> np.ndarray:
-    t = t.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-        t = t.float()
-    return t.numpy()
-
-
 def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
-    """Turn any accepted tensor form into a numpy array (native byte order)."""
+    """Turn any accepted tensor form into a numpy array (native byte order); bfloat16 arrays
+    (ml_dtypes') become float32, exactly."""
     if isinstance(value, np.ndarray):
         arr = value
-    elif type(value).__module__.startswith("torch"):
-        arr = _from_torch(value)
+    elif is_array(value):
+        try:
+            arr = to_numpy(value)
+        except ArrayError as exc:
+            raise TensorError(str(exc)) from None
     elif isinstance(value, dict):
         return _decode_object(value, max_elements)
     elif isinstance(value, (list, tuple)):
@@ -187,10 +188,12 @@ def decode_tensor(value: Any, max_elements: int | None = None) -> np.ndarray:
         raise TensorError(
             "expected a nested list of numbers or an object with dtype, shape and data or b64"
         )
-    if arr.dtype.kind not in "biuf":
-        raise TensorError(f"unsupported dtype {arr.dtype}")
     if max_elements is not None and arr.size > max_elements:
         raise TensorLimitError(f"tensor has {arr.size} elements; the limit is {max_elements}")
+    if is_bfloat16(arr.dtype):
+        arr = arr.astype(np.float32)
+    if arr.dtype.kind not in "biuf":
+        raise TensorError(f"unsupported dtype {arr.dtype}")
     return arr
 
 

@@ -70,6 +70,9 @@ def run_attention(
     pool = spec is not None and not opts.compare and opts.method == "exact" and max(lq, lk) > side
     if stats and opts.method != "exact":
         raise InputError("stats", f'needs method "exact", got "{opts.method}"')
+    _rows_without_heatmap(opts.weights_rows, spec)
+    if opts.weights_rows is not None:
+        return_weights = True  # the rows' weights are what weights_rows asks for
     # With "compare", the heatmaps show exact | approximation | difference instead of weights.
     want_weights = return_weights or (spec is not None and not opts.compare and not pool)
     if ranks_ok:
@@ -77,7 +80,8 @@ def run_attention(
         rows = q.shape[:-1]
         state.limits.elements("v", rows + v.shape[-1:], "the output")
         if want_weights:
-            state.limits.elements("k", rows + k.shape[-2:-1], "the weights")
+            wrows = rows if opts.weights_rows is None else rows[:-1] + (len(opts.weights_rows),)
+            state.limits.elements("k", wrows + k.shape[-2:-1], "the weights")
         if spec is not None:
             shape4 = (1,) * (4 - q.ndim) + rows + k.shape[-2:-1]
             if pool:
@@ -128,6 +132,15 @@ def run_attention(
     return AttentionJob(result, maps if stats else None, drawn)
 
 
+def _rows_without_heatmap(weights_rows: list[int] | None, spec: HeatmapSpec | None) -> None:
+    if weights_rows is not None and spec is not None:
+        raise InputError(
+            "weights_rows",
+            "returns chosen rows of the weights, a heatmap draws all of them: ask for one or "
+            "the other",
+        )
+
+
 @dataclass(frozen=True)
 class MultiheadJob:
     """result: as the Python API returns it. weights: the attention weights as the caller asked
@@ -164,6 +177,8 @@ def _check_multihead_sizes(
     per_head = spec is not None
     if need_weights or per_head:
         rows = query.shape[:-1]
+        if opts.weights_rows is not None:
+            rows = rows[:-1] + (len(opts.weights_rows),)
         heads = (opts.num_heads,) if per_head or not opts.average_weights else ()
         limits.elements("key", rows[:-1] + heads + rows[-1:] + key.shape[-2:-1], "weights")
         if spec is not None:
@@ -185,6 +200,8 @@ def run_multihead(
     """Multi-head attention (torch semantics) with optional per-head heatmaps."""
     images.check_store(spec, state.store)
     per_head = spec is not None  # heatmaps need every head, whatever the response averages
+    _rows_without_heatmap(opts.weights_rows, spec)
+    need_weights = need_weights or opts.weights_rows is not None
     k = query if key is None else key
     _check_multihead_sizes(state, query, k, k if value is None else value, opts, need_weights, spec)
     result = compute(

@@ -4,14 +4,22 @@ Both sides run in this process, interleaved, on the same inputs and the same thr
 each figure is the median of several runs. Writes a JSON file, a Markdown table and a log-log
 plot to tests/benchmarks/results/ and prints every ratio with its goal.
 
-    make bench            # everything (several minutes)
-    make bench QUICK=1    # smaller sizes, for a smoke run
+    make bench                   # everything (several minutes)
+    make bench QUICK=1           # smaller sizes, for a smoke run
+    make bench BASELINE=<git ref>  # also the kernel of that commit, built and run side by side
+
+FlexAttention (torch.compile) runs beside the block-sparse and packed rows when torch.compile
+works on the machine; the output says so when it does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -31,6 +40,7 @@ from service import _native
 from tests.benchmarks.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
 THREADS = 2
 
 
@@ -143,12 +153,14 @@ def _window_mask(n: int, left: int, right: int, dilation: int, glob: list[int]) 
 
 WINDOWS = {
     "window ±128": dict(left=128, right=128, dilation=1, glob=[]),
+    "window ±64": dict(left=64, right=64, dilation=1, glob=[]),
     "dilated ±64 x2": dict(left=64, right=64, dilation=2, glob=[]),
     "window ±128 + 4 global": dict(left=128, right=128, dilation=1, glob=[0, 1, 2, 3]),
 }
 
 
 def bench_windows(rows: list[Row], sizes: list[int], long_n: int, budget: float) -> None:
+    by_name: dict[str, dict[int, float]] = {}
     for name, w in WINDOWS.items():
         times: dict[int, float] = {}
         for n in sizes + [long_n]:
@@ -179,6 +191,181 @@ def bench_windows(rows: list[Row], sizes: list[int], long_n: int, budget: float)
                 if n == sizes[-1]:
                     row.goal = "≥ 20× faster"
                     row.passed = row.ratio is not None and row.ratio <= 1 / 20
+            rows.append(row)
+            print(_fmt(row), flush=True)
+        by_name[name] = times
+    # A dilated window visits only the keys it may see: about what the plain window costs.
+    n = sizes[-1]
+    dil, plain = by_name["dilated ±64 x2"][n], by_name["window ±64"][n]
+    row = Row("window", f"dilated ±64 x2 / window ±64 N={n}", dil, goal="≤ 1.3×")
+    row.extra = {"ratio": dil / plain}
+    row.passed = dil / plain <= 1.3
+    rows.append(row)
+    print(_fmt(row), flush=True)
+    # Building the mask plan is a small part of a long windowed call.
+    plan = _native.mask_plan(1, 8, long_n, long_n, window_left=128, window_right=128)
+    plan_ms = plan["build_seconds"] * 1e3
+    kernel_ms = by_name["window ±128"][long_n]
+    row = Row("plan", f"plan build, window ±128 N={long_n}", plan_ms, goal="< 1% of the call")
+    row.extra = {"share": plan_ms / kernel_ms, "groups": plan["groups"], "spans": plan["spans"]}
+    row.passed = plan_ms / kernel_ms < 0.01
+    rows.append(row)
+    print(_fmt(row), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-sparse layouts and packed sequences, against torch's masked SDPA and FlexAttention
+
+
+def _flex_attention() -> Callable | None:
+    """torch.compile'd FlexAttention, or None (with the reason printed) where it fails here."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        fn = torch.compile(flex_attention)
+        q = torch.randn(1, 1, 256, 64)
+        bm = create_block_mask(lambda b, h, i, j: i >= j, 1, 1, 256, 256, device="cpu")
+        fn(q, q, q, block_mask=bm)
+        return fn
+    except Exception as exc:  # noqa: BLE001 - any failure means "not on this machine"
+        print(f"FlexAttention skipped: torch.compile does not work here ({exc!r})", flush=True)
+        return None
+
+
+def _flex_ms(flex: Callable, args: tuple, block_mask: object, budget: float) -> float | None:
+    """FlexAttention's median time, or None (the reason printed) when inductor fails on it."""
+    try:
+        return _median_ms(partial(flex, *args, block_mask=block_mask), budget)
+    except Exception as exc:  # noqa: BLE001 - a compiler failure is reported, not fatal
+        print(f"FlexAttention failed on this row: {str(exc).splitlines()[0][:200]}", flush=True)
+        return None
+
+
+def _block_mask_from_layout(layout: np.ndarray, block: int, n: int) -> object:
+    """FlexAttention's BlockMask with the same kept blocks as `layout` (1, 1, nb, nb)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lay = torch.from_numpy(layout[0, 0])
+
+    def keep(b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return lay[i // block, j // block]
+
+    return create_block_mask(keep, 1, 1, n, n, device="cpu", BLOCK_SIZE=block)
+
+
+def bench_block_sparse(rows: list[Row], n: int, budget: float, flex: Callable | None) -> None:
+    block, nb = 128, -(-n // 128)
+    q, k, v = _inputs(1, 8, 8, n, 64)
+    tq, tk, tv = map(torch.from_numpy, (q, k, v))
+    dense = _median_ms(partial(service.attention, q, k, v), budget)
+    rng = np.random.default_rng(1)
+    for rho in (0.05, 0.125, 0.25, 0.5):
+        layout = rng.random((1, 1, nb, nb)) < rho  # one layout for every head
+        kept = float(layout.mean())
+        mask = torch.from_numpy(np.kron(layout[0, 0], np.ones((block, block), bool))[:n, :n])
+
+        def ours(layout: np.ndarray = layout) -> object:
+            return service.attention(q, k, v, block_mask={"block_size": block, "layout": layout})
+
+        ours_ms, torch_ms = _side_by_side(
+            ours, partial(F.scaled_dot_product_attention, tq, tk, tv, attn_mask=mask), budget
+        )
+        bound = kept * dense * 1.2 + 2.0
+        row = Row("sparse", f"block 128 ρ={rho} N={n}", ours_ms, torch_ms)
+        row.goal = "≤ ρ × dense × 1.2 + 2 ms"
+        row.passed = ours_ms <= bound
+        row.extra = {"kept": kept, "dense_ms": dense, "bound_ms": bound}
+        if flex is not None:
+            bm = _block_mask_from_layout(layout, block, n)
+            row.extra["flex_ms"] = _flex_ms(flex, (tq, tk, tv), bm, budget)
+        rows.append(row)
+        print(_fmt(row), flush=True)
+
+
+def bench_packed(rows: list[Row], docs: int, length: int, budget: float, flex: Callable | None):
+    n = docs * length
+    q, k, v = _inputs(1, 8, 8, n, 64)
+    tq, tk, tv = map(torch.from_numpy, (q, k, v))
+    cu = np.arange(0, n + 1, length, dtype=np.int64)
+    doc = np.arange(n) // length
+    same_doc_causal = (doc[:, None] == doc[None, :]) & (np.arange(n)[:, None] >= np.arange(n))
+    ours_ms, torch_ms = _side_by_side(
+        partial(service.attention, q, k, v, causal=True, cu_seqlens=cu),
+        partial(
+            F.scaled_dot_product_attention, tq, tk, tv, attn_mask=torch.from_numpy(same_doc_causal)
+        ),
+        budget,
+    )
+    row = Row("packed", f"{docs} docs × {length} causal (N={n})", ours_ms, torch_ms)
+    row.goal = "≥ 6× faster than masked SDPA"
+    row.passed = row.ratio is not None and row.ratio <= 1 / 6
+    if flex is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def document_causal(b, h, i, j):  # noqa: ANN001, ANN202 - FlexAttention's mask_mod
+            return (i // length == j // length) & (i >= j)  # equal-length documents
+
+        bm = create_block_mask(document_causal, 1, 1, n, n, device="cpu")
+        row.extra["flex_ms"] = _flex_ms(flex, (tq, tk, tv), bm, budget)
+    rows.append(row)
+    print(_fmt(row), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# No regression: the kernel of another commit, built here and run side by side
+
+
+def _baseline_module(ref: str) -> ModuleType:
+    """Builds the extension of git commit `ref` (its native/ only) and loads it as `_native`
+    under another package name, so both kernels run in this process."""
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", ref],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    work = ROOT / "build" / "bench-baseline" / sha
+    src, build = work / "src", work / "build"
+    if not list(build.glob("_native*.so")):
+        shutil.rmtree(work, ignore_errors=True)
+        src.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", sha, "native"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        import pybind11
+
+        cmake = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
+        subprocess.run(
+            [cmake, "-S", str(src / "native"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+             "-DSKBUILD_PROJECT_NAME=attention_service",
+             f"-DSKBUILD_PROJECT_VERSION={_native.__version__}+{sha}",
+             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        subprocess.run([cmake, "--build", str(build), "-j", str(os.cpu_count())], check=True)
+    path = str(next(build.glob("_native*.so")))
+    loader = importlib.machinery.ExtensionFileLoader("_native", path)
+    spec = importlib.util.spec_from_file_location("_native", path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    module.set_num_threads(THREADS)
+    return module
+
+
+def bench_regression(rows: list[Row], ref: str, sizes: list[int], budget: float) -> None:
+    base = _baseline_module(ref)
+    for n in sizes:
+        for causal in (0, 1):
+            q, k, v = _inputs(1, 8, 8, n, 64)
+            ours_ms, base_ms = _side_by_side(
+                partial(_native.attention, q, k, v, scale=0.125, causal=causal),
+                partial(base.attention, q, k, v, scale=0.125, causal=causal),
+                budget,
+            )
+            label = f"N={n} {'causal' if causal else 'full'} vs {ref}"
+            row = Row("baseline", label, ours_ms, goal="within 3%")
+            row.extra = {"baseline_ms": base_ms, "ratio": ours_ms / base_ms}
+            row.passed = ours_ms / base_ms <= 1.03
             rows.append(row)
             print(_fmt(row), flush=True)
 
@@ -297,11 +484,14 @@ def write_results(rows: list[Row], info: dict[str, str]) -> None:
 def plot(rows: list[Row], info: dict[str, str]) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 5), dpi=110)
-    ax = fig.add_subplot()
+    sparse = [r for r in rows if r.group == "sparse"]
+    fig = Figure(figsize=(12 if sparse else 7, 5), dpi=110)
+    ax = fig.add_subplot(1, 2 if sparse else 1, 1)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         if r.group not in ("exact", "window") or "dilated" in r.case or "global" in r.case:
+            continue
+        if "±64" in r.case or "/" in r.case:
             continue
         n = int(r.case.split("N=")[1].split()[0])
         kind = (
@@ -318,34 +508,72 @@ def plot(rows: list[Row], info: dict[str, str]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N (B=1, H=8, D=64, fp32)")
     ax.set_ylabel("time (ms)")
-    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads")
+    ax.set_title(f"attention time vs N — {info['cpu']}, {info['threads']} threads", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if sparse:
+        # Block-sparse time against the fraction of blocks kept, with the goal's bound.
+        bx = fig.add_subplot(1, 2, 2)
+        kept = [r.extra["kept"] for r in sparse]
+        bx.plot(kept, [r.ours_ms for r in sparse], "-o", label="ours (block_layout)")
+        bx.plot(kept, [r.torch_ms for r in sparse], "--s", label="torch SDPA, dense bool mask")
+        flex = [(r.extra["kept"], r.extra.get("flex_ms")) for r in sparse]
+        if all(ms is not None for _, ms in flex):
+            bx.plot([k for k, _ in flex], [ms for _, ms in flex], "--^", label="FlexAttention")
+        bx.plot(kept, [r.extra["bound_ms"] for r in sparse], ":", label="goal: ρ·dense·1.2 + 2 ms")
+        bx.set_xscale("log")
+        bx.set_yscale("log")
+        bx.set_xlabel(f"fraction of 128×128 blocks kept ({sparse[0].case.split()[-1]}, H=8)")
+        bx.set_ylabel("time (ms)")
+        bx.set_title("block-sparse attention", fontsize=9)
+        bx.grid(True, which="both", alpha=0.3)
+        bx.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "bench.png")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sequence lengths of each group, and seconds per side-by-side figure."""
+
+    exact: list[int]
+    shapes: int
+    windows: list[int]
+    long_window: int
+    sparse: int
+    packed: tuple[int, int]  # documents, tokens each
+    baseline: list[int]
+    threads: int
+    memory: int
+    budget: float
+
+
+FULL = Sizes([512, 2048, 8192], 2048, [2048, 8192], 32768, 8192, (8, 1024), [2048, 8192], 2048,
+             32768, 4.0)  # fmt: skip
+QUICK = Sizes([256, 512], 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096, 0.5)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, short budgets")
+    parser.add_argument("--baseline", metavar="REF", help="also run the kernel of this commit")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     _native.set_num_threads(THREADS)
     info = describe(isa=_native.isa(), threads=str(THREADS), torch=torch.__version__)
     print("machine:", info, flush=True)
     rows: list[Row] = []
-    if args.quick:
-        bench_exact(rows, [256, 512], 0.5)
-        bench_shapes(rows, 256, 0.5)
-        bench_windows(rows, [1024, 2048], 4096, 0.5)
-        bench_threads(rows, 512, 0.5)
-        bench_memory(rows, 4096)
-    else:
-        bench_exact(rows, [512, 2048, 8192], 4.0)
-        bench_shapes(rows, 2048, 3.0)
-        bench_windows(rows, [2048, 8192], 32768, 4.0)
-        bench_threads(rows, 2048, 3.0)
-        bench_memory(rows, 32768)
+    size = QUICK if args.quick else FULL
+    bench_exact(rows, size.exact, size.budget)
+    bench_shapes(rows, size.shapes, size.budget * 0.75)
+    bench_windows(rows, size.windows, size.long_window, size.budget)
+    flex = _flex_attention()
+    bench_block_sparse(rows, size.sparse, size.budget, flex)
+    bench_packed(rows, *size.packed, size.budget, flex)
+    if args.baseline:
+        bench_regression(rows, args.baseline, size.baseline, size.budget)
+    bench_threads(rows, size.threads, size.budget * 0.75)
+    bench_memory(rows, size.memory)
     bench_heatmap(rows, 2.0)
     write_results(rows, info)
     missed = [r for r in rows if r.passed is False]

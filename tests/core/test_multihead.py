@@ -11,7 +11,7 @@ import torch
 
 import service
 from service import InputError, MultiheadWeights, init_multihead_weights
-from tests.support.reference import reference_attention, torch_mha
+from tests.support.reference import reference_multihead, torch_mha
 
 ATOL = 1e-4
 
@@ -149,32 +149,6 @@ def test_empty_rows_like_torch() -> None:
     np.testing.assert_allclose(zero.output[1], np.broadcast_to(w.out_bias, (4, 16)), atol=1e-6)
 
 
-def plain_gqa(
-    x: np.ndarray,
-    key: np.ndarray,
-    value: np.ndarray,
-    w: MultiheadWeights,
-    h: int,
-    hkv: int,
-    **opts: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projections, grouped-query attention (reference.py) and out_proj, all in float64."""
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
-    b, lq, e = x.shape
-    lk, hd = key.shape[1], e // h
-
-    def heads(inp: np.ndarray, weight: np.ndarray, bias: np.ndarray, n: int, length: int):
-        y = t(inp) @ t(weight).T + t(bias)
-        return y.reshape(b, length, n, hd).transpose(1, 2)
-
-    q = heads(x, w.q_proj, w.q_bias, h, lq)
-    k = heads(key, w.k_proj, w.k_bias, hkv, lk)
-    v = heads(value, w.v_proj, w.v_bias, hkv, lk)
-    ref = reference_attention(q, k, v, **opts)
-    concat = ref.output.transpose(1, 2).reshape(b, lq, e)
-    return concat @ t(w.out_proj).T + t(w.out_bias), ref.weights, ref.lse
-
-
 GQA_OPTIONS = {
     "plain": {},
     "causal_bottom_right": {"causal": "bottom_right"},
@@ -210,7 +184,7 @@ def test_grouped_query_heads(heads: tuple[int, int], option: str) -> None:
         average_weights=False,
         **opts,
     )
-    out, weights, lse = plain_gqa(x, key, value, w, h, hkv, **opts)
+    out, weights, lse = reference_multihead(x, key, value, w, h, hkv, **opts)
     np.testing.assert_allclose(result.output, out.numpy(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(result.weights, weights.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(result.lse, lse.numpy(), atol=ATOL, rtol=1e-6)

@@ -16,45 +16,21 @@ ATTN_FUZZ_SCALE multiplies the number of examples (`make fuzz` runs 10x).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import as_strided
 
 import service
 from service import _native
+from tests.support.native import ISAS, fuzz_settings, isa_set
 from tests.support.reference import f64, reference_attention
 
-SCALE = int(os.environ.get("ATTN_FUZZ_SCALE", "1"))
-ISAS = _native.available_isas()
 MAX_DIM = 1 << 31  # the native checks refuse any dimension >= 2^31
-
-
-def fuzz_settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples * SCALE,
-        deadline=None,
-        database=None,
-        # Reproducible in `make test`; `make fuzz` (ATTN_FUZZ_RANDOM=1) explores new examples.
-        derandomize=not os.environ.get("ATTN_FUZZ_RANDOM"),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
-
-@contextmanager
-def isa_set(name: str) -> Iterator[None]:
-    previous = _native.isa()
-    _native.set_isa(name)
-    try:
-        yield
-    finally:
-        _native.set_isa(previous)
 
 
 # ---------------------------------------------------------------------------------------------

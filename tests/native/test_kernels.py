@@ -13,36 +13,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from service import _native
+from tests.support.native import ISAS, REQUIRES
 
-# Every instruction set the extension is built for (native/dispatch.cpp), and what each needs of
-# the CPU, in /proc/cpuinfo's names.
-REQUIRES = {
-    "baseline": {"sse4_2"},
-    "avx2": {"avx2", "fma", "f16c"},
-    "avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"},
-}
-ISAS = _native.available_isas()  # those this CPU runs
 ATOL = 1e-4
-
-
-def _runnable(name: str) -> Any:
-    reason = f"the {name} kernels are built, but this CPU lacks {', '.join(sorted(REQUIRES[name]))}"
-    return pytest.param(name, marks=pytest.mark.skipif(name not in ISAS, reason=reason))
-
-
-@pytest.fixture(params=[_runnable(name) for name in REQUIRES])
-def isa(request: pytest.FixtureRequest) -> str:
-    previous = _native.isa()
-    _native.set_isa(request.param)
-    yield request.param
-    _native.set_isa(previous)
 
 
 def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:

@@ -3,7 +3,8 @@ random inputs the tests feed both sides.
 
 reference_attention builds the full (B, Hq, Lq, Lk) score matrix and a boolean "allowed"
 matrix straight from the documented rules, then applies a plain softmax; torch_mha runs
-torch.nn.MultiheadAttention itself.
+torch.nn.MultiheadAttention itself; reference_multihead projects, runs reference_attention and
+projects back, for grouped-query heads that torch's module lacks.
 """
 
 from __future__ import annotations
@@ -215,6 +216,35 @@ def torch_mha(w: Any, e: int, h: int, kdim: int, vdim: int) -> torch.nn.Multihea
             mha.in_proj_bias.copy_(torch.cat([t(w.q_bias), t(w.k_bias), t(w.v_bias)]))
             mha.out_proj.bias.copy_(t(w.out_bias))
     return mha.eval()
+
+
+def reference_multihead(
+    x: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    w: Any,
+    h: int,
+    hkv: int,
+    **opts: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-head attention with grouped-query heads in float64: the projections of `w` (a
+    MultiheadWeights), reference_attention with `opts`, then out_proj.
+
+    Returns (output, weights per head, lse)."""
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
+    b, lq, e = x.shape
+    lk, hd = key.shape[1], e // h
+
+    def heads(inp: np.ndarray, weight: np.ndarray, bias: np.ndarray, n: int, length: int):
+        y = t(inp) @ t(weight).T + t(bias)
+        return y.reshape(b, length, n, hd).transpose(1, 2)
+
+    q = heads(x, w.q_proj, w.q_bias, h, lq)
+    k = heads(key, w.k_proj, w.k_bias, hkv, lk)
+    v = heads(value, w.v_proj, w.v_bias, hkv, lk)
+    ref = reference_attention(q, k, v, **opts)
+    concat = ref.output.transpose(1, 2).reshape(b, lq, e)
+    return concat @ t(w.out_proj).T + t(w.out_bias), ref.weights, ref.lse
 
 
 def bin_means(w: np.ndarray, pq: int, pk: int) -> np.ndarray:

@@ -23,6 +23,11 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "alibi_slopes",
             "softcap",
             "return_weights",
+            "block_mask",
+            "cu_seqlens",
+            "cu_seqlens_q",
+            "cu_seqlens_k",
+            "weights_rows",
         }
     ),
     "linear": frozenset({"causal", "key_lengths", "return_weights", "compare"}),
@@ -44,6 +49,11 @@ _WHY: dict[str, str] = {
     "return_weights": "its weights are over projected rows, not keys; compare returns its "
     "implied key-by-key map",
     "compare": "it is the reference the others are compared with",
+    "block_mask": "a block-sparse layout is per-(query, key) masking; use method 'exact'",
+    "cu_seqlens": "packed documents need per-(query, key) masking; use method 'exact'",
+    "cu_seqlens_q": "packed documents need per-(query, key) masking; use method 'exact'",
+    "cu_seqlens_k": "packed documents need per-(query, key) masking; use method 'exact'",
+    "weights_rows": "it forms no weights of its own; compare returns its implied map",
 }
 
 
@@ -64,6 +74,11 @@ def _active(opts: AttentionOptions) -> dict[str, tuple[str | int, ...]]:
         "num_features": opts.num_features is not None,
         "seed": opts.seed is not None,
         "linformer_k": opts.linformer_k is not None,
+        "block_mask": opts.block_mask is not None,
+        "cu_seqlens": opts.cu_seqlens is not None,
+        "cu_seqlens_q": opts.cu_seqlens_q is not None,
+        "cu_seqlens_k": opts.cu_seqlens_k is not None,
+        "weights_rows": opts.weights_rows is not None,
     }
     for name, on in checks.items():
         if on:

@@ -67,7 +67,7 @@ def _job(state: AppState, body: bytes) -> Response:
     result, maps = job.result, job.maps
     enc = req.encoding or "list"
     content: dict = {"output": wire.encode(result.output, enc)}
-    if req.return_weights:
+    if req.return_weights or req.weights_rows is not None:
         content["weights"] = wire.encode(result.weights, enc)
         content["lse"] = wire.encode(result.lse, enc)
     if result.comparison is not None:

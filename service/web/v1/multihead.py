@@ -46,7 +46,7 @@ def _job(state: AppState, body: bytes) -> Response:
     result = job.result
     enc = req.encoding or "list"
     content: dict = {"output": wire.encode(result.output, enc)}
-    if req.need_weights:
+    if req.need_weights or req.weights_rows is not None:
         content["weights"] = wire.encode(job.weights, enc)
         content["lse"] = wire.encode(result.lse, enc)
     content["heatmaps"] = job.heatmaps

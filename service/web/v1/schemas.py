@@ -209,7 +209,7 @@ class AttentionStats(BaseModel):
 
 
 class AttentionResponse(BaseModel):
-    """Attention output; weights and lse only when return_weights."""
+    """Attention output; weights and lse only when return_weights or weights_rows."""
 
     model_config = example_config(
         {
@@ -222,8 +222,12 @@ class AttentionResponse(BaseModel):
     )
 
     output: Tensor = Field(description="(.., Hq, Lq, Dv), q's rank.")
-    weights: Tensor | None = Field(None, description="(.., Hq, Lq, Lk) probabilities.")
-    lse: Tensor | None = Field(None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key).")
+    weights: Tensor | None = Field(
+        None, description="(.., Hq, Lq, Lk) probabilities; (.., Hq, len(weights_rows), Lk)."
+    )
+    lse: Tensor | None = Field(
+        None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key); of weights_rows' rows."
+    )
     heatmaps: list[HeatmapRef] = Field(default_factory=list)
     comparison: Comparison | None = Field(None, description='Only with "compare": true.')
     stats: AttentionStats | None = Field(None, description='Only with "stats": true.')

@@ -23,7 +23,7 @@ import orjson
 from starlette.responses import Response
 
 from service.core.errors import LimitError
-from service.core.tensor_codec import bfloat16_bits_to_float32
+from service.core.frameworks import bfloat16_bits_to_float32
 from service.web import wire
 from service.web.problems import BodyTooLarge
 from service.web.v2.datamodels import InferenceRequest, RequestInput

@@ -12,7 +12,6 @@ import dataclasses
 import gzip
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,13 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 import service
 from service.core.weights import expected_shapes
 from service.web.v2 import models
-from tests.support.http import Server, app_client, b64, bfloat16_round, decode
+from tests.support.http import app_client, b64, bfloat16_round, decode
 from tests.support.reference import reference_attention
 
 MAX_ELEMENTS = 200_000
 # The `server` fixture's environment (tests/conftest.py).
 SERVER_ENV = {"ATTN_MAX_ELEMENTS": str(MAX_ELEMENTS)}
 HEADER = "Inference-Header-Content-Length"
-
-
-@pytest.fixture(scope="module")
-def tc(server: Server) -> Iterator[triton.InferenceServerClient]:
-    c = triton.InferenceServerClient(url=server.address)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +146,14 @@ def test_model_metadata(tc) -> None:
     meta = tc.get_model_metadata("attention")
     assert meta["name"] == "attention" and meta["versions"] == ["1"]
     inputs = {t["name"]: t for t in meta["inputs"]}
-    assert list(inputs) == ["q", "k", "v", "mask", "key_lengths"]
+    assert list(inputs) == [
+        "q", "k", "v", "mask", "key_lengths",
+        "block_layout", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "weights_rows",
+    ]  # fmt: skip
     assert inputs["q"] == {"name": "q", "datatype": "FP32", "shape": [-1, -1, -1, -1]}
     assert inputs["mask"]["datatype"] == "BOOL" and inputs["key_lengths"]["shape"] == [-1]
+    assert inputs["block_layout"]["datatype"] == "BOOL"
+    assert inputs["cu_seqlens"]["datatype"] == inputs["weights_rows"]["datatype"] == "INT64"
     outputs = {t["name"]: t for t in meta["outputs"]}
     assert list(outputs) == ["output", "weights", "lse"]
     assert all(d == -1 for t in meta["inputs"] + meta["outputs"] for d in t["shape"])
@@ -172,6 +163,9 @@ def test_model_metadata(tc) -> None:
     names = [t["name"] for t in mh["inputs"]]
     assert names[:3] == ["query", "key", "value"]
     assert {"q_proj", "k_proj", "v_proj", "out_proj", "out_bias", "mask", "key_lengths"} <= set(
+        names
+    )
+    assert {"block_layout", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "weights_rows"} <= set(
         names
     )
     assert [t["name"] for t in mh["outputs"]] == ["output", "weights", "lse"]
