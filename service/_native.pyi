@@ -30,6 +30,8 @@ class _MaskArgs(TypedDict, total=False):
     cu_seqlens: np.ndarray | None  # packed documents' offsets (q and k alike), B = 1
     cu_seqlens_q: np.ndarray | None
     cu_seqlens_k: np.ndarray | None
+    key_begin: int  # keys outside [key_begin, key_end) are not seen; positions stay absolute
+    key_end: int  # -1: Lk
 
 class _Masking(_MaskArgs, total=False):
     """Keyword arguments every entry point takes: which keys each query sees, how scores form

@@ -1,0 +1,128 @@
+"""Exact attention split along the keys (split-KV, as in FlashDecoding and ring attention).
+
+Each slice [a, b) of the keys gives a partial result: the softmax over that slice's allowed keys
+(output, and its log-sum-exp lse_c per query row). The kernel computes it with every position
+kept absolute (native key_begin/key_end), so causality, windows, ALiBi, global tokens, masks and
+block layouts mean exactly what they mean for the whole call. The partials merge exactly:
+
+    lse = log sum_c exp(lse_c),    output = sum_c exp(lse_c - lse) * output_c
+
+and the weights are the slices' weights, each scaled by exp(lse_c - lse), side by side. A slice
+in which a row sees no key has lse_c = -inf and adds nothing. No cluster here: these are the
+pieces service.distributed runs on Ray workers, and anyone can run them in a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core import exact
+from service.core.errors import InputError
+from service.core.masking import native_masking
+from service.core.options import AttentionOptions
+
+MAX_CHUNKS = 4096
+
+
+@dataclass(frozen=True)
+class Partial:
+    """One slice's result, 4-D: output (B, Hq, Lq, Dv) and lse (B, Hq, Lq) over the slice's
+    keys (0 and -inf where a row sees none of them); weights (B, Hq, rows, b - a) of the slice's
+    columns when asked; the kernel's time."""
+
+    keys: tuple[int, int]
+    output: np.ndarray
+    lse: np.ndarray
+    weights: np.ndarray | None
+    elapsed_ms: float
+
+
+def key_slices(lk: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` contiguous slices of range(lk), sizes differing by at most one."""
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise InputError("chunks", f"must be an integer >= 1, got {chunks!r}")
+    if chunks > max(lk, 1):
+        raise InputError("chunks", f"{chunks} chunks for {lk} keys: at most one chunk per key")
+    if chunks > MAX_CHUNKS:
+        raise InputError("chunks", f"{chunks} chunks; at most {MAX_CHUNKS}")
+    edges = [(c * lk) // chunks for c in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def partial_attention(
+    q4: np.ndarray,
+    k4: np.ndarray,
+    v4: np.ndarray,
+    opts: AttentionOptions,
+    keys: tuple[int, int],
+    *,
+    threads: int,
+) -> Partial:
+    """Attention of checked 4-D float32 arrays over the keys [a, b) only, positions absolute."""
+    a, b = keys
+    masking = native_masking(opts, (q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2]))
+    masking.update(key_begin=a, key_end=b)
+    # Empty rows as zeros here, whatever was asked: the merge decides what an empty row is.
+    zero = opts.model_copy(update={"empty_rows": "zero"})
+    out, lse, weights, elapsed = exact.run(
+        q4,
+        k4,
+        v4,
+        zero,
+        masking,
+        return_weights=opts.return_weights,
+        threads=threads,
+        weights_rows=opts.weights_rows,
+    )
+    if weights is not None:
+        weights = np.ascontiguousarray(weights[..., a:b])  # the other columns are zeros
+    return Partial((a, b), out, lse, weights, elapsed)
+
+
+def merge(
+    partials: Sequence[Partial], opts: AttentionOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(output, lse, weights or None), 4-D float32, of the whole call from its slices' partials
+    (in key order); empty rows as opts.empty_rows says."""
+    lses = np.stack([p.lse.astype(np.float64) for p in partials])
+    with np.errstate(invalid="ignore"):  # -inf - -inf in rows no slice allows
+        lse = np.logaddexp.reduce(lses, axis=0)
+        factors = np.exp(lses - lse)
+    factors[np.isnan(factors)] = 0.0  # a row empty everywhere: every factor is 0
+    out = np.zeros(partials[0].output.shape, dtype=np.float64)
+    for f, p in zip(factors, partials, strict=True):
+        out += f[..., None] * p.output
+    weights = None
+    if partials[0].weights is not None:
+        rows = opts.weights_rows
+        weights = np.concatenate(
+            [
+                (f[..., None] if rows is None else f[:, :, rows, None]) * p.weights
+                for f, p in zip(factors, partials, strict=True)
+            ],
+            axis=-1,
+        ).astype(np.float32)
+    out32, lse32 = out.astype(np.float32), lse.astype(np.float32)
+    if opts.empty_rows == "nan":
+        empty = np.isneginf(lse32)
+        exact.nan_where_empty(lse32, out32)
+        if weights is not None:
+            weights[empty if opts.weights_rows is None else empty[:, :, opts.weights_rows]] = np.nan
+    return out32, lse32, weights
+
+
+def sequential(
+    q4: np.ndarray,
+    k4: np.ndarray,
+    v4: np.ndarray,
+    opts: AttentionOptions,
+    chunks: int,
+    *,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The split computed in this process, slice after slice (what the workers do, in a loop)."""
+    slices = key_slices(k4.shape[2], chunks)
+    return merge([partial_attention(q4, k4, v4, opts, s, threads=threads) for s in slices], opts)

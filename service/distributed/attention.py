@@ -1,0 +1,121 @@
+"""`distributed_attention`: one exact attention with its keys split across a Ray cluster.
+
+q, k and v go into Ray's object store once each (ray.put; workers on one node read them
+without a copy, other nodes fetch each once); every task computes one slice of the keys with
+the kernel (service.core.split.partial_attention: positions absolute, so every masking option
+keeps its meaning) and sends back its partial output and log-sum-exp; the driver merges them
+exactly. Time on n nodes is about compute/n plus moving q, k, v to each node and the partial
+outputs back (README, "Scaling out").
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.core import approx, exact
+from service.core.errors import InputError
+from service.core.inputs import ArrayLike, caller_rank, parse_options, to_output
+from service.core.masking import prepare
+from service.core.options import AttentionOptions, MaskingOptions
+from service.core.results import AttentionResult
+from service.core.split import Partial, key_slices, merge, partial_attention
+from service.distributed.cluster import connect
+
+
+def _slice_task(
+    q4: np.ndarray,
+    k4: np.ndarray,
+    v4: np.ndarray,
+    opts: AttentionOptions,
+    keys: tuple[int, int],
+    threads: int,
+) -> Partial:
+    # Runs on a worker; the arrays arrive from the object store, read-only and shared.
+    return partial_attention(q4, k4, v4, opts, keys, threads=threads)
+
+
+@functools.cache
+def _remote_slice_task() -> Any:
+    return connect().remote(_slice_task)  # registered with the cluster once per process
+
+
+@dataclass(frozen=True)
+class SplitTimes:
+    """Where the time of one call went (for benchmarks): wall time in all, the slices' kernel
+    times, and the merge's."""
+
+    total_ms: float
+    kernel_ms: list[float]
+    merge_ms: float
+
+
+def distributed_attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    options: MaskingOptions | dict[str, Any] | None = None,
+    *,
+    chunks: int,
+    task_cpus: float = 1.0,
+    num_threads: int | None = None,
+    **option_kwargs: Any,
+) -> AttentionResult:
+    """service.attention with the keys split into `chunks` slices, each computed by a Ray task
+    (task_cpus CPUs each, num_threads kernel threads: default one per whole CPU), merged
+    exactly. Same arguments, options and result as service.attention (exact method only).
+    Connects to the running Ray cluster or RAY_ADDRESS, else starts a local one."""
+    return run_split(
+        q, k, v, options, chunks=chunks, task_cpus=task_cpus, num_threads=num_threads,
+        **option_kwargs,
+    )[0]  # fmt: skip
+
+
+def run_split(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    options: MaskingOptions | dict[str, Any] | None = None,
+    *,
+    chunks: int,
+    task_cpus: float = 1.0,
+    num_threads: int | None = None,
+    **option_kwargs: Any,
+) -> tuple[AttentionResult, SplitTimes]:
+    """distributed_attention, with where its time went."""
+    t0 = time.perf_counter()
+    opts = parse_options(AttentionOptions, options, option_kwargs)
+    if opts.method != "exact":
+        raise InputError(
+            "method", f'distributed attention is exact attention; "{opts.method}" runs in one call'
+        )
+    if not (isinstance(task_cpus, (int, float)) and 0 < task_cpus <= 1024):
+        raise InputError("task_cpus", f"must be in (0, 1024], got {task_cpus!r}")
+    # Every check the single call would make, here, before anything is sent anywhere.
+    q4, k4, v4, rank, _ = prepare(q, k, v, opts)
+    approx.check_options(opts)
+    slices = key_slices(k4.shape[2], chunks)
+    threads = num_threads or max(1, math.floor(task_cpus))
+    ray = connect()
+    task = _remote_slice_task().options(num_cpus=task_cpus)
+    refs = [ray.put(a) for a in (q4, k4, v4, opts)]  # once each, shared by every task
+    partials: list[Partial] = ray.get([task.remote(*refs, s, threads) for s in slices])
+    t1 = time.perf_counter()
+    out, lse, weights = merge(partials, opts)
+    if opts.weights_rows is not None:
+        lse = lse[:, :, opts.weights_rows]
+    t2 = time.perf_counter()
+    result = AttentionResult(
+        output=to_output(caller_rank(out, rank), q),
+        weights=to_output(caller_rank(weights, rank), q) if weights is not None else None,
+        lse=to_output(caller_rank(lse, rank), q) if weights is not None else None,
+        elapsed_ms=(t2 - t0) * 1e3,
+        flops=exact.dense_flops(q4, k4, v4),
+    )
+    times = SplitTimes((t2 - t0) * 1e3, [p.elapsed_ms for p in partials], (t2 - t1) * 1e3)
+    return result, times
