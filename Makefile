@@ -48,15 +48,25 @@ run: build
 # imported they keep threads running, and other tests fork.
 FRAMEWORK_TESTS := tests/core/test_frameworks.py
 
+# Ray's tests (marked `ray`: Ray Serve replicas, distributed_attention on a local 2-CPU
+# cluster) run in a pytest process of their own too: Ray keeps threads and worker processes.
+# redis-server must be installed (Debian's package; .ci/run installs it).
 test: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks]"
-	$(BIN)/python -m pytest -q --ignore=$(FRAMEWORK_TESTS)
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks,ray]"
+	$(BIN)/python -m pytest -q -m "not ray" --ignore=$(FRAMEWORK_TESTS)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray
 	$(BIN)/python -m pytest -q $(FRAMEWORK_TESTS)
+
+# Only the Ray tests.
+.PHONY: test-ray
+test-ray: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray
 
 # Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
 # the types (mypy over the whole package, the extension through service/_native.pyi).
 lint: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
 	$(BIN)/lint-imports

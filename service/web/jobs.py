@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -59,8 +60,10 @@ def run_attention(
     stats: bool = False,
     top_k: int = 8,
     compute: Callable[..., AttentionResult] = attention,
+    chunks: int | None = None,
 ) -> AttentionJob:
-    """Attention with optional heatmaps (pooled beyond ATTN_HEATMAP_MAX_SIDE) and stats."""
+    """Attention with optional heatmaps (pooled beyond ATTN_HEATMAP_MAX_SIDE) and stats;
+    with `chunks`, its keys split across the Ray cluster the server runs on."""
     images.check_store(spec, state.store)
     ranks_ok = 2 <= q.ndim <= 4 and k.ndim == q.ndim and v.ndim == q.ndim
     lq, lk = (q.shape[-2], k.shape[-2]) if ranks_ok else (0, 0)
@@ -68,6 +71,8 @@ def run_attention(
     # Exact heatmaps longer than the limit are pooled (service.core.maps, O(L) memory) instead
     # of drawn from the dense weights.
     pool = spec is not None and not opts.compare and opts.method == "exact" and max(lq, lk) > side
+    if chunks is not None:
+        compute = _split_compute(state, opts, chunks, stats=stats, pool=pool)
     if stats and opts.method != "exact":
         raise InputError("stats", f'needs method "exact", got "{opts.method}"')
     _rows_without_heatmap(opts.weights_rows, spec)
@@ -139,6 +144,26 @@ def _rows_without_heatmap(weights_rows: list[int] | None, spec: HeatmapSpec | No
             "returns chosen rows of the weights, a heatmap draws all of them: ask for one or "
             "the other",
         )
+
+
+def _split_compute(
+    state: AppState, opts: AttentionOptions, chunks: int, *, stats: bool, pool: bool
+) -> Callable[..., AttentionResult]:
+    """distributed_attention with `chunks`, when the server runs on Ray; else a 422."""
+    if state.replica.server != "ray":
+        raise InputError(
+            "chunks",
+            "splits the keys across a Ray cluster, and this server runs on uvicorn; start it "
+            "with `attention-service ray` (the `ray` extra), or leave chunks out",
+        )
+    if opts.method != "exact" or opts.compare:
+        raise InputError("chunks", 'splits exact attention: only with method "exact"')
+    if stats or pool:
+        what = "stats" if stats else f"heatmaps over {state.limits.heatmap_max_side} positions"
+        raise InputError("chunks", f"cannot be combined with {what} (computed in one process)")
+    from service.distributed.attention import distributed_attention  # Ray: only on Ray Serve
+
+    return partial(distributed_attention, chunks=chunks)
 
 
 @dataclass(frozen=True)

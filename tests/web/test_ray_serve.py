@@ -130,3 +130,42 @@ def test_two_replicas_answer_and_requests_spread(servers: tuple[Server, Server])
     assert len(seen) == 2, seen
     assert len({pid for _, pid in seen}) == 2 and os.getpid() not in {p for _, p in seen}
     assert min(seen.values()) >= 5, seen  # both take a real share, not a stray request
+
+
+def test_chunks_split_the_keys_on_ray_and_are_refused_on_uvicorn(
+    servers: tuple[Server, Server],
+) -> None:
+    uvicorn, ray_server = servers
+    body = {**QKV, "causal": True, "return_weights": True, "window": {"left": 2, "right": 0}}
+    whole = httpx.post(f"{uvicorn.url}/v1/attention", json=body, headers=HEADERS, timeout=60)
+    for chunks in (1, 3, 6):
+        split = httpx.post(
+            f"{ray_server.url}/v1/attention", json={**body, "chunks": chunks}, headers=HEADERS,
+            timeout=120,
+        )  # fmt: skip
+        assert split.status_code == 200, split.text
+        for name in ("output", "weights"):
+            got, want = np.array(split.json()[name]), np.array(whole.json()[name])
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    v2 = {**V2, "parameters": {"causal": True, "chunks": 2}}
+    got = httpx.post(f"{ray_server.url}/v2/models/attention/infer", json=v2, headers=HEADERS)
+    want = httpx.post(f"{uvicorn.url}/v2/models/attention/infer", json=V2, headers=HEADERS)
+    assert got.status_code == 200, got.text
+    np.testing.assert_allclose(
+        got.json()["outputs"][0]["data"], want.json()["outputs"][0]["data"], rtol=1e-5
+    )
+    # Refused, naming chunks: on uvicorn, and with what runs in one process.
+    refused = [
+        httpx.post(f"{uvicorn.url}/v1/attention", json={**body, "chunks": 2}, headers=HEADERS),
+        httpx.post(
+            f"{ray_server.url}/v1/attention",
+            json={**body, "chunks": 2, "stats": True},
+            headers=HEADERS,
+        ),  # fmt: skip
+        httpx.post(f"{ray_server.url}/v1/attention", json={**QKV, "chunks": 7}, headers=HEADERS),
+    ]
+    for r in refused:
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["chunks"], r.text
+    assert "uvicorn" in refused[0].json()["detail"]
+    v2_refused = httpx.post(f"{uvicorn.url}/v2/models/attention/infer", json=v2, headers=HEADERS)
+    assert v2_refused.status_code == 400 and "chunks" in v2_refused.json()["error"]

@@ -63,6 +63,7 @@ def _job(state: AppState, body: bytes) -> Response:
         stats=req.stats,
         top_k=req.top_k,
         compute=attention,
+        chunks=req.chunks,
     )
     result, maps = job.result, job.maps
     enc = req.encoding or "list"
