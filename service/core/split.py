@@ -14,11 +14,12 @@ pieces service.distributed runs on Ray workers, and anyone can run them in a loo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from service import _native
 from service.core import exact
 from service.core.errors import InputError
 from service.core.masking import native_masking
@@ -40,16 +41,53 @@ class Partial:
     elapsed_ms: float
 
 
-def key_slices(lk: int, chunks: int) -> list[tuple[int, int]]:
-    """`chunks` contiguous slices of range(lk), sizes differing by at most one."""
+def key_slices(
+    lk: int, chunks: int, work: Callable[[int], int] | None = None
+) -> list[tuple[int, int]]:
+    """`chunks` contiguous, non-empty slices of range(lk). Without `work`, of near-equal
+    sizes; with it (work(x): the pairs the kernel visits in keys [0, x), non-decreasing), cut
+    so that each slice holds about as much work: with causal masking the early keys are seen
+    by more rows, and equal sizes would leave the first slice with most of it."""
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise InputError("chunks", f"must be an integer >= 1, got {chunks!r}")
     if chunks > max(lk, 1):
         raise InputError("chunks", f"{chunks} chunks for {lk} keys: at most one chunk per key")
     if chunks > MAX_CHUNKS:
         raise InputError("chunks", f"{chunks} chunks; at most {MAX_CHUNKS}")
-    edges = [(c * lk) // chunks for c in range(chunks + 1)]
+    total = work(lk) if work is not None and lk else 0
+    if work is None or total == 0:
+        edges = [(c * lk) // chunks for c in range(chunks + 1)]
+    else:
+        edges = [0]
+        for c in range(1, chunks):
+            # The first x (leaving a key for each slice still to come) with work(x) >= share.
+            lo, hi = edges[-1] + 1, lk - (chunks - c)
+            share = total * c / chunks
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if work(mid) >= share:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            edges.append(lo)
+        edges.append(lk)
     return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def plan_work(opts: AttentionOptions, q4: np.ndarray, k4: np.ndarray) -> Callable[[int], int]:
+    """work(x): the (query row, key) pairs the kernel visits in keys [0, x), over every batch
+    and head, from the mask plan (microseconds, never O(Lq x Lk))."""
+    b, hq, lq, _ = q4.shape
+    lk = k4.shape[2]
+    masking = native_masking(opts, (b, hq, lq, lk))
+    for score_only in ("softcap", "alibi_slopes"):  # shape the scores, not the plan
+        masking.pop(score_only, None)
+
+    def work(x: int) -> int:
+        plan = _native.mask_plan(b, hq, lq, lk, key_end=x, kernel="attention", **masking)
+        return int(plan["pairs"])
+
+    return work
 
 
 def partial_attention(
@@ -124,5 +162,5 @@ def sequential(
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The split computed in this process, slice after slice (what the workers do, in a loop)."""
-    slices = key_slices(k4.shape[2], chunks)
+    slices = key_slices(k4.shape[2], chunks, plan_work(opts, q4, k4))
     return merge([partial_attention(q4, k4, v4, opts, s, threads=threads) for s in slices], opts)

@@ -24,7 +24,7 @@ from service.core.inputs import ArrayLike, caller_rank, parse_options, to_output
 from service.core.masking import prepare
 from service.core.options import AttentionOptions, MaskingOptions
 from service.core.results import AttentionResult
-from service.core.split import Partial, key_slices, merge, partial_attention
+from service.core.split import Partial, key_slices, merge, partial_attention, plan_work
 from service.distributed.cluster import connect
 
 
@@ -47,10 +47,13 @@ def _remote_slice_task() -> Any:
 
 @dataclass(frozen=True)
 class SplitTimes:
-    """Where the time of one call went (for benchmarks): wall time in all, the slices' kernel
-    times, and the merge's."""
+    """Where the time of one call went (for benchmarks): wall time in all; putting the inputs
+    into the object store; from the tasks' submission to the last partial result back; each
+    slice's kernel time; the merge."""
 
     total_ms: float
+    put_ms: float
+    tasks_ms: float
     kernel_ms: list[float]
     merge_ms: float
 
@@ -99,11 +102,13 @@ def run_split(
     # Every check the single call would make, here, before anything is sent anywhere.
     q4, k4, v4, rank, _ = prepare(q, k, v, opts)
     approx.check_options(opts)
-    slices = key_slices(k4.shape[2], chunks)
+    slices = key_slices(k4.shape[2], chunks, plan_work(opts, q4, k4))
     threads = num_threads or max(1, math.floor(task_cpus))
     ray = connect()
     task = _remote_slice_task().options(num_cpus=task_cpus)
+    t_put = time.perf_counter()
     refs = [ray.put(a) for a in (q4, k4, v4, opts)]  # once each, shared by every task
+    t_tasks = time.perf_counter()
     partials: list[Partial] = ray.get([task.remote(*refs, s, threads) for s in slices])
     t1 = time.perf_counter()
     out, lse, weights = merge(partials, opts)
@@ -117,5 +122,11 @@ def run_split(
         elapsed_ms=(t2 - t0) * 1e3,
         flops=exact.dense_flops(q4, k4, v4),
     )
-    times = SplitTimes((t2 - t0) * 1e3, [p.elapsed_ms for p in partials], (t2 - t1) * 1e3)
+    times = SplitTimes(
+        total_ms=(t2 - t0) * 1e3,
+        put_ms=(t_tasks - t_put) * 1e3,
+        tasks_ms=(t1 - t_tasks) * 1e3,
+        kernel_ms=[p.elapsed_ms for p in partials],
+        merge_ms=(t2 - t1) * 1e3,
+    )
     return result, times

@@ -14,7 +14,7 @@ from service.core.inputs import parse_options
 from service.core.masking import prepare
 from service.core.options import AttentionOptions
 from service.core.results import AttentionResult
-from service.core.split import key_slices, sequential
+from service.core.split import key_slices, plan_work, sequential
 from tests.support.reference import reference_attention
 from tests.support.split_cases import assert_same_result, cases, relative_error
 
@@ -53,3 +53,19 @@ def test_slices_are_contiguous_and_even() -> None:
         with pytest.raises(InputError, match=msg) as err:
             key_slices(5, bad)
         assert err.value.loc == ("chunks",)
+
+
+def test_causal_slices_hold_equal_work() -> None:
+    """Causal: early keys are seen by more rows; the cuts follow the work, not the count."""
+    q = np.zeros((1, 2, 4096, 8), dtype=np.float32)
+    opts = AttentionOptions(causal=True)
+    work = plan_work(opts, q, q)
+    slices = key_slices(4096, 4, work)
+    sizes = [b - a for a, b in slices]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 3  # the first slice is short
+    shares = [work(b) - work(a) for a, b in slices]
+    assert max(shares) / min(shares) < 1.02
+    # Work spread evenly (no mask): equal sizes; all keys masked away: equal sizes too.
+    assert key_slices(4096, 4, plan_work(AttentionOptions(), q, q)) == key_slices(4096, 4)
+    empty = AttentionOptions(key_lengths=[0])
+    assert key_slices(4096, 4, plan_work(empty, q, q)) == key_slices(4096, 4)
