@@ -97,6 +97,21 @@ bench-http: $(VENV)/.testdeps build
 	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
 	$(BIN)/python -m tests.benchmarks.bench_http $(if $(QUICK),--quick)
 
+# distributed_attention at N = 32768 causal, chunks 2 and 4 on a local 2-CPU Ray cluster,
+# against single-process attention; where the time goes. QUICK=1: N = 8192, one round.
+.PHONY: bench-distributed
+bench-distributed: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
+	$(BIN)/python -m tests.benchmarks.bench_distributed $(if $(QUICK),--quick)
+
+# Ray Serve against uvicorn, requests/s of the b64 128x64 request under wrk (1 and 2
+# processes each). QUICK=1 for short runs.
+.PHONY: bench-serve
+bench-serve: $(VENV)/.testdeps
+	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
+	$(BIN)/python -m tests.benchmarks.bench_serve $(if $(QUICK),--quick)
+
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
 # own venv; the normal build is untouched), then the native tests and native fuzz tests on it.
 .PHONY: sanitize
