@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.concurrency import run_in_threadpool
 
 from service.web.limits import Limits
 from service.web.metrics import Metrics
@@ -65,5 +66,10 @@ async def authorize(
 ) -> str:
     """The dependency guarding the API: 401 without a valid key, 429 over the rate limit."""
     caller = state.access.caller(request, credentials)
-    state.access.charge(request, caller)
+    limiter = state.access.limiter
+    if limiter is not None and limiter.remote:
+        # A round trip to Redis (up to ATTN_REDIS_TIMEOUT_S when it hangs): not on the loop.
+        await run_in_threadpool(state.access.charge, request, caller)
+    else:
+        state.access.charge(request, caller)
     return caller

@@ -17,6 +17,7 @@ from typing import Protocol
 
 class RateLimiter(Protocol):
     per_minute: int
+    remote: bool  # acquire makes a round trip (call it off the event loop)
 
     def acquire(self, caller: str) -> float:
         """Take one token: 0.0 when allowed, else the seconds until one is available."""
@@ -34,6 +35,8 @@ class LocalRateLimiter:
     Idle callers' buckets (full again) are dropped once more than `max_callers` are tracked, so
     many distinct clients cannot grow the table without bound.
     """
+
+    remote = False
 
     def __init__(
         self,

@@ -356,6 +356,8 @@ class RedisStore(Store):
 class RedisRateLimiter:
     """One budget per caller across every replica; allows (fails open) when Redis is down."""
 
+    remote = True
+
     def __init__(
         self, store: RedisStore, per_minute: int, burst: int, on_fail_open: Callable[[], None]
     ) -> None:
