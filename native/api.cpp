@@ -29,6 +29,9 @@ void plan_options(AttentionPlan& p, const CallOptions& o, double scale) {
   a.float_mask = p.masking.float_mask();
   for (int d = 0; d < 4; ++d) a.float_mask_strides[d] = p.masking.float_mask_strides()[d];
   if (o.alibi_slopes.given) {
+    if (o.masking.memory_segment != 0)
+      fail("alibi_slopes: cannot be combined with memory (a compressed slot has no position to "
+           "measure a distance from)");
     check_1d(o.alibi_slopes, "alibi_slopes", DType::f32, a.Hq, "(Hq,)");
     p.alibi.resize(size_t(a.Hq));
     for (int64_t h = 0; h < a.Hq; ++h) {

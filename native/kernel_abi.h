@@ -15,14 +15,19 @@ namespace attn {
 // (MaskPlan; built by masking.cpp). Every pattern is a producer of these; the attention and
 // maps kernels are their consumers.
 
-// One document: query rows [qs, qe) see keys [ks, kend) only. Without packed sequences each
-// batch is one document (qs = ks = 0, qe = Lq, kend = key_lengths[b]; without key_lengths,
-// one document with kend = Lk serves every batch). Row i's aligned
-// key position is c = i + shift (bottom-right alignment: the window, ALiBi and bottom-right
-// causality are measured from it); causality allows j <= i + coff.
+// One document: query rows [qs, qe) see keys [ks, kend) only, plus the extra keys [xs, xe)
+// (empty unless xs < xe). Without packed sequences each batch is one document (qs = ks = 0,
+// qe = Lq, kend = key_lengths[b]; without key_lengths, one document with kend = Lk serves every
+// batch). Under recurrent memory each segment is a document: rows [s*S, (s+1)*S) see keys from
+// its raw memory's start max(0, s*S - M) to the segment's end, and its compressed memory slots
+// as extra keys, which sit after the L raw keys on the key axis and are seen whole (no
+// causality, no window). Row i's aligned key position is c = i + shift (bottom-right alignment:
+// the window, ALiBi and bottom-right causality are measured from it); causality allows
+// j <= i + coff.
 struct MaskDoc {
   int64_t qs, qe, ks, kend;
   int64_t shift, coff;
+  int64_t xs, xe;
 };
 
 // Everything "may query i see key j" depends on, checked.
@@ -38,8 +43,9 @@ struct MaskRule {
   const uint8_t* layout;  // block layout (B, Hq, ceil(Lq/bq), ceil(Lk/bk)), broadcast by
   int64_t layout_strides[4];  // zero strides, or null
   int64_t bq, bk;
-  const MaskDoc* docs;  // one per batch, or (packed: B = 1) one per document
-  int64_t n_docs;
+  const MaskDoc* docs;  // per batch (or shared) n_segments each, or (packed: B = 1) one per
+  int64_t n_docs;       // document
+  int64_t n_segments;   // documents per batch: the segments of recurrent memory, else 1
   bool packed;
 };
 

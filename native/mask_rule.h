@@ -2,10 +2,11 @@
 // classifies key spans with it when it builds a MaskPlan, and the kernels apply it to the
 // spans the plan marks partial.
 //
-// allowed(i, j) = ks <= j < kend                         (i's document, key_lengths)
-//               & j <= i + coff                          (causal; coff per document)
-//               & (window off | global key j | global row i
-//                  | (-left <= j - c <= right & (j - c) % dil == 0))   with c = i + shift
+// allowed(i, j) = ( ks <= j < kend                       (i's document, key_lengths)
+//                 & j <= i + coff                        (causal; coff per document)
+//                 & (window off | global key j | global row i
+//                    | (-left <= j - c <= right & (j - c) % dil == 0)) )   with c = i + shift
+//                 | xs <= j < xe                         (the document's extra keys)
 //               & bool_mask[b, h, i, j] & layout[b, h, i / bq, j / bk]
 //
 // Included INSIDE the including file's namespace (a per-ISA anonymous namespace in kernels/,
@@ -60,6 +61,9 @@ inline int64_t key_residue(const RowCtx& x, int64_t i) {
   return ((i + x.d->shift) % dil + dil) % dil;
 }
 
+// An extra key of the rows' document (a compressed memory slot): every row sees it whole.
+inline bool extra_key(const RowCtx& x, int64_t j) { return j >= x.d->xs && j < x.d->xe; }
+
 // Index of the first global token >= pos.
 inline int64_t first_global(const MaskRule& r, int64_t pos) {
   int64_t lo = 0, hi = r.n_globals;
@@ -90,7 +94,7 @@ inline bool layout_at(const MaskRule& r, int64_t b, int64_t h, int64_t qb, int64
 // whole span). global_key: j is a global token, exempt from the window.
 inline bool allowed(const RowCtx& x, uint32_t checks, int64_t i, int64_t j, bool global_key) {
   const MaskRule& r = *x.r;
-  if (checks & kCheckRange) {
+  if ((checks & kCheckRange) && !extra_key(x, j)) {
     if (j < x.d->ks || j >= x.d->kend) return false;
     if (r.causal && j > i + x.d->coff) return false;
     if (x.windowed && !global_key) {
@@ -121,6 +125,7 @@ inline bool skipped_here(uint32_t checks, bool global_key) {
 inline void allowed_lanes(const RowCtx& x, int64_t i0, int64_t rs, int64_t j, int64_t& lo,
                           int64_t& hi) {
   const MaskRule& r = *x.r;
+  if (extra_key(x, j)) return;
   if (j < x.d->ks || j >= x.d->kend) {
     lo = hi + 1;
     return;

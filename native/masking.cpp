@@ -8,8 +8,14 @@
 // ignore the window, as a group of their own right after the group holding them), and each
 // group gets the list of key spans it must visit: the band its rows may see (from the document,
 // causality and the window) cut into a core every row sees whole and the edges, intersected
-// with the block layout's kept blocks, plus the global keys. A span with no check is full (no
-// per-element work); the others name the parts of the rule the kernel applies to them.
+// with the block layout's kept blocks, plus the global keys, plus the document's extra keys.
+// A span with no check is full (no per-element work); the others name the parts of the rule
+// the kernel applies to them.
+//
+// Recurrent memory is one more producer: each segment is a document whose keys start at its
+// raw memory (so a query sees O(S + M) raw keys, never an L x L mask), and whose compressed
+// memory slots, pooled by the caller and placed after the raw keys on the key axis, are the
+// document's extra keys: one full span per group.
 #include "masking.h"
 
 #include <chrono>
@@ -62,10 +68,53 @@ std::vector<int64_t> check_offsets(const ArrayRef& a, const char* name, int64_t 
   return v;
 }
 
+// Recurrent memory's own parameters, and the options it cannot be combined with: those that
+// decide per (query, key) which keys a query sees, which the memory pattern decides here.
+void check_memory(const MaskOptions& o) {
+  const std::string why = ": cannot be combined with memory (the memory pattern decides which "
+                          "keys each query sees)";
+  if (o.mask.given) fail("mask" + why);
+  if (o.window_left >= 0 || o.window_right >= 0 || o.dilation > 1)
+    fail(std::string(o.window_left >= 0 ? "window_left" : o.window_right >= 0 ? "window_right"
+                                                                            : "dilation") +
+         why);
+  if (o.global_tokens.given) fail("global_tokens" + why);
+  if (o.block_layout.given) fail("block_layout" + why);
+  if (o.cu_seqlens_q.given || o.cu_seqlens_k.given)
+    fail(std::string(o.cu_seqlens_shared || !o.cu_seqlens_k.given ? "cu_seqlens" : "cu_seqlens_k") +
+         why);
+  if (o.memory_length < 0) fail("memory_length: must be >= 0, got " + str(o.memory_length));
+  if (o.memory_compressed < 0)
+    fail("memory_compressed: must be >= 0 (0: no compression), got " + str(o.memory_compressed));
+  if (o.memory_rate < 1) fail("memory_rate: must be >= 1, got " + str(o.memory_rate));
+  if (o.memory_compressed == 0) return;
+  const int64_t c = o.memory_rate;
+  if (o.memory_segment % c != 0)
+    fail("memory_rate: " + str(c) + " must divide memory_segment=" + str(o.memory_segment) +
+         " (slots are pooled from whole segments)");
+  if (o.memory_length % c != 0)
+    fail("memory_rate: " + str(c) + " must divide memory_length=" + str(o.memory_length) +
+         " (slots are pooled from whole segments)");
+  if (o.key_lengths.given)
+    fail("key_lengths: cannot be combined with compressed memory (a slot would pool padding)");
+}
+
 }  // namespace
 
 Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
   MaskRule& r = rule_;
+  r.n_segments = 1;
+  const bool memory = o.memory_segment != 0;
+  if (o.memory_segment < 0)
+    fail("memory_segment: must be >= 1 (0: no memory), got " + str(o.memory_segment));
+  if (memory) {
+    check_memory(o);
+  } else if (o.memory_length != 0 || o.memory_compressed != 0 || o.memory_rate != 1) {
+    fail(std::string(o.memory_length != 0       ? "memory_length"
+                     : o.memory_compressed != 0 ? "memory_compressed"
+                                                : "memory_rate") +
+         ": given without memory_segment");
+  }
   if (o.causal < 0 || o.causal > 2)
     fail("causal: expected 0 (none), 1 (top_left) or 2 (bottom_right), got " + str(o.causal));
   r.causal = o.causal;
@@ -144,8 +193,9 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
           fail("key_lengths: value " + str(n) + " at index " + str(b) + " exceeds Lk=" + str(Lk));
       }
     }
+    if (memory) memory_docs(o, B, Lq, Lk, lengths);
     // One document per batch with key_lengths, else one shared by every batch.
-    for (int64_t b = 0; b < (lengths.empty() ? 1 : B); ++b) {
+    for (int64_t b = 0; b < (lengths.empty() ? 1 : B) && !memory; ++b) {
       MaskDoc doc{};
       doc.qe = Lq;
       doc.kend = lengths.empty() ? Lk : lengths[size_t(b)];
@@ -165,6 +215,8 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
   for (MaskDoc& doc : docs_) {
     doc.ks = rule_max(doc.ks, kb);
     doc.kend = rule_max(doc.ks, rule_min(doc.kend, ke));
+    doc.xs = rule_max(doc.xs, kb);  // a document's extra keys (compressed memory) as well
+    doc.xe = rule_max(doc.xs, rule_min(doc.xe, ke));
   }
   r.n_docs = int64_t(docs_.size());
 
@@ -209,6 +261,43 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
   }
 }
 
+void Masking::memory_docs(const MaskOptions& o, int64_t B, int64_t Lq, int64_t Lk,
+                          const std::vector<int64_t>& lengths) {
+  MaskRule& r = rule_;
+  const int64_t S = o.memory_segment, M = o.memory_length, C = o.memory_compressed;
+  const int64_t c = o.memory_rate, L = Lq;
+  const int64_t slots = C > 0 ? L / c + (L % c != 0) : 0;  // ceil(L / c), the last one partial
+  if (Lk != L + slots) {
+    if (C > 0)
+      fail("k: with compressed memory the keys are the Lq=" + str(L) +
+           " raw keys followed by ceil(Lq / memory_rate)=" + str(slots) +
+           " pooled slots, so Lk must be " + str(L + slots) + ", got " + str(Lk));
+    fail("k: recurrent memory is self-attention over one sequence: Lk must equal Lq=" + str(L) +
+         ", got " + str(Lk));
+  }
+  const int64_t segments = L == 0 ? 0 : (L - 1) / S + 1;
+  r.n_segments = segments;
+  for (int64_t b = 0; b < (lengths.empty() ? 1 : B); ++b)
+    for (int64_t s = 0; s < segments; ++s) {
+      MaskDoc d{};
+      d.qs = s * S;
+      d.qe = L - d.qs > S ? d.qs + S : L;
+      d.ks = d.qs > M ? d.qs - M : 0;  // the raw memory, then the segment itself
+      d.kend = lengths.empty() ? d.qe : rule_min(d.qe, lengths[size_t(b)]);
+      // Lq = Lk on the raw keys: both causal alignments are j <= i.
+      d.shift = 0;
+      d.coff = 0;
+      if (C > 0) {
+        // Slot t pools positions [t c, (t + 1) c); the segment sees the C most recent slots
+        // that end at or before its raw memory's start (c divides S and M: no partial slot).
+        const int64_t before = d.qs > M ? (d.qs - M) / c : 0;
+        d.xs = L + (before > C ? before - C : 0);
+        d.xe = L + before;
+      }
+      docs_.push_back(d);
+    }
+}
+
 MaskRule Masking::rule() const {
   MaskRule r = rule_;
   r.docs = docs_.data();
@@ -241,7 +330,11 @@ class Builder {
       if (r_.packed)
         for (int64_t d = 0; d < r_.n_docs; ++d) doc_groups(0, d);
       else
-        for (int64_t b = 0; b < B_; ++b) doc_groups(b, r_.n_docs == B_ ? b : 0);
+        for (int64_t b = 0; b < B_; ++b) {
+          // Each batch's documents (segments under recurrent memory), or the shared ones.
+          const int64_t per = r_.n_segments, first = r_.n_docs == B_ * per ? b * per : 0;
+          for (int64_t s = 0; s < per; ++s) doc_groups(b, first + s);
+        }
     }
     p_.n_heads = (r_.layout && Hq_ > 1 && r_.layout_strides[1] != 0) ? Hq_ : 1;
     const int64_t ng = int64_t(p_.groups.size());
@@ -323,6 +416,9 @@ class Builder {
     const int64_t imax = g.rstride ? g.i0 + int64_t(g.n - 1) * g.rstride
                                    : p_.rows[size_t(g.i0 + g.n - 1)];
     const uint32_t base = r_.bool_mask ? uint32_t(kCheckMask) : 0u;
+    // The document's extra keys (compressed memory slots), which every row sees whole.
+    if (x.d->xe > x.d->xs)
+      p_.spans.push_back(PlanSpan{x.d->xs, int32_t(x.d->xe - x.d->xs), 1, base});
     // Keys some row may see [h0, h1]; keys every row sees [c0, c1] (window and causality).
     const int64_t h0 = key_lo(x, imin), h1 = key_hi(x, imax);
     const int64_t c0 = key_lo(x, imax), c1 = key_hi(x, imin);

@@ -24,6 +24,10 @@ struct MaskOptions {
   // slice of the keys of a split-KV computation (service.distributed), whose partial outputs
   // and log-sum-exps merge exactly into the whole call's.
   int64_t key_begin = 0, key_end = -1;
+  // Recurrent memory (Transformer-XL, Compressive Transformer): segments of memory_segment
+  // rows (0: off), memory_length raw keys before each, memory_compressed slots of memory_rate
+  // positions after the raw keys on the key axis (Lk = Lq + ceil(Lq / rate) when compressed).
+  int64_t memory_segment = 0, memory_length = 0, memory_compressed = 0, memory_rate = 1;
 };
 
 // Checked masking options: the rule and the data it points into.
@@ -42,6 +46,10 @@ class Masking {
   MaskRule rule_{};
   const float* float_mask_ = nullptr;
   int64_t float_mask_strides_[4] = {0, 0, 0, 0};
+  // Recurrent memory: one document per segment (per batch with key_lengths).
+  void memory_docs(const MaskOptions& o, int64_t B, int64_t Lq, int64_t Lk,
+                   const std::vector<int64_t>& lengths);
+
   std::vector<MaskDoc> docs_;
   std::vector<int64_t> globals_;
 };

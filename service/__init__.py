@@ -25,6 +25,11 @@ _EXPORTS = {
     "distributed_attention": "service.distributed.attention",
     "init_multihead_weights": "service.core.weights",
     "block_layout": "service.core.layouts",
+    "MemorySession": "service.core.sessions",
+    "MemoryState": "service.core.sessions",
+    "SegmentResult": "service.core.sessions",
+    "Memory": "service.core.options",
+    "MemorySpec": "service.core.options",
     "BlockMask": "service.core.options",
     "BlockPattern": "service.core.options",
     "AttentionResult": "service.core.results",
@@ -49,9 +54,14 @@ __all__ = [
     "InputError",
     "LimitError",
     "MaskingOptions",
+    "Memory",
+    "MemorySession",
+    "MemorySpec",
+    "MemoryState",
     "MultiheadOptions",
     "MultiheadResult",
     "MultiheadWeights",
+    "SegmentResult",
     "Window",
     "__version__",
     "attention",
@@ -73,11 +83,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         BlockMask,
         BlockPattern,
         MaskingOptions,
+        Memory,
+        MemorySpec,
         MultiheadOptions,
         MultiheadWeights,
         Window,
     )
     from service.core.results import AttentionMaps, AttentionResult, MultiheadResult
+    from service.core.sessions import MemorySession, MemoryState, SegmentResult
     from service.core.version import VERSION as __version__
     from service.core.weights import init_multihead_weights
     # Not distributed_attention: the compute core imports this package (the extension lives

@@ -32,6 +32,14 @@ class _MaskArgs(TypedDict, total=False):
     cu_seqlens_k: np.ndarray | None
     key_begin: int  # keys outside [key_begin, key_end) are not seen; positions stay absolute
     key_end: int  # -1: Lk
+    # Recurrent memory: segments of memory_segment rows (0: off) seeing memory_length raw keys
+    # before them; with memory_compressed > 0, k and v hold the Lq raw positions followed by
+    # ceil(Lq / memory_rate) pooled slots, of which each segment sees its last memory_compressed
+    # slots ending at or before its raw memory.
+    memory_segment: int
+    memory_length: int
+    memory_compressed: int
+    memory_rate: int
 
 class _Masking(_MaskArgs, total=False):
     """Keyword arguments every entry point takes: which keys each query sees, how scores form

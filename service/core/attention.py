@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core import approx, exact
+from service.core import approx, exact, memory
 from service.core.inputs import ArrayLike, caller_rank, parse_options, thread_count, to_output
 from service.core.masking import prepare
 from service.core.options import AttentionOptions, MaskingOptions
@@ -42,6 +42,9 @@ def attention(
     approx.check_options(opts)  # options the chosen method does not support are errors
     if opts.method != "exact":
         return _approximation(q, q4, k4, v4, opts, rank)
+    memory.check_options(opts, q4.shape[2], k4.shape[2])
+    if opts.memory is not None:  # compressed slots become keys after the raw ones
+        k4, v4, kw = memory.with_slots(k4, v4, opts.memory, kw)
     rows = opts.weights_rows
     out, lse, weights, elapsed = exact.run(
         q4,
@@ -53,14 +56,22 @@ def attention(
         threads=threads,
         weights_rows=rows,
     )
+    slot_weights = None
+    if opts.memory is not None and weights is not None:
+        weights, slot_weights = memory.split_weights(weights, q4.shape[2])
     if rows is not None:
         lse = lse[:, :, rows]  # the rows asked for, in their order, as the weights
+
+    def shaped(a: np.ndarray | None) -> ArrayLike:
+        return None if a is None else to_output(caller_rank(a, rank), q)
+
     return AttentionResult(
-        output=to_output(caller_rank(out, rank), q),
-        weights=to_output(caller_rank(weights, rank), q) if weights is not None else None,
-        lse=to_output(caller_rank(lse, rank), q) if weights is not None else None,
+        output=shaped(out),
+        weights=shaped(weights),
+        lse=shaped(lse) if weights is not None else None,
         elapsed_ms=elapsed,
         flops=exact.dense_flops(q4, k4, v4),
+        slot_weights=shaped(slot_weights),
     )
 
 

@@ -110,6 +110,72 @@ class BlockMask(BaseModel):
         return (bs, bs) if isinstance(bs, int) else (bs[0], bs[1])
 
 
+# Lengths beyond this could not be positions of a sequence the kernel runs (native kMaxLen).
+_MAX_LEN = (1 << 31) - 1
+
+
+class MemorySpec(BaseModel):
+    """Recurrent memory as a stream keeps it: the M most recent positions raw (Transformer-XL,
+    Dai et al. 2019) and, before them, the C most recent compressed slots, each the elementwise
+    mean or max of `rate` consecutive positions' keys and values (Compressive Transformer, Rae
+    et al. 2019). C = 0 turns compression off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    length: int = Field(..., ge=0, le=_MAX_LEN, description="M: raw positions before a segment.")
+    compressed: int = Field(
+        0, ge=0, le=_MAX_LEN, description="C: compressed slots before the raw memory; 0 = none."
+    )
+    rate: int | None = Field(
+        None,
+        ge=1,
+        le=_MAX_LEN,
+        validate_default=True,
+        description="c: positions pooled into one slot; required when compressed > 0 (it must "
+        "divide length and the segments).",
+    )
+    pool: Literal["mean", "max"] = Field(
+        "mean", description="How a slot pools its positions' keys and values, elementwise."
+    )
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_divides_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if not info.data.get("compressed"):
+            return v
+        if v is None:
+            raise ValueError("required when compressed > 0")
+        length = info.data.get("length")
+        if length is not None and length % v:
+            raise ValueError(
+                f"{v} must divide length {length} (slots pool whole positions of the raw memory)"
+            )
+        return v
+
+    @property
+    def slot_rate(self) -> int:
+        """c, or 1 without compression (then nothing is pooled)."""
+        return self.rate if self.compressed > 0 and self.rate is not None else 1
+
+
+class Memory(MemorySpec):
+    """The `memory` option: one sequence cut into segments of S; a query at p in segment
+    s = p // S sees keys max(0, sS - M) <= j < sS (its raw memory), its own segment (j <= p when
+    causal), and the C most recent slots t with (t + 1) c <= sS - M. See the README."""
+
+    segment: int = Field(..., ge=1, le=_MAX_LEN, description="S: positions per segment.")
+
+    @field_validator("segment")
+    @classmethod
+    def _rate_divides_segment(cls, v: int, info: ValidationInfo) -> int:
+        rate = info.data.get("rate")
+        if info.data.get("compressed") and rate and v % rate:
+            raise ValueError(
+                f"must be a multiple of rate {rate} (slots pool whole positions of each segment)"
+            )
+        return v
+
+
 class MaskingOptions(BaseModel):
     """Which keys each query may see, and how scores are formed."""
 
@@ -237,6 +303,12 @@ class AttentionOptions(MaskingOptions):
         False, description="Also return the probabilities (B, H, Lq, Lk) and the row log-sum-exp."
     )
     weights_rows: list[int] | None = Field(None, description=_WEIGHTS_ROWS_DOC)
+    memory: Memory | None = Field(
+        None,
+        description="Recurrent memory over one sequence (Lq = Lk): segments of `segment` "
+        "positions, each seeing its `length` raw positions before it and `compressed` slots "
+        "pooled by `rate` before those; with weights, slot_weights covers the slots.",
+    )
     # Linear-time approximations (service/core/approx/). Method parameters default to null so
     # that one given to a method that does not use it is reported rather than ignored.
     method: Literal["exact", "linear", "performer", "linformer"] = Field(

@@ -20,7 +20,9 @@ class AttentionResult:
     return_weights. elapsed_ms: native compute time. flops: 2*B*Hq*Lq*Lk*(D + Dv), the dense
     count of the two matrix products (masked-out tiles the kernel skips are still counted).
     method: "exact", or the approximation used (service/core/approx/, which also fills
-    `comparison` when asked to compare with exact attention).
+    `comparison` when asked to compare with exact attention). slot_weights: with `memory` and
+    weights, the probabilities of the compressed slots (.., Hq, Lq, ceil(L/c)), 0 where a slot
+    is not visible (weights then cover the raw keys only).
     """
 
     output: ArrayLike
@@ -30,6 +32,7 @@ class AttentionResult:
     flops: int
     method: str = "exact"
     comparison: dict[str, Any] | None = None
+    slot_weights: ArrayLike | None = None
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from service import _native
-from service.core import exact
+from service.core import exact, memory
 from service.core.errors import InputError
 from service.core.masking import native_masking
 from service.core.options import AttentionOptions
@@ -74,12 +75,35 @@ def key_slices(
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def plan_work(opts: AttentionOptions, q4: np.ndarray, k4: np.ndarray) -> Callable[[int], int]:
-    """work(x): the (query row, key) pairs the kernel visits in keys [0, x), over every batch
-    and head, from the mask plan (microseconds, never O(Lq x Lk))."""
+def with_memory_keys(
+    opts: AttentionOptions, q4: np.ndarray, k4: np.ndarray, v4: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """k and v as the kernel sees them: with `memory`, the compressed slots pooled once and
+    appended after the raw keys (so slices of the key axis cut through raw keys and slots
+    alike); the options checked against the memory pattern first."""
+    memory.check_options(opts, q4.shape[2], k4.shape[2])
+    if opts.memory is None:
+        return k4, v4
+    k_ext, v_ext, _ = memory.with_slots(k4, v4, opts.memory, {})
+    return k_ext, v_ext
+
+
+def _kernel_masking(opts: AttentionOptions, q4: np.ndarray, k4: np.ndarray) -> dict[str, Any]:
+    """The kernel's masking arguments for q4 and k4 (k4 with its slots, when memory has them)."""
     b, hq, lq, _ = q4.shape
     lk = k4.shape[2]
-    masking = native_masking(opts, (b, hq, lq, lk))
+    if opts.memory is not None:  # the masking options are checked against the raw keys
+        return {**native_masking(opts, (b, hq, lq, lq)), **memory.native_memory(opts.memory)}
+    return native_masking(opts, (b, hq, lq, lk))
+
+
+def plan_work(opts: AttentionOptions, q4: np.ndarray, k4: np.ndarray) -> Callable[[int], int]:
+    """work(x): the (query row, key) pairs the kernel visits in keys [0, x), over every batch
+    and head, from the mask plan (microseconds, never O(Lq x Lk)). k4 as with_memory_keys
+    gives it."""
+    b, hq, lq, _ = q4.shape
+    lk = k4.shape[2]
+    masking = _kernel_masking(opts, q4, k4)
     for score_only in ("softcap", "alibi_slopes"):  # shape the scores, not the plan
         masking.pop(score_only, None)
 
@@ -99,9 +123,10 @@ def partial_attention(
     *,
     threads: int,
 ) -> Partial:
-    """Attention of checked 4-D float32 arrays over the keys [a, b) only, positions absolute."""
+    """Attention of checked 4-D float32 arrays over the keys [a, b) only, positions absolute
+    (k4 and v4 as with_memory_keys gives them)."""
     a, b = keys
-    masking = native_masking(opts, (q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2]))
+    masking = _kernel_masking(opts, q4, k4)
     masking.update(key_begin=a, key_end=b)
     # Empty rows as zeros here, whatever was asked: the merge decides what an empty row is.
     zero = opts.model_copy(update={"empty_rows": "zero"})
@@ -152,6 +177,22 @@ def merge(
     return out32, lse32, weights
 
 
+def finish(
+    out: np.ndarray, lse: np.ndarray, weights: np.ndarray | None, opts: AttentionOptions, lq: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The merged arrays as service.attention returns them: (output, lse, weights,
+    slot_weights); lse only with the weights, of the rows asked for; with memory, the weights
+    over the raw keys and the compressed slots apart."""
+    if opts.weights_rows is not None:
+        lse = lse[:, :, opts.weights_rows]
+    if weights is None:
+        return out, None, None, None
+    if opts.memory is not None:
+        raw, slots = memory.split_weights(weights, lq)
+        return out, lse, raw, slots
+    return out, lse, weights, None
+
+
 def sequential(
     q4: np.ndarray,
     k4: np.ndarray,
@@ -160,7 +201,10 @@ def sequential(
     chunks: int,
     *,
     threads: int = 1,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The split computed in this process, slice after slice (what the workers do, in a loop)."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The split computed in this process, slice after slice (what the workers do, in a loop):
+    finish's (output, lse, weights, slot_weights)."""
+    k4, v4 = with_memory_keys(opts, q4, k4, v4)
     slices = key_slices(k4.shape[2], chunks, plan_work(opts, q4, k4))
-    return merge([partial_attention(q4, k4, v4, opts, s, threads=threads) for s in slices], opts)
+    parts = [partial_attention(q4, k4, v4, opts, s, threads=threads) for s in slices]
+    return finish(*merge(parts, opts), opts, q4.shape[2])

@@ -24,7 +24,15 @@ from service.core.inputs import ArrayLike, caller_rank, parse_options, to_output
 from service.core.masking import prepare
 from service.core.options import AttentionOptions, MaskingOptions
 from service.core.results import AttentionResult
-from service.core.split import Partial, key_slices, merge, partial_attention, plan_work
+from service.core.split import (
+    Partial,
+    finish,
+    key_slices,
+    merge,
+    partial_attention,
+    plan_work,
+    with_memory_keys,
+)
 from service.distributed.cluster import connect
 
 
@@ -102,6 +110,7 @@ def run_split(
     # Every check the single call would make, here, before anything is sent anywhere.
     q4, k4, v4, rank, _ = prepare(q, k, v, opts)
     approx.check_options(opts)
+    k4, v4 = with_memory_keys(opts, q4, k4, v4)  # compressed slots pooled once, here
     slices = key_slices(k4.shape[2], chunks, plan_work(opts, q4, k4))
     threads = num_threads or max(1, math.floor(task_cpus))
     ray = connect()
@@ -111,16 +120,19 @@ def run_split(
     t_tasks = time.perf_counter()
     partials: list[Partial] = ray.get([task.remote(*refs, s, threads) for s in slices])
     t1 = time.perf_counter()
-    out, lse, weights = merge(partials, opts)
-    if opts.weights_rows is not None:
-        lse = lse[:, :, opts.weights_rows]
+    out, lse, weights, slot_weights = finish(*merge(partials, opts), opts, q4.shape[2])
     t2 = time.perf_counter()
+
+    def shaped(a: np.ndarray | None) -> ArrayLike:
+        return None if a is None else to_output(caller_rank(a, rank), q)
+
     result = AttentionResult(
-        output=to_output(caller_rank(out, rank), q),
-        weights=to_output(caller_rank(weights, rank), q) if weights is not None else None,
-        lse=to_output(caller_rank(lse, rank), q) if weights is not None else None,
+        output=shaped(out),
+        weights=shaped(weights),
+        lse=shaped(lse),
         elapsed_ms=(t2 - t0) * 1e3,
         flops=exact.dense_flops(q4, k4, v4),
+        slot_weights=shaped(slot_weights),
     )
     times = SplitTimes(
         total_ms=(t2 - t0) * 1e3,

@@ -37,6 +37,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.transforms import blended_transform_factory
 from PIL import Image
 
 _DPI = 100
@@ -111,6 +112,52 @@ def _paint(canvas: FigureCanvasAgg, ax: Axes, matrix: np.ndarray, colors: Scalar
         spine.draw(renderer)
 
 
+# Consecutive ranges of the key axis, (label, width) each: a map of keys [A | B | C] is drawn
+# with a separator between the ranges and each range's label above it.
+Sections = Sequence[tuple[str, int]]
+
+
+def _separators(ax: Axes, sections: Sections | None) -> list[Artist]:
+    """White lines between the non-empty sections, drawn over each image (not in the frame)."""
+    if not sections:
+        return []
+    edges, start = [], 0
+    for _, width in sections:
+        if width > 0 and start > 0:
+            edges.append(start)
+        start += width
+    return [ax.axvline(x - 0.5, color="white", linewidth=1.5, animated=True) for x in edges]
+
+
+def _section_labels(
+    ax: Axes, sections: Sections | None, cols: int, figure_px: float
+) -> list[Artist]:
+    """Each non-empty section's label and width above the axes, centred on it; a label that
+    would run into its left neighbour goes one row up."""
+    if not sections:
+        return []
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    axes_px = ax.get_position().width * figure_px
+    row_ends = [-math.inf, -math.inf]
+    labels: list[Artist] = []
+    start = 0
+    for label, width in sections:
+        if width > 0:
+            text = f"{label} ({width})"
+            centre = (start + width / 2) / max(cols, 1) * axes_px
+            half = 2.6 * len(text)  # ~5 px per character at 8 pt
+            row = next((r for r, end in enumerate(row_ends) if centre - half > end + 4), 1)
+            row_ends[row] = centre + half
+            labels.append(
+                ax.text(
+                    start + width / 2 - 0.5, 1.01 + 0.045 * row, text, transform=trans,
+                    ha="center", va="bottom", fontsize=8, clip_on=False,
+                )
+            )  # fmt: skip
+        start += width
+    return labels
+
+
 def _no_axis_labels(*axes: Axes) -> None:
     """Axis labels are figure texts here: fixing the (empty) axis labels' places spares every
     draw the search for a free spot beside the tick labels (a fifth of a colorbar's draw)."""
@@ -164,6 +211,8 @@ class _MapCanvas(_Layered):
         self.title.set_animated(True)
         _no_axis_labels(self.ax, self.cax)
         self.cax.xaxis.set_visible(False)  # a vertical colorbar's short side has no ticks
+        self.separators: list[Artist] = []
+        self.section_labels: list[Artist] = []
 
     def render(
         self,
@@ -175,18 +224,25 @@ class _MapCanvas(_Layered):
         xlabels: Sequence[str] | None,
         ylabels: Sequence[str] | None,
         diverging: bool,
+        sections: Sections | None = None,
     ) -> bytes:
         rows, cols = matrix.shape
         xpos, xtext = _ticks(cols, xlabels)
         ypos, ytext = _ticks(rows, ylabels)
         key: tuple[object, ...] = (rows, cols, tuple(xtext), tuple(ytext))
-        key += (xlabels is None, ylabels is None, xlabel, ylabel)
-        # Wider margins when token labels need room.
+        key += (xlabels is None, ylabels is None, xlabel, ylabel, tuple(sections or ()))
+        # Wider margins when token labels need room; a lower top when sections are labelled.
         left = 0.2 if ylabels is not None else 0.12
         bottom = 0.2 if xlabels is not None else 0.1
+        top = 0.83 if sections else 0.91
         if key != self._frame_key:
-            self.ax.set_position((left, bottom, 0.83 - left, 0.91 - bottom))
-            self.cax.set_position((0.86, bottom, 0.03, 0.91 - bottom))
+            self.ax.set_position((left, bottom, 0.83 - left, top - bottom))
+            self.cax.set_position((0.86, bottom, 0.03, top - bottom))
+            for artist in self.separators + self.section_labels:
+                artist.remove()
+            self.separators = _separators(self.ax, sections)
+            width_px = self.fig.get_figwidth() * _DPI
+            self.section_labels = _section_labels(self.ax, sections, cols, width_px)
             # An empty side still gets a one-cell frame (equal limits would be singular).
             self.ax.set_xlim(-0.5, max(cols, 1) - 0.5)
             self.ax.set_ylim(max(rows, 1) - 0.5, -0.5)
@@ -208,7 +264,7 @@ class _MapCanvas(_Layered):
         self.colors.set_clim(*_color_limits(matrix, diverging))
         self.title.set_text(title)
         _paint(self.canvas, self.ax, matrix, self.colors)
-        self._draw_over(self.cax, self.title)
+        self._draw_over(*self.separators, self.cax, self.title)
         return _png(self.canvas)
 
 
@@ -224,8 +280,10 @@ def render_map(
     xlabels: Sequence[str] | None = None,
     ylabels: Sequence[str] | None = None,
     diverging: bool = False,
+    sections: Sections | None = None,
 ) -> bytes:
-    """A PNG of one 2-D matrix with a colorbar (diverging colours for signed data)."""
+    """A PNG of one 2-D matrix with a colorbar (diverging colours for signed data); `sections`
+    (label, width) cut the key axis into labelled ranges with separators."""
     canvas: _MapCanvas | None = getattr(_local, "canvas", None)
     if canvas is None:
         canvas = _local.canvas = _MapCanvas()
@@ -238,6 +296,7 @@ def render_map(
             xlabels=xlabels,
             ylabels=ylabels,
             diverging=diverging,
+            sections=sections,
         )
     except BaseException:
         _local.canvas = None  # never reuse a figure left half-updated
@@ -267,31 +326,45 @@ class _GridCanvas(_Layered):
         self.title.set_animated(True)
         _no_axis_labels(self.cax, *self.panels)
         self.cax.xaxis.set_visible(False)
+        self.separators: list[Artist] = []
 
-    def render(self, maps: np.ndarray, panel_titles: Sequence[str], title: str) -> bytes:
-        key = tuple(panel_titles)
+    def render(
+        self,
+        maps: np.ndarray,
+        panel_titles: Sequence[str],
+        title: str,
+        sections: Sections | None = None,
+    ) -> bytes:
+        key = (tuple(panel_titles), maps.shape[1:], tuple(sections or ()))
         if key != self._frame_key:
             for ax, text in zip(self.panels, panel_titles, strict=True):
                 ax.set_title(text, fontsize=9, pad=2)
+                ax.set_xlim(-0.5, max(maps.shape[2], 1) - 0.5)  # data units for the separators
+            for artist in self.separators:
+                artist.remove()
+            self.separators = [line for ax in self.panels for line in _separators(ax, sections)]
         self._frame_for(key)
         self.colors.set_clim(*_color_limits(maps, diverging=False))
         self.title.set_text(title)
         for ax, matrix in zip(self.panels, maps, strict=True):
             _paint(self.canvas, ax, matrix, self.colors)
-        self._draw_over(self.cax, self.title)
+        self._draw_over(*self.separators, self.cax, self.title)
         return _png(self.canvas)
 
 
 _GRIDS_KEPT = 4  # grid figures kept per thread (one per panel count), least recently used out
 
 
-def render_grid(maps: np.ndarray, panel_titles: Sequence[str], *, title: str) -> bytes:
-    """One PNG with every map of `maps` (N, rows, cols) on a grid, sharing one colorbar."""
+def render_grid(
+    maps: np.ndarray, panel_titles: Sequence[str], *, title: str, sections: Sections | None = None
+) -> bytes:
+    """One PNG with every map of `maps` (N, rows, cols) on a grid, sharing one colorbar;
+    `sections` as for render_map (separators only: the panels are too small for labels)."""
     grids: dict[int, _GridCanvas] = _local.__dict__.setdefault("grids", {})
     n = maps.shape[0]
     canvas = grids.pop(n, None) or _GridCanvas(n)
     # If rendering fails the figure is not put back: never reuse one left half-updated.
-    png = canvas.render(np.asarray(maps, dtype=np.float32), panel_titles, title)
+    png = canvas.render(np.asarray(maps, dtype=np.float32), panel_titles, title, sections)
     grids[n] = canvas  # most recently used last
     while len(grids) > _GRIDS_KEPT:
         del grids[next(iter(grids))]

@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from service.core.cancel import checkpoint
-from service.render.canvas import Panel, render_grid, render_map, render_panels
+from service.render.canvas import Panel, Sections, render_grid, render_map, render_panels
 
 HeadKey = int | Literal["mean", "all"]
 
@@ -62,8 +62,10 @@ def render_weights(
     heads: Sequence[int] | str,
     tokens: Sequence[str] | None,
     title: str,
+    sections: Sections | None = None,
 ) -> list[RenderedImage]:
-    """Images of weights (B, H, Lq, Lk) for one batch item, as `plan_heads` describes."""
+    """Images of weights (B, H, Lq, Lk) for one batch item, as `plan_heads` describes;
+    `sections` (label, width) name consecutive ranges of the keys (drawn with separators)."""
     per_head = weights[batch]
     num_heads, lq, lk = per_head.shape
     chosen, mean, grid = plan_heads(num_heads, heads)
@@ -74,7 +76,11 @@ def render_weights(
     def one(matrix: np.ndarray, head: HeadKey, what: str) -> None:
         checkpoint()  # an abandoned HTTP job stops between images
         png = render_map(
-            matrix, title=f"{title}, batch {batch}, {what}", xlabels=xlabels, ylabels=ylabels
+            matrix,
+            title=f"{title}, batch {batch}, {what}",
+            xlabels=xlabels,
+            ylabels=ylabels,
+            sections=sections,
         )
         images.append(RenderedImage(batch, head, png))
 
@@ -85,7 +91,10 @@ def render_weights(
     if grid:
         checkpoint()
         png = render_grid(
-            per_head[chosen], [f"head {h}" for h in chosen], title=f"{title}, batch {batch}"
+            per_head[chosen],
+            [f"head {h}" for h in chosen],
+            title=f"{title}, batch {batch}",
+            sections=sections,
         )
         images.append(RenderedImage(batch, "all", png))
     return images

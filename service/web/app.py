@@ -31,6 +31,7 @@ from service.web.settings import Settings
 from service.web.store import open_store
 from service.web.v1.model_schemas import ModelTokensRequest
 from service.web.v1.schemas import REQUEST_MODELS
+from service.web.v1.session_schemas import REQUEST_MODELS as SESSION_MODELS
 from service.web.v2 import routes as v2
 from service.web.v2.datamodels import ErrorResponse
 from service.web.v2.errors import error_response
@@ -139,13 +140,15 @@ def create_app(settings: Settings | None = None, replica: Replica | None = None)
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "HEAD", "POST"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=_CORS_HEADERS,
             expose_headers=_CORS_EXPOSED,
             max_age=600,
         )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     install_openapi(
-        app, (*REQUEST_MODELS, ModelTokensRequest, Problem), keys=state.access.keys.enabled
+        app,
+        (*REQUEST_MODELS, *SESSION_MODELS, ModelTokensRequest, Problem),
+        keys=state.access.keys.enabled,
     )
     return app

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from service.core.approx import MAP_SIDE
 from service.core.errors import InputError
+from service.render.canvas import Sections
 from service.render.model_views import ModelPicture
 from service.render.views import (
     RenderedImage,
@@ -130,14 +131,23 @@ def publish_one(png: bytes, store: Store, inline: bool) -> dict:
     return {"id": image_id, "url": image_url(image_id)}
 
 
-def draw_weights(weights: np.ndarray, spec: HeatmapSpec, store: Store, *, title: str) -> list[dict]:
-    """Render the maps `spec` asks for from weights (.., H, Lq, Lk) and publish them."""
+def draw_weights(
+    weights: np.ndarray,
+    spec: HeatmapSpec,
+    store: Store,
+    *,
+    title: str,
+    sections: Sections | None = None,
+) -> list[dict]:
+    """Render the maps `spec` asks for from weights (.., H, Lq, Lk) and publish them; `sections`
+    (label, width) name consecutive ranges of the keys, drawn with separators."""
     images = render_weights(
         weights.reshape((1,) * (4 - weights.ndim) + weights.shape),
         batch=spec.batch,
         heads=spec.heads,
         tokens=spec.tokens,
         title=title,
+        sections=sections,
     )
     return publish(images, store, spec.inline)
 

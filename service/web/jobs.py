@@ -19,6 +19,7 @@ import numpy as np
 from service.core.attention import attention
 from service.core.errors import InputError
 from service.core.maps import attention_map
+from service.core.memory import slot_count
 from service.core.model import (
     Analysis,
     ModelIntegrityError,
@@ -69,12 +70,19 @@ def run_attention(
     lq, lk = (q.shape[-2], k.shape[-2]) if ranks_ok else (0, 0)
     side = state.limits.heatmap_max_side
     # Exact heatmaps longer than the limit are pooled (service.core.maps, O(L) memory) instead
-    # of drawn from the dense weights.
-    pool = spec is not None and not opts.compare and opts.method == "exact" and max(lq, lk) > side
+    # of drawn from the dense weights; with memory they are drawn up to the limit only.
+    exact = opts.method == "exact" and opts.memory is None
+    pool = spec is not None and not opts.compare and exact and max(lq, lk) > side
     if chunks is not None:
         compute = _split_compute(state, opts, chunks, stats=stats, pool=pool)
     if stats and opts.method != "exact":
         raise InputError("stats", f'needs method "exact", got "{opts.method}"')
+    if stats and opts.memory is not None:
+        raise InputError(
+            "stats", "cannot be combined with memory; ask for return_weights (and slot_weights)"
+        )
+    # With memory, the weights and pictures also cover the compressed slots.
+    slots = slot_count(lq, opts.memory) if opts.memory is not None else 0
     _rows_without_heatmap(opts.weights_rows, spec)
     if opts.weights_rows is not None:
         return_weights = True  # the rows' weights are what weights_rows asks for
@@ -86,9 +94,12 @@ def run_attention(
         state.limits.elements("v", rows + v.shape[-1:], "the output")
         if want_weights:
             wrows = rows if opts.weights_rows is None else rows[:-1] + (len(opts.weights_rows),)
-            state.limits.elements("k", wrows + k.shape[-2:-1], "the weights")
+            state.limits.elements("k", wrows + (lk + slots,), "the weights")
         if spec is not None:
             shape4 = (1,) * (4 - q.ndim) + rows + k.shape[-2:-1]
+            if slots:
+                spec = _slots_labelled(spec, lk, slots)
+                shape4 = shape4[:3] + (lk + slots,)
             if pool:
                 if spec.tokens is not None and len(spec.tokens) != lk:
                     raise InputError(
@@ -132,9 +143,34 @@ def run_attention(
         pq, pk = maps.bins
         title = f"attention pooled {lq}×{lk}→{pq}×{pk} (bin means)"
         drawn = images.draw_weights(maps.pooled, spec, state.store, title=title)
+    elif spec is not None and result.weights is not None and opts.memory is not None:
+        drawn = _draw_memory(result, spec, state, lk, slots)
     elif spec is not None and result.weights is not None:
         drawn = images.draw_weights(result.weights, spec, state.store, title="attention")
     return AttentionJob(result, maps if stats else None, drawn)
+
+
+def _slots_labelled(spec: HeatmapSpec, lk: int, slots: int) -> HeatmapSpec:
+    """The spec for a picture of keys [compressed slots | raw keys]: token labels (one per raw
+    key, checked here) get the slots' labels in front."""
+    if spec.tokens is None:
+        return spec
+    if len(spec.tokens) != lk:
+        raise InputError(("heatmap", "tokens"), f"{len(spec.tokens)} labels for {lk} key positions")
+    return spec.model_copy(update={"tokens": [f"slot {t}" for t in range(slots)] + spec.tokens})
+
+
+def _draw_memory(
+    result: AttentionResult, spec: HeatmapSpec, state: AppState, lk: int, slots: int
+) -> list[dict]:
+    """The weights of a memory call as one map of keys [compressed slots | raw keys]."""
+    weights = np.asarray(result.weights)
+    if slots:
+        weights = np.concatenate([np.asarray(result.slot_weights), weights], axis=-1)
+    sections = [("compressed slots", slots), ("keys", lk)]
+    return images.draw_weights(
+        weights, spec, state.store, title="attention with memory", sections=sections
+    )
 
 
 def _rows_without_heatmap(weights_rows: list[int] | None, spec: HeatmapSpec | None) -> None:

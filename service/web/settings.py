@@ -134,6 +134,17 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    # Memory sessions (/v1/sessions and /v2 sequences), kept in the heatmap store's backend.
+    session_ttl_s: int = Field(
+        3600,
+        ge=1,
+        description="Seconds a session lives after its last segment (the default and the most "
+        "a session may ask for).",
+    )
+    session_max: int = Field(
+        1000, ge=1, description="Live sessions and /v2 sequences at most (503 beyond)."
+    )
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:

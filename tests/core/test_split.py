@@ -24,10 +24,8 @@ CASES = cases()
 def split_attention(q, k, v, chunks: int, **options) -> AttentionResult:
     opts = parse_options(AttentionOptions, None, options)
     q4, k4, v4, _, _ = prepare(q, k, v, opts)
-    out, lse, weights = sequential(q4, k4, v4, opts, chunks)
-    if opts.weights_rows is not None:
-        lse = lse[:, :, opts.weights_rows]
-    return AttentionResult(out, weights, lse if weights is not None else None, 0.0, 0)
+    out, lse, weights, slot_weights = sequential(q4, k4, v4, opts, chunks)
+    return AttentionResult(out, weights, lse, 0.0, 0, slot_weights=slot_weights)
 
 
 @pytest.mark.parametrize("chunks", range(1, 9))

@@ -56,6 +56,14 @@ def cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, dict[str, Any
         "layout": layout}, causal=True)  # fmt: skip
     add("packed documents", qkv(1, 2, 2, 70, 70), cu_seqlens=[0, 20, 21, 55, 70], causal=True)
     add("weights of some rows", qkv(1, 2, 2, 40, 40), weights_rows=[39, 0, 17], causal=True)
+    # Recurrent memory: segments' raw memory spanning chunks, and compressed slots (extra keys
+    # after the raw ones, on the same split axis).
+    add("memory, raw only", qkv(1, 2, 1, 50, 50), memory={"segment": 8, "length": 12},
+        causal=True)  # fmt: skip
+    add("memory, compressed (mean)", qkv(1, 2, 2, 64, 64), memory={"segment": 8, "length": 8,
+        "compressed": 3, "rate": 4}, causal=True, return_weights=True)  # fmt: skip
+    add("memory, compressed (max), not causal", qkv(2, 2, 2, 48, 48), memory={"segment": 12,
+        "length": 4, "compressed": 2, "rate": 2, "pool": "max"})  # fmt: skip
     return out
 
 
@@ -71,9 +79,13 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def assert_same_result(got: Any, want: Any, tol: float = 1e-5) -> None:
-    """The split result is service.attention's: output, and weights and lse when given."""
+    """The split result is service.attention's: output, and weights (and the compressed
+    memory's slot_weights) and lse when given."""
     assert relative_error(got.output, want.output) <= tol
     assert (got.weights is None) == (want.weights is None)
+    assert (got.slot_weights is None) == (want.slot_weights is None)
+    if want.slot_weights is not None:
+        assert relative_error(got.slot_weights, want.slot_weights) <= tol
     if want.weights is not None:
         assert relative_error(got.weights, want.weights) <= tol
         lse_got, lse_want = np.asarray(got.lse), np.asarray(want.lse)

@@ -28,6 +28,7 @@ SUPPORTED: dict[str, frozenset[str]] = {
             "cu_seqlens_q",
             "cu_seqlens_k",
             "weights_rows",
+            "memory",
         }
     ),
     "linear": frozenset({"causal", "key_lengths", "return_weights", "compare"}),
@@ -54,6 +55,7 @@ _WHY: dict[str, str] = {
     "cu_seqlens_q": "packed documents need per-(query, key) masking; use method 'exact'",
     "cu_seqlens_k": "packed documents need per-(query, key) masking; use method 'exact'",
     "weights_rows": "it forms no weights of its own; compare returns its implied map",
+    "memory": "recurrent memory is a pattern of exact attention; use method 'exact'",
 }
 
 
@@ -79,6 +81,7 @@ def _active(opts: AttentionOptions) -> dict[str, tuple[str | int, ...]]:
         "cu_seqlens_q": opts.cu_seqlens_q is not None,
         "cu_seqlens_k": opts.cu_seqlens_k is not None,
         "weights_rows": opts.weights_rows is not None,
+        "memory": opts.memory is not None,
     }
     for name, on in checks.items():
         if on:

@@ -1,10 +1,17 @@
 """The /v1 front: JSON tensors in, JSON out, heatmaps as PNG urls (or inline).
 
-One module per route group (attention, multihead, tokens, heatmaps, models), each with one
-router that sets its prefix once; the request and response models are in schemas.py (the real
-model's in model_schemas.py).
+One module per route group (attention, multihead, tokens, sessions, heatmaps, models), each with
+one router that sets its prefix once; the request and response models are in schemas.py (the
+real model's in model_schemas.py, the memory sessions' in session_schemas.py).
 """
 
-from service.web.v1 import attention, heatmaps, models, multihead, tokens
+from service.web.v1 import attention, heatmaps, models, multihead, sessions, tokens
 
-ROUTERS = (attention.router, multihead.router, tokens.router, heatmaps.router, models.router)
+ROUTERS = (
+    attention.router,
+    multihead.router,
+    tokens.router,
+    sessions.router,
+    heatmaps.router,
+    models.router,
+)

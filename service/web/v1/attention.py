@@ -71,6 +71,8 @@ def _job(state: AppState, body: bytes) -> Response:
     if req.return_weights or req.weights_rows is not None:
         content["weights"] = wire.encode(result.weights, enc)
         content["lse"] = wire.encode(result.lse, enc)
+        if result.slot_weights is not None:
+            content["slot_weights"] = wire.encode(result.slot_weights, enc)
     if result.comparison is not None:
         content["comparison"] = _comparison(result.comparison, enc)
     if maps is not None:

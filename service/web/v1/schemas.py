@@ -238,6 +238,11 @@ class AttentionResponse(BaseModel):
     lse: Tensor | None = Field(
         None, description="(.., Hq, Lq) row log-sum-exp (-inf: no key); of weights_rows' rows."
     )
+    slot_weights: Tensor | None = Field(
+        None,
+        description="With memory and weights: (.., Hq, Lq, ceil(L/rate)) probabilities of the "
+        "compressed slots, 0 where a slot is not visible; `weights` then covers the raw keys.",
+    )
     heatmaps: list[HeatmapRef] = Field(default_factory=list)
     comparison: Comparison | None = Field(None, description='Only with "compare": true.')
     stats: AttentionStats | None = Field(None, description='Only with "stats": true.')

@@ -275,16 +275,45 @@ def parse_request(header: bytes) -> InferenceRequest:
 
 def model_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """The request parameters meant for the model (the protocol's own are taken out)."""
-    for name in _SEQUENCE_PARAMETERS & parameters.keys():
-        if parameters[name] not in (0, "", False, None):
-            raise ProtocolError(
-                f"parameter '{name}': the models are stateless; sequences are not supported"
-            )
     return {
         k: v
         for k, v in parameters.items()
         if k not in _PROTOCOL_PARAMETERS and k not in _SEQUENCE_PARAMETERS
     }
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """Triton's sequence parameters: the id (an unsigned integer or a string the client
+    chose), and whether this request starts or ends the sequence."""
+
+    id: int | str
+    start: bool
+    end: bool
+
+
+_MAX_SEQUENCE_ID_CHARS = 128
+
+
+def sequence_of(parameters: Mapping[str, Any]) -> Sequence | None:
+    """The request's sequence, or None (no sequence_id, or 0 / "" as Triton's clients send)."""
+    sid = parameters.get("sequence_id", 0)
+    start = _flag(parameters.get("sequence_start", False), "parameter 'sequence_start'")
+    end = _flag(parameters.get("sequence_end", False), "parameter 'sequence_end'")
+    if isinstance(sid, bool) or not isinstance(sid, int | str):
+        raise ProtocolError("parameter 'sequence_id' must be an unsigned integer or a string")
+    if isinstance(sid, int) and not 0 <= sid < 1 << 64:
+        raise ProtocolError("parameter 'sequence_id' must be an unsigned 64-bit integer")
+    if isinstance(sid, str) and len(sid) > _MAX_SEQUENCE_ID_CHARS:
+        raise ProtocolError(
+            f"parameter 'sequence_id' is longer than {_MAX_SEQUENCE_ID_CHARS} characters"
+        )
+    if sid in (0, ""):
+        if start or end:
+            name = "sequence_start" if start else "sequence_end"
+            raise ProtocolError(f"parameter '{name}' needs a sequence_id")
+        return None
+    return Sequence(sid, start, end)
 
 
 def _flag(value: Any, where: str) -> bool:

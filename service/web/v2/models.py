@@ -3,7 +3,9 @@
 Each model declares its inputs and outputs (the metadata), maps the request `parameters` and
 tensor options onto the one options model (service.web.v2.parameters: under the options' own
 names, with the splits scalar parameters need), and runs the jobs the v1 routes run
-(service.web.jobs: the same limits, checked before anything large is allocated).
+(service.web.jobs: the same limits, checked before anything large is allocated). `attention`
+also keeps sequences (Triton's sequence_id, sequence_start, sequence_end): recurrent memory
+streamed request by request, as /v1/sessions streams it (service.web.sessions).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any
 from service.core.errors import InputError
 from service.core.options import AttentionOptions, MultiheadOptions
 from service.core.split import MAX_CHUNKS
+from service.web import sessions
 from service.web.deps import AppState
 from service.web.jobs import run_attention, run_multihead
-from service.web.v2.codec import FLOAT_TYPES, TensorSpec
-from service.web.v2.errors import UnknownModel
+from service.web.v2.codec import FLOAT_TYPES, Sequence, TensorSpec
+from service.web.v2.errors import ProtocolError, UnknownModel
 from service.web.v2.parameters import (
     BIASES,
     INT_INPUTS,
@@ -28,6 +31,7 @@ from service.web.v2.parameters import (
     heatmap_spec,
     parameter_names,
     parse_options,
+    sequence_options,
     v2_loc,
 )
 
@@ -37,6 +41,8 @@ PLATFORM = "attention_native"
 Requested = tuple[str, ...] | None  # the outputs a request names (None: the defaults)
 Result = tuple[Tensors, Params]  # the outputs, and the response parameters
 Infer = Callable[[AppState, Tensors, Params, Requested], Result]
+# A sequence's request: also the sequence and the owner (service.web.sessions.owner_of).
+SequenceInfer = Callable[[AppState, Tensors, Params, Requested, Sequence, str], Result]
 
 
 def _wanted(requested: Requested, weights_flag: bool, extra: tuple[str, ...]) -> tuple[str, ...]:
@@ -86,7 +92,12 @@ def _attention(state: AppState, tensors: Tensors, params: Params, requested: Req
             "or for heatmap",
         )
     rows = opts.weights_rows is not None
-    wanted = _wanted(requested, opts.return_weights or rows, ("weights", "lse"))
+    extra = ("weights", "lse", "slot_weights") if opts.memory is not None else ("weights", "lse")
+    wanted = _wanted(requested, opts.return_weights or rows, extra)
+    if "slot_weights" in wanted and opts.memory is None:
+        raise InputError(
+            ("parameters", "memory_segment"), "output 'slot_weights' needs memory parameters"
+        )
     job = run_attention(
         state,
         tensors["q"],
@@ -94,11 +105,16 @@ def _attention(state: AppState, tensors: Tensors, params: Params, requested: Req
         tensors["v"],
         opts,
         spec,
-        return_weights="weights" in wanted or "lse" in wanted,
+        return_weights=bool({"weights", "lse", "slot_weights"} & set(wanted)),
         chunks=chunks,
     )
     result, drawn = job.result, job.heatmaps
-    produced = {"output": result.output, "weights": result.weights, "lse": result.lse}
+    produced = {
+        "output": result.output,
+        "weights": result.weights,
+        "lse": result.lse,
+        "slot_weights": result.slot_weights,
+    }
     params_out = _response_parameters(result, drawn, result.method)
     if result.comparison is not None:
         params_out.update(
@@ -106,6 +122,56 @@ def _attention(state: AppState, tensors: Tensors, params: Params, requested: Req
             for key, value in result.comparison.items()
             if isinstance(value, (int, float, str, bool))
         )
+    return {name: produced[name] for name in wanted}, params_out
+
+
+def _attention_sequence(
+    state: AppState,
+    tensors: Tensors,
+    params: Params,
+    requested: Requested,
+    sequence: Sequence,
+    owner: str,
+) -> Result:
+    """One request of a sequence: its segment appended to the sequence's memory (opened by
+    sequence_start, dropped after sequence_end)."""
+    options, return_weights = sequence_options(params, tensors, sequence.start)
+    spec = heatmap_spec(params)
+    for name in ("q", "k", "v"):
+        if name not in tensors:
+            raise ProtocolError(f"missing input '{name}'")
+    wanted = _wanted(requested, return_weights, ("weights", "lse"))
+    if "slot_weights" in wanted:
+        raise ProtocolError(
+            "output 'slot_weights' belongs to a memory call without a sequence; a sequence's "
+            "weights cover its compressed slots, memory and segment"
+        )
+    key = sessions.sequence_key(owner, sequence.id)
+    if options is not None:
+        session = sessions.open_session(
+            state, owner, options, state.settings.session_ttl_s, key=key
+        )
+    else:
+        what = f"sequence {sequence.id!r} (start it with sequence_start: true)"
+        session = sessions.load(state, owner, key, what=what)
+    done = sessions.append_segment(
+        state,
+        session,
+        tensors["q"],
+        tensors["k"],
+        tensors["v"],
+        return_weights="weights" in wanted or "lse" in wanted,
+        spec=spec,
+        end=sequence.end,
+    )
+    result = done.result
+    produced = {"output": result.output, "weights": result.weights, "lse": result.lse}
+    params_out = _response_parameters(result, done.heatmaps, "exact")
+    params_out.update(
+        sequence_position=result.position,
+        memory_raw=result.memory_raw,
+        memory_compressed=result.memory_compressed,
+    )
     return {name: produced[name] for name in wanted}, params_out
 
 
@@ -167,6 +233,7 @@ class Model:
     outputs: Mapping[str, TensorSpec]
     parameters: tuple[str, ...]
     run: Infer
+    run_sequence: SequenceInfer | None = None
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -178,11 +245,25 @@ class Model:
         }
 
     def infer(
-        self, state: AppState, tensors: Tensors, params: Params, requested: Requested
+        self,
+        state: AppState,
+        tensors: Tensors,
+        params: Params,
+        requested: Requested,
+        sequence: Sequence | None = None,
+        owner: str = "",
     ) -> Result:
-        """Run the model; InputErrors name parameters and inputs as the protocol does."""
+        """Run the model (a sequence's request with `sequence`); InputErrors name parameters
+        and inputs as the protocol does."""
         try:
-            return self.run(state, tensors, params, requested)
+            if sequence is None:
+                return self.run(state, tensors, params, requested)
+            if self.run_sequence is None:
+                raise ProtocolError(
+                    f"model '{self.name}' is stateless: sequence_id applies to model "
+                    "'attention' (recurrent memory)"
+                )
+            return self.run_sequence(state, tensors, params, requested, sequence, owner)
         except InputError as exc:
             loc = v2_loc(exc.loc, frozenset(self.parameters) - frozenset(self.inputs))
             if loc == exc.loc:
@@ -207,9 +288,12 @@ MODELS: dict[str, Model] = {
             TensorSpec("key_lengths", "INT64", (-1,), _LENGTH_TYPES, optional=True),
             *_sparse_inputs(),
         ),
-        _by_name(_float("output", 4), _float("weights", 4), _float("lse", 3)),
+        _by_name(
+            _float("output", 4), _float("weights", 4), _float("lse", 3), _float("slot_weights", 4)
+        ),
         _ATTENTION_PARAMETERS,
         _attention,
+        _attention_sequence,
     ),
     "multihead": Model(
         "multihead",

@@ -5,8 +5,11 @@ Protocol parameters are scalars, so options that are not travel otherwise: tenso
 (mask, key_lengths, projection weights) and the integer lists of packed documents and chosen
 rows (cu_seqlens, cu_seqlens_q, cu_seqlens_k, weights_rows) are inputs; `window` is split into
 window_left, window_right and dilation; `block_mask` into an input block_layout and parameters
-block_q and block_k (block_k defaulting to block_q); list options (global_tokens,
-alibi_slopes) take a JSON list or a comma-separated string.
+block_q and block_k (block_k defaulting to block_q); `memory` into memory_segment,
+memory_length, memory_compressed, memory_rate and memory_pool; list options (global_tokens,
+alibi_slopes) take a JSON list or a comma-separated string. A sequence (Triton's sequence_id,
+sequence_start, sequence_end) takes its memory from its first request's parameters
+(`sequence_options`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.core.errors import InputError
 from service.core.options import AttentionOptions, MultiheadOptions
+from service.core.sessions import SessionOptions
 from service.web.images import HeatmapSpec
 from service.web.problems import validation_items
 from service.web.v2.errors import ProtocolError
@@ -35,6 +39,7 @@ INT_INPUTS = ("cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "weights_rows")
 _TENSOR_OPTIONS = frozenset({"mask", "key_lengths", "weights", "block_mask", *INT_INPUTS})
 _BLOCK = ("block_q", "block_k")
 _WINDOW = {"window_left": "left", "window_right": "right", "dilation": "dilation"}
+_MEMORY = {f"memory_{name}": name for name in ("segment", "length", "compressed", "rate", "pool")}
 _LIST_OPTIONS: dict[str, type] = {"global_tokens": int, "alibi_slopes": float}
 _HEATMAP = {
     "heatmap_batch": "batch",
@@ -50,8 +55,13 @@ _SEPARATORS = re.compile(r"[,\s]+")
 @functools.cache
 def parameter_names(options: type[BaseModel]) -> tuple[str, ...]:
     """Every option of `options` as a parameter name (so new options become parameters too)."""
-    names = [n for n in options.model_fields if n not in _TENSOR_OPTIONS and n != "window"]
-    return (*names, *_WINDOW, *_BLOCK, "heatmap", *_HEATMAP)
+    names = [
+        n
+        for n in options.model_fields
+        if n not in _TENSOR_OPTIONS and n not in ("window", "memory")
+    ]
+    memory = tuple(_MEMORY) if "memory" in options.model_fields else ()
+    return (*names, *_WINDOW, *_BLOCK, *memory, "heatmap", *_HEATMAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +133,8 @@ def v2_loc(loc: tuple[str | int, ...], names: frozenset[str]) -> tuple[str | int
         return ("parameters", f"heatmap_{loc[1]}" if len(loc) > 1 else "heatmap")
     if head == "weights" and len(loc) > 1:
         return loc[1:]  # projection weights are inputs of their own
+    if head == "memory":
+        return ("parameters", f"memory_{loc[1]}" if len(loc) > 1 else "memory_segment")
     if head == "block_mask":
         if len(loc) > 1 and loc[1] == "block_size":
             return ("parameters", "block_q")
@@ -145,17 +157,22 @@ def parse_options(model: type[OptionsT], params: Params, tensors: Tensors) -> Op
         if weights is not None:
             data["weights"] = weights
     window: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
     for name, value in params.items():
         if name in _BLOCK:
             continue  # with the block_layout input
         if name in _WINDOW:
             window[_WINDOW[name]] = value
+        elif name in _MEMORY:
+            memory[_MEMORY[name]] = value
         elif name in _LIST_OPTIONS:
             data[name] = _split_list(name, value, _LIST_OPTIONS[name])
         elif name != "heatmap" and name not in _HEATMAP:
             data[name] = value
     if window:
         data["window"] = window
+    if memory:
+        data["memory"] = memory
     block = _block_mask(tensors.get("block_layout"), params)
     if block is not None:
         data["block_mask"] = block
@@ -167,6 +184,47 @@ def parse_options(model: type[OptionsT], params: Params, tensors: Tensors) -> Op
     except ValidationError as exc:
         item = validation_items(exc)[0]
         loc = v2_loc(tuple(item["loc"]), frozenset(names))
+        raise InputError(loc or ("parameters",), item["msg"]) from None
+
+
+# Parameters of a sequence's requests: its memory and options on the first (sequence_start),
+# the outputs' on every one.
+_SEQUENCE_START = ("memory_length", "memory_compressed", "memory_rate", "memory_pool", "causal",
+                   "scale")  # fmt: skip
+_SEQUENCE_ANY = ("return_weights", "heatmap", *_HEATMAP)
+
+
+def sequence_options(
+    params: Params, tensors: Tensors, start: bool
+) -> tuple[SessionOptions | None, bool]:
+    """A sequence request's (options when it starts the sequence, return_weights); its inputs
+    are q, k and v alone."""
+    known = (*_SEQUENCE_START, *_SEQUENCE_ANY) if start else _SEQUENCE_ANY
+    for name in params:
+        if name not in known:
+            why = (
+                "a sequence's segments are its requests"
+                if name == "memory_segment"
+                else "the request with sequence_start sets the sequence's options"
+                if name in _SEQUENCE_START
+                else "a sequence streams recurrent memory; its requests take " + ", ".join(known)
+            )
+            raise InputError(("parameters", name), f"not accepted in a sequence ({why})")
+    for name in tensors:
+        if name not in ("q", "k", "v"):
+            raise ProtocolError(f"input '{name}': a sequence's requests take q, k and v only")
+    flag = params.get("return_weights", False)
+    if not isinstance(flag, bool):
+        raise InputError(("parameters", "return_weights"), "expected true or false")
+    if not start:
+        return None, flag
+    memory = {_MEMORY[n]: v for n, v in params.items() if n in _MEMORY}
+    data = {n: params[n] for n in ("causal", "scale") if n in params}
+    try:
+        return SessionOptions.model_validate({"memory": memory, **data}), flag
+    except ValidationError as exc:
+        item = validation_items(exc)[0]
+        loc = v2_loc(tuple(item["loc"]), frozenset(_SEQUENCE_START))
         raise InputError(loc or ("parameters",), item["msg"]) from None
 
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from service.web import wire
+from service.web import sessions, wire
 from service.web.deps import AppState, StateDep
 from service.web.health import not_ready
 from service.web.v2 import codec
@@ -39,7 +39,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": desc, "model": ErrorResponse}
     for status, desc in {
         400: "Bad request (the message names the input or parameter).",
-        404: "Unknown model or version.",
+        404: "Unknown model or version, or an unknown or expired sequence_id.",
+        409: "A sequence's request raced another one of the same sequence; it was not applied.",
         413: "Body or tensor larger than a configured limit (the limit is named).",
         503: "Overloaded (with Retry-After); retry later.",
     }.items()
@@ -144,7 +145,9 @@ async def infer(
     """JSON tensors, or binary ones (Inference-Header-Content-Length); parameters are options.
 
     Outputs come back as JSON `data`, or as raw bytes after the JSON header when requested with
-    `binary_data` (per output) or `binary_data_output` (every output).
+    `binary_data` (per output) or `binary_data_output` (every output). Model `attention` keeps
+    sequences (sequence_id, sequence_start, sequence_end): the memory_* parameters of the
+    starting request open a recurrent memory that each request of the sequence appends to.
     """
     model = get_model(model_name, model_version)
     job = f"v2-{model.name}"
@@ -159,10 +162,17 @@ def _job(state: AppState, model: Model, headers: Headers, body: bytes) -> Respon
         state.settings.max_body_bytes,
     )
     req = codec.parse_request(header)
+    sequence = codec.sequence_of(req.parameters)
     tensors = codec.decode_inputs(req.inputs, binary, model.inputs, state.settings.max_elements)
     selection = codec.select_outputs(req, model.outputs)
+    owner = sessions.owner_of(state, headers.get("authorization"))
     outputs, parameters = model.infer(
-        state, tensors, codec.model_parameters(req.parameters), selection.names
+        state,
+        tensors,
+        codec.model_parameters(req.parameters),
+        selection.names,
+        sequence,
+        owner,
     )
     return codec.infer_response(
         model_name=model.name,

@@ -155,7 +155,7 @@ def test_model_metadata(tc) -> None:
     assert inputs["block_layout"]["datatype"] == "BOOL"
     assert inputs["cu_seqlens"]["datatype"] == inputs["weights_rows"]["datatype"] == "INT64"
     outputs = {t["name"]: t for t in meta["outputs"]}
-    assert list(outputs) == ["output", "weights", "lse"]
+    assert list(outputs) == ["output", "weights", "lse", "slot_weights"]
     assert all(d == -1 for t in meta["inputs"] + meta["outputs"] for d in t["shape"])
     assert tc.get_model_metadata("attention", "1") == meta
 
@@ -699,7 +699,19 @@ BAD_REQUESTS: list[tuple[str, Any, int, tuple[str, ...]]] = [
         400,
         ("binary_data_output",),
     ),
-    ("sequence", _doc(_Q, _K, _V, parameters={"sequence_id": 3}), 400, ("sequence_id",)),
+    # A sequence's first request starts it (tests/web/v2/test_sequences.py streams them).
+    (
+        "unknown_sequence",
+        _doc(_Q, _K, _V, parameters={"sequence_id": 3}),
+        404,
+        ("sequence 3", "sequence_start"),
+    ),
+    (
+        "sequence_without_id",
+        _doc(_Q, _K, _V, parameters={"sequence_end": True}),
+        400,
+        ("sequence_id",),
+    ),
     (
         "shared_memory",
         _doc(_Q | {"parameters": {"shared_memory_region": "r"}}, _K, _V),
