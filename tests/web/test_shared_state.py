@@ -19,11 +19,13 @@ import pytest
 from tests.support.http import PROBLEM, Server, running_server
 from tests.support.redis_server import RedisServer
 
-ALPHA, BETA, GAMMA, DELTA = (
+ALPHA, BETA, GAMMA, DELTA, EPSILON, ZETA = (
     "alpha-key-000000",
     "beta-key-111111",
     "gamma-key-22222",
     "delta-key-3333",
+    "epsilon-key-444",  # a session's
+    "zeta-key-555555",  # a /v2 sequence's
 )
 RATE = 4  # per minute, 4 at once: one token every 15 s, so none comes back during the module
 QKV = {"q": np.eye(3).tolist(), "k": np.eye(3).tolist(), "v": [[1, 2], [3, 4], [5, 6]]}
@@ -59,8 +61,11 @@ def replicas(
         # Each has its own (empty) heatmap directory: whatever they share goes through Redis.
         "ATTN_HEATMAP_DIR": str(tmp / "unused"),
     }
-    env_a = {**common, "ATTN_API_KEYS": f"{ALPHA},{BETA},{GAMMA},{DELTA}"}
-    env_b = {**common, "ATTN_API_KEYS": f"{DELTA},{GAMMA},{BETA},{ALPHA}"}  # another order
+    env_a = {**common, "ATTN_API_KEYS": f"{ALPHA},{BETA},{GAMMA},{DELTA},{EPSILON},{ZETA}"}
+    env_b = {
+        **common,
+        "ATTN_API_KEYS": f"{ZETA},{EPSILON},{DELTA},{GAMMA},{BETA},{ALPHA}",
+    }  # reordered
     args = ("--log-level", "warning")
     with (
         running_server(tmp / "a.log", env_a, *args) as a,
@@ -110,6 +115,27 @@ def test_one_rate_budget_per_key_across_both(replicas: tuple[Server, Server]) ->
     assert httpx.post(f"{b.url}/v1/attention", json=QKV, headers=auth(BETA)).status_code == 200
 
 
+SESSION = {"memory": {"length": 4}, "causal": True}
+SEGMENT = {
+    "q": [[1.0, 0.0], [0.0, 1.0]],
+    "k": [[1.0, 0.0], [0.0, 1.0]],
+    "v": [[1.0, 2.0], [3.0, 4.0]],
+}
+
+
+def _append(server: Server, sid: str) -> httpx.Response:
+    url = f"{server.url}/v1/sessions/{sid}/segments"
+    return httpx.post(url, json=SEGMENT, headers=auth(EPSILON), timeout=10)
+
+
+def _sequence(server: Server, **params: object) -> httpx.Response:
+    """A /v2 request of sequence 7: two positions, with the memory parameters when it starts."""
+    memory = {"memory_length": 4} if params.get("sequence_start") else {}
+    body = {**V2_INFER, "parameters": {"sequence_id": 7, **memory, **params}}
+    url = f"{server.url}/v2/models/attention/infer"
+    return httpx.post(url, json=body, headers=auth(ZETA), timeout=10)
+
+
 def _metric(server: Server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
     m = re.search(rf"^{name} (\S+)$", text, re.M)
@@ -123,6 +149,13 @@ def test_redis_stopped_and_started_again_mid_run(
     made = httpx.post(f"{a.url}/v1/attention", json={**QKV, "heatmap": True}, headers=auth(DELTA))
     url = made.json()["heatmaps"][0]["url"]
     png = httpx.get(b.url + url, headers=auth(DELTA)).content
+    # A memory session, one segment in, and a /v2 sequence opened (keys with budgets of their
+    # own: rate limits are not what this test is about).
+    opened = httpx.post(f"{a.url}/v1/sessions", json=SESSION, headers=auth(EPSILON))
+    assert opened.status_code == 201, opened.text
+    sid = opened.json()["id"]
+    assert _append(b, sid).status_code == 200
+    assert _sequence(a, sequence_start=True).status_code == 200
 
     redis.stop()
     for s in (a, b):
@@ -156,6 +189,13 @@ def test_redis_stopped_and_started_again_mid_run(
         assert fetched.status_code == 503 and fetched.headers["retry-after"] == "1"
         v2 = httpx.post(f"{s.url}/v2/models/attention/infer", json=V2_INFER, headers=auth(DELTA))
         assert v2.status_code == 503 and set(v2.json()) == {"error"}
+        # A session read or continued: 503 with Retry-After, never 404 (it may well exist).
+        for r in (httpx.get(f"{s.url}/v1/sessions/{sid}", headers=auth(EPSILON)), _append(s, sid)):
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["type"].endswith("store-unavailable")
+        seq = _sequence(s)
+        assert seq.status_code == 503 and set(seq.json()) == {"error"}, seq.text
+        assert seq.headers["retry-after"] == "1"
 
     redis.start()  # same port, same data directory: Redis reloads what it saved
     back = time.monotonic()
@@ -169,6 +209,12 @@ def test_redis_stopped_and_started_again_mid_run(
         assert again.status_code == 200 and again.content == png
         r = httpx.post(f"{s.url}/v1/attention", json={**QKV, "heatmap": True}, headers=auth(DELTA))
         assert r.status_code == 200, r.text
+    # The session and the sequence are where they were, and go on, on either replica.
+    got = httpx.get(f"{b.url}/v1/sessions/{sid}", headers=auth(EPSILON))
+    assert got.status_code == 200 and got.json()["position"] == 2
+    assert _append(a, sid).json()["position"] == 4
+    seq = _sequence(b, sequence_end=True)
+    assert seq.status_code == 200 and seq.json()["parameters"]["sequence_position"] == 4
 
 
 def test_logs_never_show_a_key_or_a_redis_password(replicas: tuple[Server, Server]) -> None:
