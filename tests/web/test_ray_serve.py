@@ -75,6 +75,14 @@ V2 = {
 REQUESTS: list[tuple[str, str, dict[str, Any] | None, dict[str, str]]] = [
     ("POST", "/v1/attention", {**QKV, "causal": True, "return_weights": True}, HEADERS),
     ("POST", "/v1/attention", {**QKV, "window": {"left": 1, "right": 0}}, HEADERS),
+    (
+        "POST",
+        "/v1/attention",
+        {**QKV, "causal": True, "memory": {"segment": 2, "length": 2}},
+        HEADERS,
+    ),  # fmt: skip
+    ("POST", "/v1/sessions", {"memory": {"length": 0, "compressed": 1}}, HEADERS),  # 422
+    ("GET", "/v1/sessions/unknown-session", None, HEADERS),  # 404
     ("POST", "/v1/multihead", {"query": QKV["q"], "num_heads": 2, "seed": 1}, HEADERS),
     ("POST", "/v1/tokens", {"text": "the cat sat", "d_model": 8, "num_heads": 2}, HEADERS),
     ("POST", "/v1/attention", {"q": [[1, 0]], "k": [[1, 0, 0]], "v": [[1, 2]]}, HEADERS),
@@ -120,6 +128,30 @@ def test_heatmaps_are_made_and_served(servers: tuple[Server, Server]) -> None:
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
+def test_a_session_streams_through_the_replicas(servers: tuple[Server, Server]) -> None:
+    """Segments of one session, whichever replica takes each (both on this node's store), give
+    the memory option's answer for the whole sequence, computed by uvicorn."""
+    uvicorn, ray_server = servers
+    memory = {"length": 2, "compressed": 1, "rate": 2}
+    whole = httpx.post(
+        f"{uvicorn.url}/v1/attention",
+        json={**QKV, "causal": True, "memory": {**memory, "segment": 2}},
+        headers=HEADERS,
+    ).json()["output"]
+    opened = httpx.post(
+        f"{ray_server.url}/v1/sessions", json={"memory": memory, "causal": True}, headers=HEADERS
+    )
+    assert opened.status_code == 201, opened.text
+    url = f"{ray_server.url}/v1/sessions/{opened.json()['id']}/segments"
+    outs = []
+    for p in range(0, 6, 2):
+        part = {name: np.array(a)[:, p : p + 2].tolist() for name, a in QKV.items()}
+        r = httpx.post(url, json=part, headers=HEADERS, timeout=60)
+        assert r.status_code == 200 and r.json()["position"] == p + 2, r.text
+        outs.append(np.array(r.json()["output"]))
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), np.array(whole), atol=1e-5)
+
+
 def test_two_replicas_answer_and_requests_spread(servers: tuple[Server, Server]) -> None:
     _, ray_server = servers
     seen: Counter[tuple[str, int]] = Counter()
@@ -137,16 +169,19 @@ def test_chunks_split_the_keys_on_ray_and_are_refused_on_uvicorn(
 ) -> None:
     uvicorn, ray_server = servers
     body = {**QKV, "causal": True, "return_weights": True, "window": {"left": 2, "right": 0}}
-    whole = httpx.post(f"{uvicorn.url}/v1/attention", json=body, headers=HEADERS, timeout=60)
-    for chunks in (1, 3, 6):
-        split = httpx.post(
-            f"{ray_server.url}/v1/attention", json={**body, "chunks": chunks}, headers=HEADERS,
-            timeout=120,
-        )  # fmt: skip
-        assert split.status_code == 200, split.text
-        for name in ("output", "weights"):
-            got, want = np.array(split.json()[name]), np.array(whole.json()[name])
-            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    memory = {**QKV, "return_weights": True, "memory": {"segment": 2, "length": 2,
+              "compressed": 1, "rate": 2}}  # fmt: skip
+    for request, counts in ((body, (1, 3, 6)), (memory, (4,))):
+        whole = httpx.post(f"{uvicorn.url}/v1/attention", json=request, headers=HEADERS)
+        for chunks in counts:
+            split = httpx.post(
+                f"{ray_server.url}/v1/attention", json={**request, "chunks": chunks},
+                headers=HEADERS, timeout=120,
+            )  # fmt: skip
+            assert split.status_code == 200, split.text
+            for name in ("output", "weights", "slot_weights")[: 3 if request is memory else 2]:
+                got, want = np.array(split.json()[name]), np.array(whole.json()[name])
+                assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     v2 = {**V2, "parameters": {"causal": True, "chunks": 2}}
     got = httpx.post(f"{ray_server.url}/v2/models/attention/infer", json=v2, headers=HEADERS)
     want = httpx.post(f"{uvicorn.url}/v2/models/attention/infer", json=V2, headers=HEADERS)
