@@ -50,8 +50,9 @@ FRAMEWORK_TESTS := tests/core/test_frameworks.py
 
 # Ray's tests (marked `ray`: Ray Serve replicas, distributed_attention on a local 2-CPU
 # cluster) run in a pytest process of their own too: Ray keeps threads and worker processes.
-# redis-server must be installed (Debian's package; .ci/run installs it).
+# Debian's chromium and redis-server are installed first when missing (.ci/system-packages).
 test: $(VENV)/.testdeps
+	.ci/system-packages
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks,ray]"
 	$(BIN)/python -m pytest -q -m "not ray" --ignore=$(FRAMEWORK_TESTS)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray
