@@ -95,7 +95,7 @@ bench-model: $(VENV)/.testdeps build
 # render times; QUICK=1 for a short run.
 .PHONY: bench-http
 bench-http: $(VENV)/.testdeps build
-	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
+	.ci/system-packages wrk:wrk
 	$(BIN)/python -m tests.benchmarks.bench_http $(if $(QUICK),--quick)
 
 # distributed_attention at N = 32768 causal, chunks 2 and 4 on a local 2-CPU Ray cluster,
@@ -109,7 +109,7 @@ bench-distributed: $(VENV)/.testdeps
 # processes each). QUICK=1 for short runs.
 .PHONY: bench-serve
 bench-serve: $(VENV)/.testdeps
-	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
+	.ci/system-packages wrk:wrk
 	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
 	$(BIN)/python -m tests.benchmarks.bench_serve $(if $(QUICK),--quick)
 

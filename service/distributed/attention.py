@@ -36,21 +36,11 @@ from service.core.split import (
 from service.distributed.cluster import connect
 
 
-def _slice_task(
-    q4: np.ndarray,
-    k4: np.ndarray,
-    v4: np.ndarray,
-    opts: AttentionOptions,
-    keys: tuple[int, int],
-    threads: int,
-) -> Partial:
-    # Runs on a worker; the arrays arrive from the object store, read-only and shared.
-    return partial_attention(q4, k4, v4, opts, keys, threads=threads)
-
-
 @functools.cache
 def _remote_slice_task() -> Any:
-    return connect().remote(_slice_task)  # registered with the cluster once per process
+    # Registered with the cluster once per process. A task gets its arrays from the object
+    # store, read-only and shared by the tasks of one node.
+    return connect().remote(partial_attention)
 
 
 @dataclass(frozen=True)
@@ -118,7 +108,7 @@ def run_split(
     t_put = time.perf_counter()
     refs = [ray.put(a) for a in (q4, k4, v4, opts)]  # once each, shared by every task
     t_tasks = time.perf_counter()
-    partials: list[Partial] = ray.get([task.remote(*refs, s, threads) for s in slices])
+    partials: list[Partial] = ray.get([task.remote(*refs, s, threads=threads) for s in slices])
     t1 = time.perf_counter()
     out, lse, weights, slot_weights = finish(*merge(partials, opts), opts, q4.shape[2])
     t2 = time.perf_counter()

@@ -21,8 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from tests.benchmarks.machine import describe
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class RayServer:
+class RayServer(Server):
     """`attention-service ray` in a child process (its own local cluster); stopped by its pid."""
 
     def __init__(self, port: int, replicas: int, heatmap_dir: Path) -> None:
@@ -43,25 +41,9 @@ class RayServer:
             "ATTN_LOG_LEVEL": "warning",
             "RAY_USAGE_STATS_ENABLED": "0",
         }
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open while the server runs
         cmd = [str(script), "ray", "--port", str(port), "--replicas", str(replicas),
                "--num-cpus", "2"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise SystemExit(f"ray server exited:\n{self.log.read().decode(errors='replace')}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("ray server not ready after 300 s")
-            time.sleep(0.5)
+        self._start(cmd, env, 300)
 
     def stop(self) -> None:
         self.proc.send_signal(2)  # SIGINT: the launcher removes the deployment, stops Ray
@@ -71,14 +53,6 @@ class RayServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def _post_ok(url: str, body: Path) -> None:
-    req = urllib.request.Request(
-        url + "/v1/attention", data=body.read_bytes(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert r.status == 200
 
 
 def main() -> None:
@@ -107,7 +81,7 @@ def main() -> None:
             runs: dict[str, list[dict[str, Any]]] = {"uvicorn": [], "ray": []}
             try:
                 for server in (uvicorn, serve):
-                    _post_ok(server.url, body)
+                    assert server.check("/v1/attention", body) == 200
                     _wrk(server.url + "/v1/attention", script, 2, args.threads)  # warm-up
                 for r in range(args.rounds):
                     for name, server in (("uvicorn", uvicorn), ("ray", serve)):
