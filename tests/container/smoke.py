@@ -14,8 +14,9 @@ no process runs as root; the root filesystem is read-only; the image holds no co
 torch, no pip and no sources or tests; every ATTN_ variable in docker-compose.yml is a real
 setting with the service's default. Then `docker compose up` / `podman-compose up` runs the
 compose file itself (when a compose tool is available) with three replicas of the service and its
-Redis: the README's curls run against one, a heatmap made by one is served by the others, and
-ATTN_RATE_LIMIT is one budget across the three.
+Redis: the README's curls run against one, a heatmap made by one is served by the others, a
+memory session opened on one is continued on each, and ATTN_RATE_LIMIT is one budget across the
+three.
 Prints image size, size over the base image, build time and time from start to ready.
 """
 
@@ -51,7 +52,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEFAULT_REDIS = "redis:7-bookworm"  # docker-compose.yml's default
 STANDIN_REDIS = "localhost/attention-redis-standin:7-bookworm"
 COMPOSE_REPLICAS = 3
-COMPOSE_RATE_LIMIT = 6
+COMPOSE_RATE_LIMIT = 10
 # A stand-in for the official Redis image where no registry is reachable: Debian's redis-server
 # (7.0 on bookworm) on the base image, run as its own user, data in /data.
 REDIS_STANDIN_FILE = """\
@@ -764,6 +765,23 @@ def check_shared_state(urls: list[str], heatmap_url: str, png: bytes, used: int)
     log(f"ok: ATTN_RATE_LIMIT={COMPOSE_RATE_LIMIT} is one budget across the replicas ({codes})")
 
 
+def check_session(urls: list[str]) -> int:
+    """A memory session opened on one replica and continued on each of the others in turn (its
+    state in Redis); returns the POST requests made (they count against the rate budget)."""
+    status, _, raw = http("POST", f"{urls[0]}/v1/sessions", {"memory": {"length": 2}})
+    if status != 201:
+        raise SmokeError(f"POST /v1/sessions -> {status}: {raw[:300]!r}")
+    sid = json.loads(raw)["id"]
+    segment = {"q": [[1.0, 0.0]], "k": [[1.0, 0.0]], "v": [[1.0, 2.0]]}
+    for i, url in enumerate(urls, start=1):
+        status, _, raw = http("POST", f"{url}/v1/sessions/{sid}/segments", segment)
+        position = json.loads(raw).get("position") if status == 200 else None
+        if position != i:
+            raise SmokeError(f"{url}: segment {i} of session {sid} -> {status}: {raw[:300]!r}")
+    log(f"ok: a session opened on one replica continued on each of the {len(urls)}")
+    return 1 + len(urls)
+
+
 def compose_phase(engine: Engine, tag: str, base_image: str) -> float | None:
     """Runs docker-compose.yml itself with replicas on Redis; the README's curl against it."""
     compose = engine.compose_cmd()
@@ -797,7 +815,8 @@ def compose_phase(engine: Engine, tag: str, base_image: str) -> float | None:
         log(f"compose: {', '.join(names)} ready {max(ready):.2f} s after `up`")
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         heatmap_url, png = readme_curls(urls[0])
-        check_shared_state(urls, heatmap_url, png, used=1)
+        posts = check_session(urls)
+        check_shared_state(urls, heatmap_url, png, used=1 + posts)
         engine.healthcheck(names[0])
         log("ok: compose service healthy by its own HEALTHCHECK")
         return ready[0]
