@@ -38,23 +38,8 @@ def check_options(opts: AttentionOptions, lq: int, lk: int) -> None:
     mem = opts.memory
     if mem is None:
         return
-    given = {
-        "mask": opts.mask is not None,
-        "window": opts.window is not None,
-        "global_tokens": bool(opts.global_tokens),
-        "alibi_slopes": opts.alibi_slopes not in (None, False),
-        "block_mask": opts.block_mask is not None,
-        "cu_seqlens": opts.cu_seqlens is not None,
-        "cu_seqlens_q": opts.cu_seqlens_q is not None,
-        "cu_seqlens_k": opts.cu_seqlens_k is not None,
-    }
-    for name, on in given.items():
-        if on:
-            loc: tuple[str, ...] = (name,)
-            if name == "window" and opts.window is not None:  # the part that is set
-                w = opts.window
-                part = "left" if w.left is not None else "right" if w.right is not None else ""
-                loc += (part or "dilation",)
+    for name, loc in opts.active_options().items():
+        if name in _REFUSED:
             raise InputError(loc, f"cannot be combined with memory ({_REFUSED[name]})")
     if mem.compressed > 0 and opts.key_lengths is not None:
         raise InputError(

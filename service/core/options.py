@@ -332,6 +332,42 @@ class AttentionOptions(MaskingOptions):
         "error and its implied attention map (pooled when long).",
     )
 
+    def active_options(self) -> dict[str, tuple[str | int, ...]]:
+        """The options that are set (not at their no-op default), each with the loc an error
+        about it names: the option, or for a window the part that matters (its dilation when
+        above 1, else the bound that is set)."""
+        on = {
+            "scale": self.scale is not None,
+            "causal": self.causal_mode is not None,
+            "mask": self.mask is not None,
+            "key_lengths": self.key_lengths is not None,
+            "window": self.window is not None,
+            "global_tokens": bool(self.global_tokens),
+            "alibi_slopes": self.alibi_slopes not in (None, False),
+            "softcap": self.softcap is not None,
+            "return_weights": self.return_weights,
+            "compare": self.compare,
+            "num_features": self.num_features is not None,
+            "seed": self.seed is not None,
+            "linformer_k": self.linformer_k is not None,
+            "block_mask": self.block_mask is not None,
+            "cu_seqlens": self.cu_seqlens is not None,
+            "cu_seqlens_q": self.cu_seqlens_q is not None,
+            "cu_seqlens_k": self.cu_seqlens_k is not None,
+            "weights_rows": self.weights_rows is not None,
+            "memory": self.memory is not None,
+        }
+        active: dict[str, tuple[str | int, ...]] = {n: (n,) for n, is_on in on.items() if is_on}
+        if self.window is not None:
+            w = self.window
+            parts = (
+                ("dilation", w.dilation > 1),
+                ("left", w.left is not None),
+                ("right", w.right is not None),
+            )
+            active["window"] = ("window", *[name for name, is_on in parts if is_on][:1])
+        return active
+
 
 class MultiheadWeights(BaseModel):
     """Projection weights of multi-head attention, in torch's (out_features, in_features) layout.

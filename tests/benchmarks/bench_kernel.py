@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 import service
 from service import _native
+from service.core import memory
+from service.core.options import Memory
 from tests.benchmarks.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
@@ -312,6 +314,65 @@ def bench_packed(rows: list[Row], docs: int, length: int, budget: float, flex: C
 
 
 # ---------------------------------------------------------------------------------------------
+# Recurrent memory: linear in L, beside exact causal attention on the same inputs
+
+RECURRENT = {"segment": 512, "length": 512, "compressed": 64, "rate": 4}
+
+
+def _once_ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _memory_pairs(n: int, mem: dict[str, int]) -> int:
+    """(query, key or slot) pairs a causal memory call scores: its work, from the definition.
+    Early segments have less memory than later ones, so the work grows a little faster than L
+    until the memory is full."""
+    s, m, c_slots, rate = mem["segment"], mem["length"], mem["compressed"], mem["rate"]
+    pairs = 0
+    for start in range(0, n, s):
+        rows = min(s, n - start)
+        slots = min(c_slots, max(0, start - m) // rate)
+        pairs += rows * (min(start, m) + slots) + rows * (rows + 1) // 2
+    return pairs
+
+
+def bench_recurrent(rows: list[Row], sizes: list[int], budget: float) -> None:
+    """The memory option (S = M = 512, C = 64, c = 4, causal) at growing L: each doubling of L
+    should double the time (O(L (S + M + C))), where exact causal attention quadruples. Exact
+    causal runs side by side up to 16k and once beyond (35 s or so at 64k)."""
+    mem = RECURRENT
+    tag = f"S={mem['segment']} M={mem['length']} C={mem['compressed']} c={mem['rate']}"
+    last: tuple[int, float] | None = None
+    for n in sizes:
+        q, k, v = _inputs(1, 8, 8, n, 64)
+        ours = partial(service.attention, q, k, v, causal=True, memory=mem)
+        exact = partial(service.attention, q, k, v, causal=True)
+        if n <= 16384:
+            ours_ms, exact_ms = _side_by_side(ours, exact, budget)
+        else:
+            ours_ms, exact_ms = _median_ms(ours, budget / 2, min_reps=2), _once_ms(exact)
+        # The slots: pooled and appended to K and V once per call, part of ours_ms.
+        slots_ms = _median_ms(
+            partial(memory.with_slots, k, v, Memory(**mem), {}), budget / 8, min_reps=2
+        )
+        gf = _flops(1, 8, 1, _memory_pairs(n, mem), 64) / (ours_ms * 1e6)
+        row = Row("recurrent", f"memory {tag} causal N={n}", ours_ms, gflops=gf)
+        row.extra = {"exact_causal_ms": exact_ms, "vs_exact": exact_ms / ours_ms,
+                     "slots_ms": slots_ms}  # fmt: skip
+        if last is not None:
+            growth = ours_ms / last[1]
+            work = _memory_pairs(n, mem) / _memory_pairs(last[0], mem)
+            row.extra |= {"growth": growth, "work_growth": work, "vs_n": last[0]}
+            row.goal = f"linear: ≤ 1.1 × work ({1.1 * work:.2f}×) vs N={last[0]}"
+            row.passed = growth <= 1.1 * work
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        last = (n, ours_ms)
+
+
+# ---------------------------------------------------------------------------------------------
 # No regression: the kernel of another commit, built here and run side by side
 
 
@@ -489,6 +550,11 @@ def plot(rows: list[Row], info: dict[str, str]) -> None:
     ax = fig.add_subplot(1, 2 if sparse else 1, 1)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
+        if r.group == "recurrent":  # memory against L, and exact causal beyond 8k
+            n = int(r.case.split("N=")[1])
+            series.setdefault("ours memory S=M=512", []).append((n, r.ours_ms))
+            series.setdefault("ours causal", []).append((n, r.extra["exact_causal_ms"]))
+            continue
         if r.group not in ("exact", "window") or "dilated" in r.case or "global" in r.case:
             continue
         if "±64" in r.case or "/" in r.case:
@@ -545,12 +611,14 @@ class Sizes:
     baseline: list[int]
     threads: int
     memory: int
+    recurrent: list[int]
     budget: float
 
 
 FULL = Sizes([512, 2048, 8192], 2048, [2048, 8192], 32768, 8192, (8, 1024), [2048, 8192], 2048,
-             32768, 4.0)  # fmt: skip
-QUICK = Sizes([256, 512], 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096, 0.5)
+             32768, [16384, 32768, 65536], 4.0)  # fmt: skip
+QUICK = Sizes([256, 512], 256, [1024, 2048], 4096, 1024, (4, 256), [512], 512, 4096,
+              [2048, 4096, 8192], 0.5)  # fmt: skip
 
 
 def main() -> None:
@@ -570,6 +638,7 @@ def main() -> None:
     flex = _flex_attention()
     bench_block_sparse(rows, size.sparse, size.budget, flex)
     bench_packed(rows, *size.packed, size.budget, flex)
+    bench_recurrent(rows, size.recurrent, size.budget)
     if args.baseline:
         bench_regression(rows, args.baseline, size.baseline, size.budget)
     bench_threads(rows, size.threads, size.budget * 0.75)

@@ -47,6 +47,7 @@ _PARAMS = {
     "model_name": "attention",
     "model_version": "1",
     "heatmap_id": "AAAAAAAAAAAAAAAAAAAAAA",
+    "session_id": "AAAAAAAAAAAAAAAAAAAAAA",
 }
 
 
@@ -100,6 +101,7 @@ def test_every_api_route_needs_a_key(tmp_path: Path) -> None:
     assert {"/v1/attention", "/v1/multihead", "/v1/tokens", "/v2"} <= paths
     assert ("HEAD", "/v1/heatmaps/AAAAAAAAAAAAAAAAAAAAAA.png") in requests
     assert ("POST", "/v2/models/attention/versions/1/infer") in requests
+    assert ("POST", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/segments") in requests
     with app_client(tmp_path, api_keys=KEYS) as c:
         for method, path in requests:
             _assert_401(c.request(method, path), path)

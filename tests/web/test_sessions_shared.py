@@ -1,6 +1,6 @@
 """Memory sessions shared by real server processes on one store, the heatmap directory or a real
-Redis (each test on both): a session opened on one server is continued on another, survives a
-server's restart, and
+Redis (each test on both): a session opened on one server is continued on another, survives
+every server's restart, and
 concurrent appends through two servers never lose or reorder a segment: each is appended (200)
 or refused (409) with nothing left behind, and the appended ones, replayed in the order of
 their positions through service.MemorySession, give exactly the answers the servers gave."""
@@ -65,21 +65,24 @@ def test_continued_by_another_server_and_after_a_restart(
     x = qkv(1, n)
     whole = service.attention(*x, memory={**SPEC, "segment": s}, causal=True).output
     outs = []
-    with running_server(tmp_path / "b.log", env("b")) as b:
-        with running_server(tmp_path / "a.log", env("a")) as a:
-            sid = open_session(a)
-            for i, p in enumerate(range(0, n // 2, s)):  # alternating between the servers
-                r = append(a if i % 2 == 0 else b, sid, x, p, s)
-                assert r.status_code == 200, r.text
-                outs.append(decode(r.json()["output"]))
-        # `a` is stopped; a new process on the same store continues where it stopped.
-        with running_server(tmp_path / "c.log", env("c")) as c:
-            info = httpx.get(f"{c.url}/v1/sessions/{sid}").json()
-            assert info["position"] == n // 2 and info["memory"] == {"raw": 64, "compressed": 4}
-            for i, p in enumerate(range(n // 2, n, s)):
-                r = append(c if i % 2 == 0 else b, sid, x, p, s)
-                assert r.status_code == 200, r.text
-                outs.append(decode(r.json()["output"]))
+    with (
+        running_server(tmp_path / "a.log", env("a")) as a,
+        running_server(tmp_path / "b.log", env("b")) as b,
+    ):
+        sid = open_session(a)
+        for i, p in enumerate(range(0, n // 2, s)):  # alternating between the servers
+            r = append(a if i % 2 == 0 else b, sid, x, p, s)
+            assert r.status_code == 200, r.text
+            outs.append(decode(r.json()["output"]))
+    # Every server is stopped: no process holds anything of the session. A new one, started on
+    # the same store, continues where they stopped.
+    with running_server(tmp_path / "c.log", env("c")) as c:
+        info = httpx.get(f"{c.url}/v1/sessions/{sid}").json()
+        assert info["position"] == n // 2 and info["memory"] == {"raw": 64, "compressed": 4}
+        for p in range(n // 2, n, s):
+            r = append(c, sid, x, p, s)
+            assert r.status_code == 200, r.text
+            outs.append(decode(r.json()["output"]))
     assert len(outs) == 16
     np.testing.assert_allclose(np.concatenate(outs, axis=1), whole, atol=1e-5)
 

@@ -59,42 +59,10 @@ _WHY: dict[str, str] = {
 }
 
 
-def _active(opts: AttentionOptions) -> dict[str, tuple[str | int, ...]]:
-    """The options that are set (not at their no-op default), each with the loc to report."""
-    active: dict[str, tuple[str | int, ...]] = {}
-    checks = {
-        "scale": opts.scale is not None,
-        "causal": opts.causal_mode is not None,
-        "mask": opts.mask is not None,
-        "key_lengths": opts.key_lengths is not None,
-        "window": opts.window is not None,
-        "global_tokens": bool(opts.global_tokens),
-        "alibi_slopes": opts.alibi_slopes not in (None, False),
-        "softcap": opts.softcap is not None,
-        "return_weights": opts.return_weights,
-        "compare": opts.compare,
-        "num_features": opts.num_features is not None,
-        "seed": opts.seed is not None,
-        "linformer_k": opts.linformer_k is not None,
-        "block_mask": opts.block_mask is not None,
-        "cu_seqlens": opts.cu_seqlens is not None,
-        "cu_seqlens_q": opts.cu_seqlens_q is not None,
-        "cu_seqlens_k": opts.cu_seqlens_k is not None,
-        "weights_rows": opts.weights_rows is not None,
-        "memory": opts.memory is not None,
-    }
-    for name, on in checks.items():
-        if on:
-            active[name] = (name,)
-    if opts.window is not None and opts.window.dilation > 1:
-        active["window"] = ("window", "dilation")
-    return active
-
-
 def check_options(opts: AttentionOptions) -> None:
     """InputError naming the method and the option when the combination is not supported."""
     supported = SUPPORTED[opts.method]
-    for name, loc in _active(opts).items():
+    for name, loc in opts.active_options().items():
         if name in supported:
             continue
         what = ".".join(map(str, loc))
