@@ -19,6 +19,14 @@ from pydantic import ValidationError
 from service.web.settings import Settings
 
 
+def _address_arguments(p: argparse.ArgumentParser, defaults: Settings) -> None:
+    """--host and --port, the same for both commands."""
+    p.add_argument("--host", default=defaults.host, help=f"default {defaults.host} (ATTN_HOST)")
+    p.add_argument(
+        "--port", type=int, default=defaults.port, help=f"default {defaults.port} (ATTN_PORT)"
+    )
+
+
 def _parser(defaults: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attention-service",
@@ -26,10 +34,7 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
         epilog="Other settings come from ATTN_* environment variables (see the README). "
         "`attention-service ray --help`: the same app on Ray Serve replicas.",
     )
-    p.add_argument("--host", default=defaults.host, help=f"default {defaults.host} (ATTN_HOST)")
-    p.add_argument(
-        "--port", type=int, default=defaults.port, help=f"default {defaults.port} (ATTN_PORT)"
-    )
+    _address_arguments(p, defaults)
     p.add_argument(
         "--workers",
         type=int,
@@ -59,10 +64,7 @@ def _ray_parser(defaults: Settings) -> argparse.ArgumentParser:
         epilog="Autoscaling: give --min-replicas and/or --max-replicas (then --replicas is the "
         "initial count). Needs the `ray` extra: pip install 'attention-service[ray]'.",
     )
-    p.add_argument("--host", default=defaults.host, help=f"default {defaults.host} (ATTN_HOST)")
-    p.add_argument(
-        "--port", type=int, default=defaults.port, help=f"default {defaults.port} (ATTN_PORT)"
-    )
+    _address_arguments(p, defaults)
     p.add_argument(
         "--replicas",
         type=int,
