@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core import approx, exact
+from service.core import approx, cancel, exact
 from service.core.errors import InputError
 from service.core.inputs import ArrayLike, caller_rank, parse_options, to_output
 from service.core.masking import prepare
@@ -54,6 +54,21 @@ class SplitTimes:
     tasks_ms: float
     kernel_ms: list[float]
     merge_ms: float
+
+
+def _gather(ray: Any, refs: list[Any]) -> list[Any]:
+    """The tasks' results, in order. Inside a compute job of the service, a job abandoned while
+    it waits (its request timed out, its client left) cancels the tasks not yet finished: a task
+    still queued (no CPU free on the cluster) never runs, one running is interrupted."""
+    token = cancel.current()
+    pending = list(refs)
+    while pending and token is not None:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25)
+        if pending and token.cancelled:
+            for ref in pending:
+                ray.cancel(ref)
+            cancel.checkpoint()  # raises Cancelled, with the token's reason
+    return list(ray.get(refs))
 
 
 def distributed_attention(
@@ -108,7 +123,7 @@ def run_split(
     t_put = time.perf_counter()
     refs = [ray.put(a) for a in (q4, k4, v4, opts)]  # once each, shared by every task
     t_tasks = time.perf_counter()
-    partials: list[Partial] = ray.get([task.remote(*refs, s, threads=threads) for s in slices])
+    partials: list[Partial] = _gather(ray, [task.remote(*refs, s, threads=threads) for s in slices])
     t1 = time.perf_counter()
     out, lse, weights, slot_weights = finish(*merge(partials, opts), opts, q4.shape[2])
     t2 = time.perf_counter()

@@ -199,7 +199,7 @@ def _split_compute(
         raise InputError("chunks", f"cannot be combined with {what} (computed in one process)")
     from service.distributed.attention import distributed_attention  # Ray: only on Ray Serve
 
-    return partial(distributed_attention, chunks=chunks)
+    return partial(distributed_attention, chunks=chunks, task_cpus=state.settings.ray_task_cpus)
 
 
 @dataclass(frozen=True)

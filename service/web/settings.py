@@ -125,6 +125,14 @@ class Settings(BaseSettings):
         description="CPUs Ray reserves per replica; fractional, so that distributed_attention's "
         "tasks still find CPUs on a small cluster.",
     )
+    ray_task_cpus: float = Field(
+        0.5,
+        gt=0,
+        le=1024,
+        description="CPUs Ray reserves per task of a `chunks` request (one kernel thread each, "
+        "or one per whole CPU); fractional, so that a task finds room beside a replica even on "
+        "a node of one CPU.",
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -5,6 +5,8 @@ many tasks read them; bad input is refused before anything is sent."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -86,3 +88,34 @@ def test_bad_input_is_refused_naming_it(options: dict, loc: str) -> None:
     with pytest.raises(InputError) as err:
         service.distributed_attention(x, x, x, **options)
     assert err.value.loc[0] == loc
+
+
+def test_an_abandoned_call_cancels_its_tasks() -> None:
+    """In a service job whose request timed out, the call stops waiting and its tasks are
+    cancelled: here they can never run (3 CPUs each on a 2-CPU cluster), so without the
+    cancellation it would wait forever (the call runs in a thread the test does not wait on
+    for long)."""
+    from service.core import cancel
+
+    token = cancel.CancelToken()
+    x = np.ones((64, 8), dtype=np.float32)
+    raised: list[BaseException] = []
+
+    def job() -> None:
+        with cancel.bound(token):
+            try:
+                service.distributed_attention(x, x, x, chunks=2, task_cpus=3)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                raised.append(exc)
+
+    worker = threading.Thread(target=job, daemon=True)
+    worker.start()
+    time.sleep(1.0)
+    assert worker.is_alive()  # waiting for CPUs that never come
+    token.cancel("the request timed out")
+    worker.join(10)
+    assert not worker.is_alive(), "still waiting 10 s after the cancellation"
+    assert len(raised) == 1 and isinstance(raised[0], cancel.Cancelled), raised
+    assert "timed out" in str(raised[0])
+    # The cluster is free again: a call that fits runs at once.
+    assert_same_result(service.distributed_attention(x, x, x, chunks=2), service.attention(x, x, x))
