@@ -48,15 +48,26 @@ run: build
 # imported they keep threads running, and other tests fork.
 FRAMEWORK_TESTS := tests/core/test_frameworks.py
 
+# Ray's tests (marked `ray`: Ray Serve replicas, distributed_attention on a local 2-CPU
+# cluster) run in a pytest process of their own too: Ray keeps threads and worker processes.
+# Debian's chromium and redis-server are installed first when missing (.ci/system-packages).
 test: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks]"
-	$(BIN)/python -m pytest -q --ignore=$(FRAMEWORK_TESTS)
+	.ci/system-packages
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,frameworks,ray]"
+	$(BIN)/python -m pytest -q -m "not ray" --ignore=$(FRAMEWORK_TESTS)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray
 	$(BIN)/python -m pytest -q $(FRAMEWORK_TESTS)
+
+# Only the Ray tests.
+.PHONY: test-ray
+test-ray: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray
 
 # Style (ruff), the layer contracts (import-linter, [tool.importlinter] in pyproject.toml) and
 # the types (mypy over the whole package, the extension through service/_native.pyi).
 lint: $(VENV)/.testdeps
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
 	$(BIN)/lint-imports
@@ -84,7 +95,7 @@ bench-model: $(VENV)/.testdeps build
 # render times; QUICK=1 for a short run.
 .PHONY: bench-http
 bench-http: $(VENV)/.testdeps build
-	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
+	.ci/system-packages wrk:wrk
 	$(BIN)/python -m tests.benchmarks.bench_http $(if $(QUICK),--quick)
 
 # Hostile input (issue 14's classes, tests/web/test_hostile.py's table) against the real server:
@@ -92,6 +103,21 @@ bench-http: $(VENV)/.testdeps build
 .PHONY: bench-hostile
 bench-hostile: $(VENV)/.testdeps build
 	$(BIN)/python -m tests.benchmarks.bench_hostile $(if $(PASSES),--passes $(PASSES))
+
+# distributed_attention at N = 32768 causal, chunks 2 and 4 on a local 2-CPU Ray cluster,
+# against single-process attention; where the time goes. QUICK=1: N = 8192, one round.
+.PHONY: bench-distributed
+bench-distributed: $(VENV)/.testdeps
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
+	$(BIN)/python -m tests.benchmarks.bench_distributed $(if $(QUICK),--quick)
+
+# Ray Serve against uvicorn, requests/s of the b64 128x64 request under wrk (1 and 2
+# processes each). QUICK=1 for short runs.
+.PHONY: bench-serve
+bench-serve: $(VENV)/.testdeps
+	.ci/system-packages wrk:wrk
+	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test,ray]"
+	$(BIN)/python -m tests.benchmarks.bench_serve $(if $(QUICK),--quick)
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the extension (build/sanitize, in its
 # own venv; the normal build is untouched), then the native tests and native fuzz tests on it.

@@ -77,12 +77,13 @@ attn::ArrayRef to_ref(const py::object& obj, const char* name, bool optional) {
       int64_t window_right, int64_t dilation, const py::object &global_tokens,              \
       const py::object &block_layout, int64_t block_q, int64_t block_k,                     \
       const py::object &cu_seqlens, const py::object &cu_seqlens_q,                         \
-      const py::object &cu_seqlens_k, int64_t memory_segment, int64_t memory_length,          \
-      int64_t memory_compressed, int64_t memory_rate
+      const py::object &cu_seqlens_k, int64_t key_begin, int64_t key_end,                    \
+      int64_t memory_segment, int64_t memory_length, int64_t memory_compressed,              \
+      int64_t memory_rate
 #define ATTN_MASK_VALUES                                                                     \
   causal, mask, key_lengths, window_left, window_right, dilation, global_tokens,            \
-      block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q, cu_seqlens_k, memory_segment, \
-      memory_length, memory_compressed, memory_rate
+      block_layout, block_q, block_k, cu_seqlens, cu_seqlens_q, cu_seqlens_k, key_begin,    \
+      key_end, memory_segment, memory_length, memory_compressed, memory_rate
 #define ATTN_OPTION_PARAMS \
   double scale, const py::object &alibi_slopes, double softcap, ATTN_MASK_PARAMS
 #define ATTN_OPTION_VALUES scale, alibi_slopes, softcap, ATTN_MASK_VALUES
@@ -95,8 +96,9 @@ auto mask_args() {
       py::arg("global_tokens") = py::none(), py::arg("block_layout") = py::none(),
       py::arg("block_q") = 0, py::arg("block_k") = 0, py::arg("cu_seqlens") = py::none(),
       py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
-      py::arg("memory_segment") = 0, py::arg("memory_length") = 0,
-      py::arg("memory_compressed") = 0, py::arg("memory_rate") = 1);
+      py::arg("key_begin") = 0, py::arg("key_end") = -1, py::arg("memory_segment") = 0,
+      py::arg("memory_length") = 0, py::arg("memory_compressed") = 0,
+      py::arg("memory_rate") = 1);
 }
 auto option_args() {
   return std::tuple_cat(std::make_tuple(py::arg("scale"), py::arg("alibi_slopes") = py::none(),
@@ -141,6 +143,8 @@ attn::MaskOptions mask_options(ATTN_MASK_PARAMS) {
     o.cu_seqlens_q = to_ref(cu_seqlens_q, "cu_seqlens_q", true);
     o.cu_seqlens_k = to_ref(cu_seqlens_k, "cu_seqlens_k", true);
   }
+  o.key_begin = key_begin;
+  o.key_end = key_end;
   o.memory_segment = memory_segment;
   o.memory_length = memory_length;
   o.memory_compressed = memory_compressed;

@@ -204,6 +204,20 @@ Masking::Masking(const MaskOptions& o, int64_t B, int64_t Hq, int64_t Lq, int64_
       docs_.push_back(doc);
     }
   }
+  // A key range narrows every document's keys; positions (alignment, causality, the window,
+  // ALiBi, global tokens, masks and layouts) stay those of the whole call.
+  if (o.key_begin < 0 || o.key_begin > Lk)
+    fail("key_begin: must be in [0, Lk=" + str(Lk) + "], got " + str(o.key_begin));
+  if (o.key_end < -1 || o.key_end > Lk || (o.key_end >= 0 && o.key_end < o.key_begin))
+    fail("key_end: must be in [key_begin=" + str(o.key_begin) + ", Lk=" + str(Lk) +
+         "], or -1 for Lk, got " + str(o.key_end));
+  const int64_t kb = o.key_begin, ke = o.key_end < 0 ? Lk : o.key_end;
+  for (MaskDoc& doc : docs_) {
+    doc.ks = rule_max(doc.ks, kb);
+    doc.kend = rule_max(doc.ks, rule_min(doc.kend, ke));
+    doc.xs = rule_max(doc.xs, kb);  // a document's extra keys (compressed memory) as well
+    doc.xe = rule_max(doc.xs, rule_min(doc.xe, ke));
+  }
   r.n_docs = int64_t(docs_.size());
 
   if (o.global_tokens.given) {

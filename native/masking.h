@@ -20,6 +20,10 @@ struct MaskOptions {
   int64_t block_q = 0, block_k = 0;      // block_k 0: block_q
   ArrayRef cu_seqlens_q, cu_seqlens_k;   // packed sequences (flash-attn's offsets)
   bool cu_seqlens_shared = false;        // given once as cu_seqlens (errors name that)
+  // Only keys in [key_begin, key_end) (-1: Lk) may be seen, every position kept absolute: one
+  // slice of the keys of a split-KV computation (service.distributed), whose partial outputs
+  // and log-sum-exps merge exactly into the whole call's.
+  int64_t key_begin = 0, key_end = -1;
   // Recurrent memory (Transformer-XL, Compressive Transformer): segments of memory_segment
   // rows (0: off), memory_length raw keys before each, memory_compressed slots of memory_rate
   // positions after the raw keys on the key axis (Lk = Lq + ceil(Lq / rate) when compressed).

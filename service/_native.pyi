@@ -31,6 +31,8 @@ class _MaskArgs(TypedDict, total=False):
     cu_seqlens: np.ndarray | None  # packed documents' offsets (q and k alike), B = 1
     cu_seqlens_q: np.ndarray | None
     cu_seqlens_k: np.ndarray | None
+    key_begin: int  # keys outside [key_begin, key_end) are not seen; positions stay absolute
+    key_end: int  # -1: Lk
     # Recurrent memory: segments of memory_segment rows (0: off) seeing memory_length raw keys
     # before them; with memory_compressed > 0, k and v hold the Lq raw positions followed by
     # ceil(Lq / memory_rate) pooled slots, of which each segment sees its last memory_compressed

@@ -1,7 +1,8 @@
-"""`attention-service`: run the HTTP service with uvicorn.
+"""`attention-service`: run the HTTP service with uvicorn; `attention-service ray`: the same app
+as Ray Serve replicas (the `ray` extra).
 
 Flags override the ATTN_ environment (ATTN_HOST, ATTN_PORT, ATTN_WORKERS, ATTN_LOG_LEVEL,
-ATTN_ACCESS_LOG);
+ATTN_ACCESS_LOG; ATTN_RAY_REPLICAS, ATTN_RAY_REPLICA_CPUS for `ray`);
 every other setting comes from the environment only (see service.web.settings).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 import uvicorn
@@ -17,16 +19,22 @@ from pydantic import ValidationError
 from service.web.settings import Settings
 
 
-def _parser(defaults: Settings) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="attention-service",
-        description="Attention as a service: exact fused attention over HTTP, with heatmaps.",
-        epilog="Other settings come from ATTN_* environment variables (see the README).",
-    )
+def _address_arguments(p: argparse.ArgumentParser, defaults: Settings) -> None:
+    """--host and --port, the same for both commands."""
     p.add_argument("--host", default=defaults.host, help=f"default {defaults.host} (ATTN_HOST)")
     p.add_argument(
         "--port", type=int, default=defaults.port, help=f"default {defaults.port} (ATTN_PORT)"
     )
+
+
+def _parser(defaults: Settings) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attention-service",
+        description="Attention as a service: exact fused attention over HTTP, with heatmaps.",
+        epilog="Other settings come from ATTN_* environment variables (see the README). "
+        "`attention-service ray --help`: the same app on Ray Serve replicas.",
+    )
+    _address_arguments(p, defaults)
     p.add_argument(
         "--workers",
         type=int,
@@ -48,6 +56,74 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
     return p
 
 
+def _ray_parser(defaults: Settings) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attention-service ray",
+        description="Serve the same app as a Ray Serve deployment: on the Ray cluster that "
+        "RAY_ADDRESS names, else on a local one started here (and stopped on exit).",
+        epilog="Autoscaling: give --min-replicas and/or --max-replicas (then --replicas is the "
+        "initial count). Needs the `ray` extra: pip install 'attention-service[ray]'.",
+    )
+    _address_arguments(p, defaults)
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=defaults.ray_replicas,
+        help=f"replicas, default {defaults.ray_replicas} (ATTN_RAY_REPLICAS)",
+    )
+    p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas")
+    p.add_argument("--max-replicas", type=int, help="autoscaling: most replicas")
+    p.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=2.0,
+        help="autoscaling: requests in flight per replica it aims at (default 2)",
+    )
+    p.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=defaults.ray_replica_cpus,
+        help=f"CPUs Ray reserves per replica, default {defaults.ray_replica_cpus} "
+        "(ATTN_RAY_REPLICA_CPUS)",
+    )
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all cores)")
+    return p
+
+
+def _ray_main(argv: Sequence[str], defaults: Settings) -> None:
+    args = _ray_parser(defaults).parse_args(argv)
+    for name, least in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("num_cpus", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {least}")
+    low, high = args.min_replicas, args.max_replicas
+    if low is not None and high is not None and low > high:
+        raise SystemExit("--min-replicas must not exceed --max-replicas")
+    if args.replica_cpus <= 0:
+        raise SystemExit("--replica-cpus must be > 0")
+    try:
+        import ray.serve  # noqa: F401 - checked here, for a clear message
+
+        from service.web.rayserve import ServeOptions, serve_forever
+    except ImportError:
+        raise SystemExit(
+            "attention-service ray needs Ray Serve: pip install 'attention-service[ray]'"
+        ) from None
+    os.environ["ATTN_HOST"] = args.host
+    os.environ["ATTN_PORT"] = str(args.port)
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        replica_cpus=args.replica_cpus,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        num_cpus=args.num_cpus,
+    )
+    serve_forever(options, defaults)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         defaults = Settings()
@@ -56,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"ATTN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
         )
         raise SystemExit(f"attention-service: invalid setting: {problems}") from None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ray"]:
+        _ray_main(argv[1:], defaults)
+        return
     args = _parser(defaults).parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")

@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from service.core.version import VERSION
 from service.render.canvas import render_map
 from service.web import health, v1, viewer
-from service.web.deps import AppState, authorize
+from service.web.deps import AppState, Replica, authorize
 from service.web.docs import install_docs, install_openapi
 from service.web.limits import Limits
 from service.web.metrics import Metrics
@@ -28,7 +28,7 @@ from service.web.problems import ErrorForms, Problem, install_problem_handlers
 from service.web.scheduler import Scheduler
 from service.web.security import GUARD_RESPONSES, AccessControl
 from service.web.settings import Settings
-from service.web.store import HeatmapStore
+from service.web.store import open_store
 from service.web.v1.model_schemas import ModelTokensRequest
 from service.web.v1.schemas import REQUEST_MODELS
 from service.web.v1.session_schemas import REQUEST_MODELS as SESSION_MODELS
@@ -66,7 +66,7 @@ _CORS_EXPOSED = [
 ]
 
 
-def _state(settings: Settings) -> AppState:
+def _state(settings: Settings, replica: Replica) -> AppState:
     metrics = Metrics()
     scheduler = Scheduler(
         settings.max_concurrency,
@@ -77,32 +77,30 @@ def _state(settings: Settings) -> AppState:
         inline_max_bytes=settings.inline_max_bytes,
     )
     metrics.track_scheduler(lambda: scheduler.running, lambda: scheduler.queued)
-    store = HeatmapStore(
-        settings.heatmap_dir,
-        settings.heatmap_max_bytes,
-        settings.heatmap_max_count,
-        settings.heatmap_ttl_s,
-    )
-    access = AccessControl.from_settings(settings)
-    return AppState(settings, Limits.from_settings(settings), scheduler, store, metrics, access)
+    store = open_store(settings)
+    access = AccessControl.from_settings(settings, store, metrics.observe_fail_open)
+    limits = Limits.from_settings(settings)
+    return AppState(settings, limits, scheduler, store, metrics, access, replica)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app for `settings` (default: from the ATTN_ environment)."""
+def create_app(settings: Settings | None = None, replica: Replica | None = None) -> FastAPI:
+    """The app for `settings` (default: from the ATTN_ environment), served by `replica`
+    (default: this process under uvicorn)."""
     settings = settings or Settings()
-    state = _state(settings)
+    state = _state(settings, replica or Replica())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             state.store.open()
         except OSError as exc:  # /readyz reports it; the API still computes without images
-            log.warning("heatmap store %s unusable: %s", state.store.directory, exc)
+            log.warning("heatmap store unusable: %s", exc)
         # Load fonts and matplotlib's caches once, in a worker, before the first request.
         warm = partial(render_map, np.eye(2, dtype=np.float32), title="warm-up")
         await state.scheduler.run("warmup", warm, timeout_s=math.inf)
         yield
         state.scheduler.close()
+        state.store.close()
 
     app = FastAPI(
         title="Attention service",

@@ -4,19 +4,32 @@ create_app puts `authorize` in front of the API routers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.concurrency import run_in_threadpool
 
 from service.web.limits import Limits
 from service.web.metrics import Metrics
 from service.web.scheduler import Scheduler
 from service.web.security import AccessControl, bearer
 from service.web.settings import Settings
-from service.web.store import HeatmapStore
+from service.web.store import Store
+
+
+@dataclass(frozen=True)
+class Replica:
+    """The process serving: an id a client can tell replicas apart by (Ray Serve's replica id,
+    else host and pid) and what runs it (uvicorn, or a Ray Serve replica)."""
+
+    id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    pid: int = field(default_factory=os.getpid)
+    server: Literal["uvicorn", "ray"] = "uvicorn"
 
 
 @dataclass(frozen=True)
@@ -24,9 +37,10 @@ class AppState:
     settings: Settings
     limits: Limits
     scheduler: Scheduler
-    store: HeatmapStore
+    store: Store
     metrics: Metrics
     access: AccessControl
+    replica: Replica
 
     @cached_property
     def num_threads(self) -> int:
@@ -39,12 +53,12 @@ async def app_state(request: Request) -> AppState:
     return request.app.state.services
 
 
-async def heatmap_store(request: Request) -> HeatmapStore:
+async def state_store(request: Request) -> Store:
     return request.app.state.services.store
 
 
 StateDep = Annotated[AppState, Depends(app_state)]
-StoreDep = Annotated[HeatmapStore, Depends(heatmap_store)]
+StoreDep = Annotated[Store, Depends(state_store)]
 
 
 async def authorize(
@@ -54,5 +68,10 @@ async def authorize(
 ) -> str:
     """The dependency guarding the API: 401 without a valid key, 429 over the rate limit."""
     caller = state.access.caller(request, credentials)
-    state.access.charge(request, caller)
+    limiter = state.access.limiter
+    if limiter is not None and limiter.remote:
+        # A round trip to Redis (up to ATTN_REDIS_TIMEOUT_S when it hangs): not on the loop.
+        await run_in_threadpool(state.access.charge, request, caller)
+    else:
+        state.access.charge(request, caller)
     return caller

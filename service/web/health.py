@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service import _native
@@ -30,14 +30,22 @@ class Readiness(BaseModel):
             "status": "ready",
             "version": "0.1.0",
             "native": {"version": "0.1.0", "isa": "avx2", "threads_per_computation": 1},
-            "store": {"directory": "/tmp/attention-service-heatmaps", "writable": True},
+            "store": {"backend": "redis", "url": "redis://redis:6379/0", "connected": True},
+            "replica": {"id": "host-4242", "pid": 4242, "server": "uvicorn"},
         },
     )
 
     status: Literal["ready"]
     version: str
     native: dict[str, Any]
-    store: dict[str, Any]
+    store: dict[str, Any] = Field(
+        description='The state store: {"backend": "files", "directory", "writable"} or '
+        '{"backend": "redis", "url" (no password), "connected"}.'
+    )
+    replica: dict[str, Any] = Field(
+        description="Which process answered: its id (Ray Serve's replica id, else host and "
+        "pid), pid and server (uvicorn or ray)."
+    )
 
 
 def _native_facts(state: AppState) -> dict[str, Any]:
@@ -49,14 +57,13 @@ def _native_facts(state: AppState) -> dict[str, Any]:
 
 
 def not_ready(state: AppState) -> str | None:
-    """Why the service cannot compute (native module unusable, store not writable), or None."""
+    """Why the service cannot serve every request (native module unusable, state store not
+    writable or unreachable), or None. Probes the store: a few seconds at most."""
     try:
         _native_facts(state)
     except Exception as exc:  # a broken build: not ready, never a 500
         return f"the native module is not usable: {exc}"
-    if not state.store.writable():
-        return f"the heatmap store {state.store.directory} is not writable"
-    return None
+    return state.store.health().reason
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
@@ -71,19 +78,31 @@ async def healthz() -> Response:
     summary="Readiness",
     responses={
         503: {
-            "description": "Not ready: native module missing or store not writable.",
+            "description": "Not ready: native module missing, or the state store not writable "
+            "(files) or unreachable (Redis).",
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
     },
 )
 def readyz(state: StateDep) -> Response:
-    """Ready when the native module is loaded and the heatmap store is writable."""
-    reason = not_ready(state)
-    if reason:
-        raise NotReady(reason)
-    store = {"directory": str(state.store.directory), "writable": True}
+    """Ready when the native module is loaded and the state store usable: the heatmap
+    directory writable, or Redis answering (probed on each call, answered within seconds)."""
+    try:
+        native = _native_facts(state)
+    except Exception as exc:  # a broken build: not ready, never a 500
+        raise NotReady(f"the native module is not usable: {exc}") from None
+    store = state.store.health()
+    if not store.ok:
+        raise NotReady(store.reason or "the state store is not usable")
+    replica = state.replica
     return wire.json_response(
-        {"status": "ready", "version": VERSION, "native": _native_facts(state), "store": store}
+        {
+            "status": "ready",
+            "version": VERSION,
+            "native": native,
+            "store": store.facts,
+            "replica": {"id": replica.id, "pid": replica.pid, "server": replica.server},
+        }
     )
 
 

@@ -28,7 +28,7 @@ from service.render.views import (
 )
 from service.web.docs import example_config
 from service.web.limits import Limits
-from service.web.store import HeatmapStore
+from service.web.store import Store
 
 URL_PREFIX = "/v1/heatmaps"  # where service.web.v1.heatmaps serves stored images
 
@@ -82,6 +82,13 @@ def check_spec(spec: HeatmapSpec, shape: tuple[int, ...], limits: Limits) -> Non
     limits.heatmap("heatmap", lq, lk, image_count(h, spec.heads))
 
 
+def check_store(spec: HeatmapSpec | None, store: Store) -> None:
+    """Images to be stored need the store: when it is known to be unreachable, 503 before
+    anything is computed (inline images need no store)."""
+    if spec is not None and not spec.inline:
+        store.check_available()
+
+
 def check_comparison_spec(spec: HeatmapSpec, shape: tuple[int, ...], limits: Limits) -> None:
     """Refuse what cannot be drawn for a comparison of attention of shape (B, H, Lq, Lk)."""
     b, h, lq, lk = shape
@@ -103,32 +110,32 @@ def image_url(image_id: str) -> str:
     return f"{URL_PREFIX}/{image_id}.png"
 
 
-def publish(images: list[RenderedImage], store: HeatmapStore, inline: bool) -> list[dict]:
+def publish(images: list[RenderedImage], store: Store, inline: bool) -> list[dict]:
     """Response entries: {"id", "url", "batch", "head"} after storing, or {"png": base64} inline."""
     if inline:
         return [
             {"batch": im.batch, "head": im.head, "png": base64.b64encode(im.png).decode("ascii")}
             for im in images
         ]
-    ids = store.put_many([im.png for im in images])
+    ids = store.put_images([im.png for im in images])
     return [
         {"id": i, "url": image_url(i), "batch": im.batch, "head": im.head}
         for i, im in zip(ids, images, strict=True)
     ]
 
 
-def publish_one(png: bytes, store: HeatmapStore, inline: bool) -> dict:
+def publish_one(png: bytes, store: Store, inline: bool) -> dict:
     """{"id", "url"} of a stored image, or {"png": base64} inline."""
     if inline:
         return {"png": base64.b64encode(png).decode("ascii")}
-    image_id = store.put(png)
+    image_id = store.put_image(png)
     return {"id": image_id, "url": image_url(image_id)}
 
 
 def draw_weights(
     weights: np.ndarray,
     spec: HeatmapSpec,
-    store: HeatmapStore,
+    store: Store,
     *,
     title: str,
     sections: Sections | None = None,
@@ -146,22 +153,20 @@ def draw_weights(
     return publish(images, store, spec.inline)
 
 
-def draw_comparison(
-    comparison: dict[str, Any], spec: HeatmapSpec, store: HeatmapStore
-) -> list[dict]:
+def draw_comparison(comparison: dict[str, Any], spec: HeatmapSpec, store: Store) -> list[dict]:
     """Render the heads `spec` asks for (a head list, or "all"/"mean") and publish them."""
     images = render_comparison(comparison, batch=spec.batch, heads=spec.heads)
     return publish(images, store, spec.inline)
 
 
 def draw_positional(
-    table: np.ndarray, positional: str, tokens: list[str] | None, store: HeatmapStore, inline: bool
+    table: np.ndarray, positional: str, tokens: list[str] | None, store: Store, inline: bool
 ) -> dict:
     """The picture of a positional encoding, published."""
     return publish_one(render_positional(table, positional, tokens), store, inline)
 
 
-def publish_pictures(pictures: list[ModelPicture], store: HeatmapStore, inline: bool) -> list[dict]:
+def publish_pictures(pictures: list[ModelPicture], store: Store, inline: bool) -> list[dict]:
     """A real model's pictures: {"view", "layer", "heads"} with, stored, their "id", "url" and
     "svg_url" (the same picture as SVG under the same id), or inline the base64 "png"."""
     refs = [{"view": p.view, "layer": p.layer, "heads": p.heads} for p in pictures]
@@ -171,7 +176,7 @@ def publish_pictures(pictures: list[ModelPicture], store: HeatmapStore, inline: 
             for ref, p in zip(refs, pictures, strict=True)
         ]
     svgs = [p.svg for p in pictures]
-    ids = store.put_many(
+    ids = store.put_images(
         [p.png for p in pictures], svgs=None if None in svgs else cast(list[bytes], svgs)
     )
     return [

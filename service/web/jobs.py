@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -90,8 +91,11 @@ def run_attention(
     stats: bool = False,
     top_k: int = 8,
     compute: Callable[..., AttentionResult] = attention,
+    chunks: int | None = None,
 ) -> AttentionJob:
-    """Attention with optional heatmaps (pooled beyond ATTN_HEATMAP_MAX_SIDE) and stats."""
+    """Attention with optional heatmaps (pooled beyond ATTN_HEATMAP_MAX_SIDE) and stats;
+    with `chunks`, its keys split across the Ray cluster the server runs on."""
+    images.check_store(spec, state.store)
     ranks_ok = 2 <= q.ndim <= 4 and k.ndim == q.ndim and v.ndim == q.ndim
     lq, lk = (q.shape[-2], k.shape[-2]) if ranks_ok else (0, 0)
     side = state.limits.heatmap_max_side
@@ -99,6 +103,8 @@ def run_attention(
     # of drawn from the dense weights; with memory they are drawn up to the limit only.
     exact = opts.method == "exact" and opts.memory is None
     pool = spec is not None and not opts.compare and exact and max(lq, lk) > side
+    if chunks is not None:
+        compute = _split_compute(state, opts, chunks, stats=stats, pool=pool)
     if stats and opts.method != "exact":
         raise InputError("stats", f'needs method "exact", got "{opts.method}"')
     if stats and opts.memory is not None:
@@ -225,6 +231,26 @@ def _rows_without_heatmap(weights_rows: list[int] | None, spec: HeatmapSpec | No
         )
 
 
+def _split_compute(
+    state: AppState, opts: AttentionOptions, chunks: int, *, stats: bool, pool: bool
+) -> Callable[..., AttentionResult]:
+    """distributed_attention with `chunks`, when the server runs on Ray; else a 422."""
+    if state.replica.server != "ray":
+        raise InputError(
+            "chunks",
+            "splits the keys across a Ray cluster, and this server runs on uvicorn; start it "
+            "with `attention-service ray` (the `ray` extra), or leave chunks out",
+        )
+    if opts.method != "exact" or opts.compare:
+        raise InputError("chunks", 'splits exact attention: only with method "exact"')
+    if stats or pool:
+        what = "stats" if stats else f"heatmaps over {state.limits.heatmap_max_side} positions"
+        raise InputError("chunks", f"cannot be combined with {what} (computed in one process)")
+    from service.distributed.attention import distributed_attention  # Ray: only on Ray Serve
+
+    return partial(distributed_attention, chunks=chunks, task_cpus=state.settings.ray_task_cpus)
+
+
 @dataclass(frozen=True)
 class MultiheadJob:
     """result: as the Python API returns it. weights: the attention weights as the caller asked
@@ -293,6 +319,7 @@ def run_multihead(
     compute: Callable[..., MultiheadResult] = multihead_attention,
 ) -> MultiheadJob:
     """Multi-head attention (torch semantics) with optional per-head heatmaps."""
+    images.check_store(spec, state.store)
     per_head = spec is not None  # heatmaps need every head, whatever the response averages
     _rows_without_heatmap(opts.weights_rows, spec)
     need_weights = need_weights or opts.weights_rows is not None
@@ -342,6 +369,7 @@ def run_tokens(
     positional: Positional,
 ) -> TokensJob:
     """Embeddings, positions and multi-head self-attention, with token-labelled heatmaps."""
+    images.check_store(spec, state.store)
     n, d, h = len(tokens), d_model, opts.num_heads
     # Everything this request would allocate is checked before embedding a single token.
     limits = state.limits
@@ -425,6 +453,8 @@ def run_model(
     inline: bool,
 ) -> ModelJob:
     """Tokenise, check the limits against the input's length, run the model, draw `views`."""
+    if views is not None and not inline:
+        state.store.check_available()
     model = load_model(name)
     prepared = model.prepare(text, text_pair, truncate=truncate, layers=layers, heads=heads)
     enc = prepared.encoding

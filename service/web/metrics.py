@@ -56,6 +56,12 @@ class Metrics:
             ["job", "reason"],
             registry=self.registry,
         )
+        self.rate_limit_fail_open = Counter(
+            "attention_rate_limit_fail_open",
+            "Requests allowed without a rate budget because the store keeping the budgets "
+            "(Redis) was unreachable.",
+            registry=self.registry,
+        )
         self._running = Gauge(
             "attention_compute_running", "Jobs running now.", registry=self.registry
         )
@@ -76,6 +82,9 @@ class Metrics:
 
     def observe_abandoned(self, job: str, reason: str) -> None:
         self.abandoned.labels(job, reason).inc()
+
+    def observe_fail_open(self) -> None:
+        self.rate_limit_fail_open.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -123,6 +123,14 @@ class NotReady(ServiceError, status=503, slug="not-ready", title="Service not re
     """The extension is unusable or the heatmap store is not writable (/readyz)."""
 
 
+class StoreUnavailable(
+    ServiceError, status=503, slug="store-unavailable", title="State store unavailable"
+):
+    """The shared state store (Redis) cannot be reached: a request that reads or writes state
+    (a stored heatmap, a session) is answered 503 with Retry-After, never 404, since what it
+    asks for may well exist."""
+
+
 class ComputeTimeout(ServiceError, status=504, slug="timeout", title="Computation timed out"):
     """The job spent longer than ATTN_REQUEST_TIMEOUT_S in the scheduler."""
 
@@ -386,7 +394,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "The body is not JSON (Content-Type application/json or +json, UTF-8).",
         413: "Body or tensor larger than a configured limit (the limit is named).",
         422: "Invalid input; `errors` names each field.",
-        503: "Overloaded (with Retry-After); retry later.",
+        503: "Overloaded, or the state store (Redis) unreachable; retry after Retry-After.",
         504: "The computation took longer than ATTN_REQUEST_TIMEOUT_S.",
     }.items()
 }

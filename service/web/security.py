@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +17,9 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.web.problems import PROBLEM_MEDIA_TYPE, RateLimited, Unauthorized
+from service.web.ratelimit import RateLimiter
 from service.web.settings import Settings
+from service.web.store import Store
 
 _REALM = 'Bearer realm="attention-service"'
 
@@ -37,7 +37,9 @@ def _digest(secret: bytes) -> bytes:
 
 
 class ApiKeys:
-    """The accepted keys, kept as digests; a key is known by its position (never logged)."""
+    """The accepted keys, kept as digests; a key is known by a prefix of its digest, which is
+    the same on every replica and across restarts whatever the order of ATTN_API_KEYS (rate
+    budgets and sessions in a shared store belong to it), and never shows the key itself."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._digests = [_digest(k.encode("utf-8", "surrogateescape")) for k in keys]
@@ -46,64 +48,17 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def identify(self, token: str) -> int | None:
-        """Index of the key equal to token, comparing against every key in constant time."""
+    def identify(self, token: str) -> str | None:
+        """The name of the key equal to token, comparing against every key in constant time."""
         # Header values arrive decoded as latin-1: this gives back the bytes the client sent.
         given = _digest(token.encode("latin-1", "replace"))
         found = None
-        for i, digest in enumerate(self._digests):
+        for digest in self._digests:
             # No early exit: the time taken does not depend on which key (if any) matched.
             if hmac.compare_digest(given, digest) and found is None:
-                found = i
-        return found
-
-
-class RateLimiter:
-    """A token bucket per caller: `per_minute` refill, `burst` capacity. In-process state only.
-
-    Idle callers' buckets (full again) are dropped once more than `max_callers` are tracked, so
-    many distinct clients cannot grow the table without bound.
-    """
-
-    def __init__(
-        self,
-        per_minute: int,
-        burst: int = 0,
-        clock: Callable[[], float] = time.monotonic,
-        max_callers: int = 10_000,
-    ) -> None:
-        self.per_minute = per_minute
-        self.capacity = float(burst or per_minute)
-        self._rate = per_minute / 60.0
-        self._clock = clock
-        self._max_callers = max_callers
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
-        self._lock = threading.Lock()
-
-    def acquire(self, caller: str) -> float:
-        """Take one token: 0.0 when allowed, else the seconds until one is available."""
-        with self._lock:
-            now = self._clock()
-            tokens, at = self._buckets.get(caller, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - at) * self._rate)
-            if tokens >= 1.0:
-                self._buckets[caller] = (tokens - 1.0, now)
-                if len(self._buckets) > self._max_callers:
-                    self._prune(now)
-                return 0.0
-            self._buckets[caller] = (tokens, now)
-            return (1.0 - tokens) / self._rate
-
-    def _prune(self, now: float) -> None:
-        full_after = self.capacity / self._rate
-        for caller, (_, at) in list(self._buckets.items()):
-            if now - at >= full_after:
-                del self._buckets[caller]
-        # Still too many busy callers: forget the longest idle (they get a full bucket back).
-        if len(self._buckets) > self._max_callers:
-            by_age = sorted(self._buckets, key=lambda c: self._buckets[c][1])
-            for caller in by_age[: len(self._buckets) - self._max_callers]:
-                del self._buckets[caller]
+                found = digest
+        # 64 bits of a SHA-256 of the key: a name, not a way back to the key.
+        return None if found is None else found[:8].hex()
 
 
 class AccessControl:
@@ -114,17 +69,21 @@ class AccessControl:
         self.limiter = limiter
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AccessControl:
+    def from_settings(
+        cls, settings: Settings, store: Store, on_fail_open: Callable[[], None]
+    ) -> AccessControl:
+        """Keys from the settings; rate budgets where the store keeps state (see
+        Store.rate_limiter); on_fail_open counts requests let through without a budget."""
         keys = ApiKeys([k.get_secret_value() for k in settings.api_keys])
         limiter = (
-            RateLimiter(settings.rate_limit, settings.rate_limit_burst)
+            store.rate_limiter(settings.rate_limit, settings.rate_limit_burst, on_fail_open)
             if settings.rate_limit
             else None
         )
         return cls(keys, limiter)
 
     def caller(self, request: Request, credentials: HTTPAuthorizationCredentials | None) -> str:
-        """Who is calling ("key-<n>" or "ip-<address>"), or Unauthorized."""
+        """Who is calling ("key-<digest prefix>" or "ip-<address>"), or Unauthorized."""
         if not self.keys.enabled:
             return "ip-" + (request.client.host if request.client else "unknown")
         if credentials is None:
@@ -135,13 +94,13 @@ class AccessControl:
                 else "this service requires an API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": _REALM},
             )
-        index = self.keys.identify(credentials.credentials)
-        if index is None:
+        name = self.keys.identify(credentials.credentials)
+        if name is None:
             raise Unauthorized(
                 "the API key is not valid",
                 headers={"WWW-Authenticate": _REALM + ', error="invalid_token"'},
             )
-        return f"key-{index}"
+        return f"key-{name}"
 
     def charge(self, request: Request, caller: str) -> None:
         """Count a compute request (POST) against the caller's rate; reads are free."""

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Compute requests per minute per API key (per client IP without "
-        "keys), per process; 0 = no limit.",
+        "keys); per process with the file store, one budget across replicas on Redis; "
+        "0 = no limit.",
     )
     rate_limit_burst: int = Field(
         0, ge=0, description="Requests a key may make at once; 0 = a minute's worth."
@@ -119,6 +120,49 @@ class Settings(BaseSettings):
     heatmap_ttl_s: int = Field(3600, ge=1)
     heatmap_max_side: int = Field(1024, ge=1, description="Most query or key positions drawn.")
     heatmap_max_images: int = Field(64, ge=1, description="Most images one request may ask for.")
+
+    # Shared state: Redis instead of the heatmap directory (heatmaps, sessions, rate budgets).
+    redis_url: SecretStr = Field(
+        SecretStr(""),
+        description="redis://[:password@]host:port/db (or rediss://, unix://): keep heatmaps, "
+        "sessions and rate budgets in Redis, shared by every replica; empty = the heatmap "
+        "directory (and per-process rate budgets).",
+    )
+    redis_prefix: str = Field(
+        "attn:", description="Prefix of every Redis key the service writes (to share a Redis)."
+    )
+    redis_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds to connect to Redis and for one command, before it counts as "
+        "unreachable.",
+    )
+
+    # Ray Serve (`attention-service ray`; the `ray` extra).
+    ray_replicas: int = Field(1, ge=1, description="Replicas of the Ray Serve deployment.")
+    ray_replica_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs Ray reserves per replica; fractional, so that distributed_attention's "
+        "tasks still find CPUs on a small cluster.",
+    )
+    ray_task_cpus: float = Field(
+        0.5,
+        gt=0,
+        le=1024,
+        description="CPUs Ray reserves per task of a `chunks` request (one kernel thread each, "
+        "or one per whole CPU); fractional, so that a task finds room beside a replica even on "
+        "a node of one CPU.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
     # Memory sessions (/v1/sessions and /v2 sequences), kept in the heatmap store's backend.
     session_ttl_s: int = Field(

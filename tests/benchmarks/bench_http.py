@@ -113,15 +113,14 @@ class Server:
     ) -> None:
         script = Path(sys.executable).parent / "attention-service"
         env = {**os.environ, "ATTN_HEATMAP_DIR": str(heatmap_dir), **env}
-        self.url = f"http://127.0.0.1:{port}"
+        self._start([str(script), "--port", str(port), "--workers", "1", *extra_args], env, 60)
+
+    def _start(self, cmd: list[str], env: dict[str, str], ready_timeout_s: float) -> None:
+        """Run cmd (its --port in self.url) and wait until /readyz answers 200."""
+        self.url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open while the server runs
-        self.proc = subprocess.Popen(
-            [str(script), "--port", str(port), "--workers", "1", *extra_args],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
         while True:
             if self.proc.poll() is not None:
                 self.log.seek(0)
@@ -133,7 +132,7 @@ class Server:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit("server not ready after 60 s")
+                raise SystemExit(f"server not ready after {ready_timeout_s:.0f} s")
             time.sleep(0.2)
 
     def check(self, path: str, body: Path | None) -> int:

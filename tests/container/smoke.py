@@ -13,7 +13,10 @@ replica and from a second one sharing the heatmap volume; the image's own HEALTH
 no process runs as root; the root filesystem is read-only; the image holds no compiler, no
 torch, no pip and no sources or tests; every ATTN_ variable in docker-compose.yml is a real
 setting with the service's default. Then `docker compose up` / `podman-compose up` runs the
-compose file itself (when a compose tool is available), and the README's curls run against it.
+compose file itself (when a compose tool is available) with three replicas of the service and its
+Redis: the README's curls run against one, a heatmap made by one is served by the others, a
+memory session opened on one is continued on each, and ATTN_RATE_LIMIT is one budget across the
+three.
 Prints image size, size over the base image, build time and time from start to ready.
 """
 
@@ -46,6 +49,24 @@ HEATMAP_DIR = "/var/lib/attention/heatmaps"
 VENV_PY = "/opt/venv/bin/python"
 READY_TIMEOUT_S = 90.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DEFAULT_REDIS = "redis:7-bookworm"  # docker-compose.yml's default
+STANDIN_REDIS = "localhost/attention-redis-standin:7-bookworm"
+COMPOSE_REPLICAS = 3
+COMPOSE_RATE_LIMIT = 10
+# A stand-in for the official Redis image where no registry is reachable: Debian's redis-server
+# (7.0 on bookworm) on the base image, run as its own user, data in /data.
+REDIS_STANDIN_FILE = """\
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN apt-get update \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && mkdir -p /data && chown redis:redis /data
+WORKDIR /data
+USER redis
+EXPOSE 6379
+CMD ["redis-server", "--protected-mode", "no"]
+"""
 
 
 class SmokeError(Exception):
@@ -244,6 +265,17 @@ class Engine:
     def compose_cmd(self) -> list[str] | None:
         return None
 
+    def redis_image(self, base: str) -> str:
+        """The Redis image for the compose file's redis service."""
+        return DEFAULT_REDIS
+
+    def port(self, name: str, container_port: int) -> int:
+        """The host port published for container_port (the first mapping)."""
+        out = self.c("port", name, str(container_port), quiet=True).stdout.split()
+        if not out:
+            raise SmokeError(f"{name} publishes no port for {container_port}")
+        return int(out[0].rsplit(":", 1)[1])
+
 
 class Docker(Engine):
     name = "docker"
@@ -380,6 +412,24 @@ class Podman(Engine):
             log(f"no compose tool: {e}")
             return None
         return ["podman-compose"]
+
+    def redis_image(self, base: str) -> str:
+        """The official image when present, else a stand-in built from Debian's package."""
+        for ref in (DEFAULT_REDIS, f"docker.io/library/{DEFAULT_REDIS}", STANDIN_REDIS):
+            if self.image_exists(ref):
+                return ref
+        log(f"{DEFAULT_REDIS} not present: building {STANDIN_REDIS} from Debian's redis-server")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "Containerfile").write_text(REDIS_STANDIN_FILE)
+            cmd = [
+                "buildah", "bud", "--isolation", "chroot", "--pull=never", "--format", "docker",
+                "--build-arg", f"BASE_IMAGE={base}", "-t", STANDIN_REDIS,
+                "-f", str(Path(tmp) / "Containerfile"),
+            ]  # fmt: skip
+            if Path("/etc/ssl/certs").is_dir():
+                cmd += ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
+            run([*cmd, tmp], env=self.env or dict(os.environ), timeout=900)
+        return STANDIN_REDIS
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -567,7 +617,7 @@ print(json.dumps({name: (None if f.default is PydanticUndefined else f.default)
                   for name, f in Settings.model_fields.items()}, default=str))
 """
 # Compose defaults that differ from the service's on purpose (see the comment in the file).
-COMPOSE_OWN_DEFAULTS = {"max_concurrency"}
+COMPOSE_OWN_DEFAULTS = {"max_concurrency", "redis_url"}
 
 
 def check_container(engine: Engine, name: str, image: str) -> None:
@@ -631,80 +681,145 @@ def check_compose_settings(defaults: dict[str, Any]) -> None:
 
 
 def containers(
-    engine: Engine, project: str, env: dict[str, str], stopped: bool = False
+    engine: Engine,
+    project: str,
+    env: dict[str, str],
+    stopped: bool = False,
+    service: str | None = None,
 ) -> list[str]:
-    """Names of the compose project's containers (running ones, or all with `stopped`)."""
+    """Names of the compose project's containers (running ones, or all with `stopped`), of one
+    service when given, in order."""
     flags = ["-a"] if stopped else []
     label = f"label=com.docker.compose.project={project}"
-    cmd = [*engine.cli, "ps", *flags, "--filter", label, "--format", "{{.Names}}"]
-    return run(cmd, env=env, quiet=True, check=not stopped).stdout.split()
+    filters = ["--filter", label]
+    if service:
+        filters += ["--filter", f"label=com.docker.compose.service={service}"]
+    cmd = [*engine.cli, "ps", *flags, *filters, "--format", "{{.Names}}"]
+    return sorted(run(cmd, env=env, quiet=True, check=not stopped).stdout.split())
 
 
-def compose_phase(engine: Engine, tag: str) -> float | None:
-    """Runs docker-compose.yml itself and the README's curl against it."""
+def readme_curls(base_url: str) -> tuple[str, bytes]:
+    """The README's two curls, verbatim apart from the port; returns the heatmap URL and PNG."""
+    q, k, v = [[1, 0], [0, 1]], [[1, 0], [0, 1]], [[1, 2], [3, 4]]
+    body = json.dumps({"q": q, "k": k, "v": v, "heatmap": True})
+    if have("curl"):
+        out = run(
+            [
+                "curl",
+                "-sS",
+                "-f",
+                f"{base_url}/v1/attention",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+            ],
+            quiet=True,
+        ).stdout
+        resp = json.loads(out)
+        url = resp["heatmaps"][0]["url"]
+        with tempfile.TemporaryDirectory() as tmp:
+            png_path = Path(tmp) / "heatmap.png"
+            run(["curl", "-sS", "-f", "-o", str(png_path), f"{base_url}{url}"], quiet=True)
+            png = png_path.read_bytes()
+    else:
+        status, _, raw = http("POST", f"{base_url}/v1/attention", json.loads(body))
+        resp = json.loads(raw)
+        url = resp["heatmaps"][0]["url"]
+        png = http("GET", f"{base_url}{url}")[2]
+    want = reference_attention(q, k, v)
+    err = max(
+        abs(g - w)
+        for gr, wr in zip(resp["output"], want, strict=True)
+        for g, w in zip(gr, wr, strict=True)
+    )
+    if err > 1e-5:
+        raise SmokeError(f"compose: README request answered {resp['output']}, want {want}")
+    w, h = png_size(png)
+    log(f"ok: the README's curls: output {resp['output']}; {url} is a {w}x{h} PNG")
+    return url, png
+
+
+def check_shared_state(urls: list[str], heatmap_url: str, png: bytes, used: int) -> None:
+    """Replicas on one Redis: each serves the heatmap another made, and ATTN_RATE_LIMIT is one
+    budget across them (`used` requests of it spent already)."""
+    ids = set()
+    for url in urls:
+        ready = json.loads(http("GET", f"{url}/readyz")[2])
+        if ready["store"].get("backend") != "redis":
+            raise SmokeError(f"{url}: store is {ready['store']}, not Redis")
+        ids.add(ready["replica"]["id"])
+        status, _, got = http("GET", url + heatmap_url)
+        if status != 200 or got != png:
+            raise SmokeError(f"{url}: GET {heatmap_url} -> {status} ({len(got)} bytes)")
+    if len(ids) != len(urls):
+        raise SmokeError(f"replica ids are not distinct: {ids}")
+    log(f"ok: {len(urls)} replicas on Redis (ids {sorted(ids)}) all serve the heatmap")
+    body = {"q": [[1.0, 0.0]], "k": [[1.0, 0.0]], "v": [[1.0, 2.0]]}
+    codes = []
+    for i in range(COMPOSE_RATE_LIMIT - used + 1):
+        codes.append(http("POST", f"{urls[(i + 1) % len(urls)]}/v1/attention", body)[0])
+    want = [200] * (COMPOSE_RATE_LIMIT - used) + [429]
+    if codes != want:
+        raise SmokeError(f"one rate budget across replicas: answers {codes}, want {want}")
+    log(f"ok: ATTN_RATE_LIMIT={COMPOSE_RATE_LIMIT} is one budget across the replicas ({codes})")
+
+
+def check_session(urls: list[str]) -> int:
+    """A memory session opened on one replica and continued on each of the others in turn (its
+    state in Redis); returns the POST requests made (they count against the rate budget)."""
+    status, _, raw = http("POST", f"{urls[0]}/v1/sessions", {"memory": {"length": 2}})
+    if status != 201:
+        raise SmokeError(f"POST /v1/sessions -> {status}: {raw[:300]!r}")
+    sid = json.loads(raw)["id"]
+    segment = {"q": [[1.0, 0.0]], "k": [[1.0, 0.0]], "v": [[1.0, 2.0]]}
+    for i, url in enumerate(urls, start=1):
+        status, _, raw = http("POST", f"{url}/v1/sessions/{sid}/segments", segment)
+        position = json.loads(raw).get("position") if status == 200 else None
+        if position != i:
+            raise SmokeError(f"{url}: segment {i} of session {sid} -> {status}: {raw[:300]!r}")
+    log(f"ok: a session opened on one replica continued on each of the {len(urls)}")
+    return 1 + len(urls)
+
+
+def compose_phase(engine: Engine, tag: str, base_image: str) -> float | None:
+    """Runs docker-compose.yml itself with replicas on Redis; the README's curl against it."""
     compose = engine.compose_cmd()
     if compose is None:
         log("SKIP compose phase: neither `docker compose` nor podman-compose is available")
         return None
-    port = free_port()
     project = f"attnsmoke{os.getpid()}"
     env = dict(
         engine.env if isinstance(engine, Podman) and engine.env else os.environ,
-        ATTENTION_PUBLISH=f"127.0.0.1:{port}",
+        # Each replica on a free port of the loopback interface (podman cannot publish one
+        # container port on a range of host ports).
+        ATTENTION_PUBLISH="127.0.0.1:",
         ATTENTION_IMAGE=tag,
+        # podman-compose reads the replica count from the file (deploy.replicas); docker
+        # compose from --scale as well.
+        ATTENTION_REPLICAS=str(COMPOSE_REPLICAS),
+        ATTN_RATE_LIMIT=str(COMPOSE_RATE_LIMIT),
+        REDIS_IMAGE=engine.redis_image(base_image),
         COMPOSE_PROJECT_NAME=project,
     )
     base = [*compose, "-p", project, "-f", str(REPO / "docker-compose.yml")]
     try:
         t0 = time.monotonic()
-        run([*base, "up", "-d", "--no-build"], env=env, timeout=600)
-        names = containers(engine, project, env)
-        if not names:
-            raise SmokeError("compose started no container")
-        ready = wait_ready(engine, names[0], port, t0)
-        log(f"compose: {names[0]} ready {ready:.2f} s after `up`")
-        # The README's two curls, verbatim apart from the port.
-        base_url = f"http://127.0.0.1:{port}"
-        q, k, v = [[1, 0], [0, 1]], [[1, 0], [0, 1]], [[1, 2], [3, 4]]
-        body = json.dumps({"q": q, "k": k, "v": v, "heatmap": True})
-        if have("curl"):
-            out = run(
-                [
-                    "curl",
-                    "-sS",
-                    "-f",
-                    f"{base_url}/v1/attention",
-                    "-H",
-                    "Content-Type: application/json",
-                    "-d",
-                    body,
-                ],
-                quiet=True,
-            ).stdout
-            resp = json.loads(out)
-            url = resp["heatmaps"][0]["url"]
-            with tempfile.TemporaryDirectory() as tmp:
-                png_path = Path(tmp) / "heatmap.png"
-                run(["curl", "-sS", "-f", "-o", str(png_path), f"{base_url}{url}"], quiet=True)
-                png = png_path.read_bytes()
-        else:
-            status, _, raw = http("POST", f"{base_url}/v1/attention", json.loads(body))
-            resp = json.loads(raw)
-            url = resp["heatmaps"][0]["url"]
-            png = http("GET", f"{base_url}{url}")[2]
-        want = reference_attention(q, k, v)
-        err = max(
-            abs(g - w)
-            for gr, wr in zip(resp["output"], want, strict=True)
-            for g, w in zip(gr, wr, strict=True)
-        )
-        if err > 1e-5:
-            raise SmokeError(f"compose: README request answered {resp['output']}, want {want}")
-        w, h = png_size(png)
-        log(f"ok: the README's curls: output {resp['output']}; {url} is a {w}x{h} PNG")
+        scale = ["--scale", f"attention={COMPOSE_REPLICAS}"]
+        run([*base, "up", "-d", "--no-build", *scale], env=env, timeout=600)
+        names = containers(engine, project, env, service="attention")
+        if len(names) != COMPOSE_REPLICAS:
+            raise SmokeError(f"compose started {names}, want {COMPOSE_REPLICAS} replicas")
+        ports = [engine.port(name, 8000) for name in names]
+        ready = [wait_ready(engine, n, p, t0) for n, p in zip(names, ports, strict=True)]
+        log(f"compose: {', '.join(names)} ready {max(ready):.2f} s after `up`")
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        heatmap_url, png = readme_curls(urls[0])
+        posts = check_session(urls)
+        check_shared_state(urls, heatmap_url, png, used=1 + posts)
         engine.healthcheck(names[0])
         log("ok: compose service healthy by its own HEALTHCHECK")
-        return ready
+        return ready[0]
     except BaseException:
         for name in containers(engine, project, env, stopped=True):
             log(f"--- logs of {name}:\n{engine.logs(name)}")
@@ -787,7 +902,7 @@ def main() -> int:
 
         ready_compose = None
         if not args.no_compose:
-            ready_compose = compose_phase(engine, args.tag)
+            ready_compose = compose_phase(engine, args.tag, args.base_image)
             passed += ready_compose is not None
 
         numbers = {

@@ -154,21 +154,28 @@ class Server:
 
 
 @contextmanager
-def running_server(log: Path, env: dict[str, str], *args: str) -> Iterator[Server]:
+def running_server(
+    log: Path,
+    env: dict[str, str],
+    *args: str,
+    command: tuple[str, ...] = (),
+    ready_timeout_s: float = 120,
+) -> Iterator[Server]:
     """`attention-service` started as `make run` starts it, on a free port, with `env` over the
-    environment and `args` after --host/--port; yields it once /readyz answers.
+    environment and `args` after --host/--port; yields it once /readyz answers. `command`
+    comes first (("ray",): the Ray Serve launcher).
 
     Its output goes to the file `log`, never a pipe: a full pipe would block the server."""
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [console_script(), "--host", "127.0.0.1", "--port", str(port), *args],
+            [console_script(), *command, "--host", "127.0.0.1", "--port", str(port), *args],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()}")
@@ -178,13 +185,15 @@ def running_server(log: Path, env: dict[str, str], *args: str) -> Iterator[Serve
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become ready within 120 s: {log.read_text()}")
+                raise RuntimeError(
+                    f"server not ready within {ready_timeout_s:.0f} s: {log.read_text()}"
+                )
             time.sleep(0.1)
         yield Server(proc, port, log)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 
 from service.web import health, v1, viewer
 from service.web.app import create_app
-from service.web.security import RateLimiter
+from service.web.ratelimit import LocalRateLimiter
 from service.web.settings import Settings
 from service.web.v2 import routes as v2
 from tests.support.http import app_client, app_settings, assert_problem, post
@@ -227,7 +227,7 @@ def test_without_keys_the_rate_limit_is_per_client_address(tmp_path: Path) -> No
 
 def test_the_token_bucket_refills_at_the_rate_and_bounds_its_table() -> None:
     now = [0.0]
-    limiter = RateLimiter(per_minute=60, burst=2, clock=lambda: now[0], max_callers=3)
+    limiter = LocalRateLimiter(per_minute=60, burst=2, clock=lambda: now[0], max_callers=3)
     assert limiter.acquire("a") == 0 and limiter.acquire("a") == 0
     assert limiter.acquire("a") == pytest.approx(1.0)  # one per second
     now[0] += 0.5

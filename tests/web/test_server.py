@@ -92,3 +92,18 @@ def test_console_script_names_an_invalid_setting() -> None:
     env = {**os.environ, "ATTN_MAX_CONCURRENCY": "0"}
     run = subprocess.run([console_script()], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "ATTN_MAX_CONCURRENCY" in run.stderr
+
+
+def test_the_ray_command_has_its_flags_and_refuses_bad_values() -> None:
+    out = subprocess.run(
+        [console_script(), "ray", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--replicas", "--min-replicas", "--max-replicas", "--replica-cpus", "RAY_ADDRESS"):
+        assert flag in out
+    for args, message in (
+        (["--replicas", "0"], "--replicas must be >= 1"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "must not exceed"),
+        (["--replica-cpus", "0"], "--replica-cpus must be > 0"),
+    ):
+        run = subprocess.run([console_script(), "ray", *args], capture_output=True, text=True)
+        assert run.returncode != 0 and message in run.stderr, run.stderr

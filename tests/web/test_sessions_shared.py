@@ -1,11 +1,13 @@
-"""Memory sessions shared by real server processes on one store (the heatmap directory): a
-session opened on one server is continued on another, survives every server's restart, and
+"""Memory sessions shared by real server processes on one store, the heatmap directory or a real
+Redis (each test on both): a session opened on one server is continued on another, survives
+every server's restart, and
 concurrent appends through two servers never lose or reorder a segment: each is appended (200)
 or refused (409) with nothing left behind, and the appended ones, replayed in the order of
 their positions through service.MemorySession, give exactly the answers the servers gave."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import orjson
 
 import service
 from tests.support.http import Server, decode, running_server
+from tests.support.stores import StoreBackend
 
+BOTH_STORES = True
 SPEC = {"length": 64, "compressed": 4, "rate": 8}
 ENV = {"ATTN_MAX_CONCURRENCY": "2", "ATTN_LOG_LEVEL": "warning"}
 
@@ -41,15 +45,29 @@ def open_session(server: Server) -> str:
     return r.json()["id"]
 
 
-def test_continued_by_another_server_and_after_a_restart(tmp_path: Path) -> None:
-    env = {**ENV, "ATTN_HEATMAP_DIR": str(tmp_path / "store")}
+def shared(tmp_path: Path, backend: StoreBackend) -> Callable[[str], dict[str, str]]:
+    """name -> the environment of server `name` sharing one store with the others: one heatmap
+    directory, or one Redis (and then a directory each: all they share goes through Redis)."""
+    redis = backend.env()
+
+    def env(name: str) -> dict[str, str]:
+        directory = tmp_path / (f"own-{name}" if redis else "store")
+        return {**ENV, **redis, "ATTN_HEATMAP_DIR": str(directory)}
+
+    return env
+
+
+def test_continued_by_another_server_and_after_a_restart(
+    tmp_path: Path, store_backend: StoreBackend
+) -> None:
+    env = shared(tmp_path, store_backend)
     s, n = 32, 16 * 32
     x = qkv(1, n)
     whole = service.attention(*x, memory={**SPEC, "segment": s}, causal=True).output
     outs = []
     with (
-        running_server(tmp_path / "a.log", env) as a,
-        running_server(tmp_path / "b.log", env) as b,
+        running_server(tmp_path / "a.log", env("a")) as a,
+        running_server(tmp_path / "b.log", env("b")) as b,
     ):
         sid = open_session(a)
         for i, p in enumerate(range(0, n // 2, s)):  # alternating between the servers
@@ -58,7 +76,7 @@ def test_continued_by_another_server_and_after_a_restart(tmp_path: Path) -> None
             outs.append(decode(r.json()["output"]))
     # Every server is stopped: no process holds anything of the session. A new one, started on
     # the same store, continues where they stopped.
-    with running_server(tmp_path / "c.log", env) as c:
+    with running_server(tmp_path / "c.log", env("c")) as c:
         info = httpx.get(f"{c.url}/v1/sessions/{sid}").json()
         assert info["position"] == n // 2 and info["memory"] == {"raw": 64, "compressed": 4}
         for p in range(n // 2, n, s):
@@ -69,13 +87,15 @@ def test_continued_by_another_server_and_after_a_restart(tmp_path: Path) -> None
     np.testing.assert_allclose(np.concatenate(outs, axis=1), whole, atol=1e-5)
 
 
-def test_concurrent_appends_never_lose_or_reorder_a_segment(tmp_path: Path) -> None:
-    env = {**ENV, "ATTN_HEATMAP_DIR": str(tmp_path / "store")}
+def test_concurrent_appends_never_lose_or_reorder_a_segment(
+    tmp_path: Path, store_backend: StoreBackend
+) -> None:
+    env = shared(tmp_path, store_backend)
     s, count = 256, 12
     x = qkv(2, s * count)
     with (
-        running_server(tmp_path / "a.log", env) as a,
-        running_server(tmp_path / "b.log", env) as b,
+        running_server(tmp_path / "a.log", env("a")) as a,
+        running_server(tmp_path / "b.log", env("b")) as b,
     ):
         sid = open_session(a)
         # Segment i (its own data) is sent by one of several threads through either server.

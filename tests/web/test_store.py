@@ -1,5 +1,6 @@
-"""The heatmap store: bounded in bytes and count under concurrent writers (threads and
-processes) and readers, intact across a restart, and harmless to files it did not write."""
+"""The file store's heatmaps: bounded in bytes and count under concurrent writers (threads and
+processes) and readers, intact across a restart, and harmless to files it did not write. (What
+both backends share, records and rate budgets included, is in test_state_store.py.)"""
 
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ import numpy as np
 import pytest
 
 from service.core.errors import LimitError
-from service.web.store import ID_PATTERN, HeatmapStore
+from service.web.store import ID_PATTERN, FileStore
 from tests.support.http import app_client, assert_problem, post
 from tests.support.store_writer import MAX_BYTES, MAX_COUNT, blob, write_images
 
 
-def _usage(store: HeatmapStore) -> tuple[int, int]:
+def _usage(store: FileStore) -> tuple[int, int]:
     """(bytes, count) of stored images, measured between two writers (under the store lock)."""
-    with store._locked():
-        sizes = [p.stat().st_size for p in store.directory.glob("*.png") if store.valid_id(p.stem)]
+    with store._locked(store.directory):
+        paths = [p for p in store.directory.glob("*.png") if ID_PATTERN.fullmatch(p.stem)]
+        sizes = [p.stat().st_size for p in paths]
     return sum(sizes), len(sizes)
 
 
 def test_limits_hold_under_concurrent_writers_and_readers(tmp_path: Path) -> None:
-    store = HeatmapStore(tmp_path, MAX_BYTES, MAX_COUNT, ttl_s=3600)
+    store = FileStore(tmp_path, MAX_BYTES, MAX_COUNT, ttl_s=3600)
     store.open()
     written: dict[str, str] = {}
     lock = threading.Lock()
@@ -42,7 +44,7 @@ def test_limits_hold_under_concurrent_writers_and_readers(tmp_path: Path) -> Non
         while rounds < 30 or not writers_done.is_set():  # until the other processes are done
             rounds += 1
             images = [blob(rng) for _ in range(int(rng.integers(1, 4)))]
-            ids = store.put_many(images)
+            ids = store.put_images(images)
             with lock:
                 written.update(
                     (i, hashlib.sha256(d).hexdigest()) for i, d in zip(ids, images, strict=True)
@@ -53,7 +55,7 @@ def test_limits_hold_under_concurrent_writers_and_readers(tmp_path: Path) -> Non
             with lock:
                 ids = list(written.items())[-30:]
             for image_id, digest in ids:
-                image = store.get(image_id)
+                image = store.get_image(image_id)
                 # Served whole, or a clean miss (evicted): never a torn or foreign file.
                 if image is not None and hashlib.sha256(image.data).hexdigest() != digest:
                     failures.append(image_id)
@@ -97,17 +99,17 @@ def test_limits_hold_under_concurrent_writers_and_readers(tmp_path: Path) -> Non
 def test_files_it_did_not_write_are_never_counted_or_deleted(tmp_path: Path) -> None:
     (tmp_path / "notes.png").write_bytes(b"x" * 50_000)  # over the byte limit on its own
     (tmp_path / "readme.txt").write_text("not an image")
-    store = HeatmapStore(tmp_path, MAX_BYTES, MAX_COUNT, ttl_s=3600)
+    store = FileStore(tmp_path, MAX_BYTES, MAX_COUNT, ttl_s=3600)
     store.open()
     rng = np.random.default_rng(0)
-    ids = [store.put(blob(rng)) for _ in range(3 * MAX_COUNT)]
+    ids = [store.put_image(blob(rng)) for _ in range(3 * MAX_COUNT)]
     assert (tmp_path / "notes.png").stat().st_size == 50_000
     assert (tmp_path / "readme.txt").exists()
-    assert store.get(ids[-1]) is not None  # the foreign file did not crowd out the newest
+    assert store.get_image(ids[-1]) is not None  # the foreign file did not crowd out the newest
 
 
 def test_a_writer_s_stale_temporary_file_is_removed(tmp_path: Path) -> None:
-    store = HeatmapStore(tmp_path, MAX_BYTES, MAX_COUNT, ttl_s=3600)
+    store = FileStore(tmp_path, MAX_BYTES, MAX_COUNT, ttl_s=3600)
     stale, fresh = tmp_path / ".tmp-deadwriter", tmp_path / ".tmp-livewriter"
     stale.write_bytes(b"half")
     fresh.write_bytes(b"half")
@@ -146,45 +148,45 @@ def test_a_restart_serves_what_was_listed_or_answers_404(tmp_path: Path) -> None
 
 
 def test_store_bounds_count_and_evicts_oldest_first(tmp_path: Path) -> None:
-    store = HeatmapStore(tmp_path, max_bytes=10_000, max_count=3, ttl_s=60)
+    store = FileStore(tmp_path, max_bytes=10_000, max_count=3, ttl_s=60)
     ids = []
     for i in range(5):
-        ids.append(store.put(bytes([i]) * 100))
+        ids.append(store.put_image(bytes([i]) * 100))
         path = tmp_path / f"{ids[-1]}.png"
         os.utime(path, (time.time() - 50 + i, time.time() - 50 + i))  # distinct ages
     assert len(set(ids)) == 5 and all(ID_PATTERN.fullmatch(i) for i in ids)
-    assert [store.get(i) is not None for i in ids] == [False, False, True, True, True]
-    assert store.get(ids[4]).data == bytes([4]) * 100
+    assert [store.get_image(i) is not None for i in ids] == [False, False, True, True, True]
+    assert store.get_image(ids[4]).data == bytes([4]) * 100
 
 
 def test_store_bounds_bytes_and_drops_expired(tmp_path: Path) -> None:
-    store = HeatmapStore(tmp_path, max_bytes=250, max_count=100, ttl_s=60)
-    a = store.put(b"a" * 100)
+    store = FileStore(tmp_path, max_bytes=250, max_count=100, ttl_s=60)
+    a = store.put_image(b"a" * 100)
     os.utime(tmp_path / f"{a}.png", (time.time() - 10, time.time() - 10))
-    b = store.put(b"b" * 100)
-    c = store.put(b"c" * 100)  # 300 bytes would exceed 250: the oldest goes
-    assert store.get(a) is None and store.get(b) and store.get(c)
+    b = store.put_image(b"b" * 100)
+    c = store.put_image(b"c" * 100)  # 300 bytes would exceed 250: the oldest goes
+    assert store.get_image(a) is None and store.get_image(b) and store.get_image(c)
     os.utime(tmp_path / f"{b}.png", (time.time() - 100, time.time() - 100))
-    store.put(b"d")
+    store.put_image(b"d")
     assert not (tmp_path / f"{b}.png").exists()  # expired files are deleted on the next put
     with pytest.raises(LimitError):
-        store.put_many([b"x" * 200, b"y" * 200])
+        store.put_images([b"x" * 200, b"y" * 200])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def _writer(directory: str, n: int) -> int:
-    store = HeatmapStore(Path(directory), max_bytes=50_000, max_count=10, ttl_s=60)
+    store = FileStore(Path(directory), max_bytes=50_000, max_count=10, ttl_s=60)
     for i in range(n):
-        store.put(os.urandom(1000 + i))
+        store.put_image(os.urandom(1000 + i))
     return n
 
 
 def test_store_limits_hold_with_concurrent_writers_and_readers(tmp_path: Path) -> None:
-    store = HeatmapStore(tmp_path, max_bytes=50_000, max_count=10, ttl_s=60)
+    store = FileStore(tmp_path, max_bytes=50_000, max_count=10, ttl_s=60)
     with ThreadPoolExecutor(6) as pool:
-        puts = [pool.submit(store.put, os.urandom(1000)) for _ in range(60)]
+        puts = [pool.submit(store.put_image, os.urandom(1000)) for _ in range(60)]
         ids = [f.result() for f in puts]
-        gets = list(pool.map(store.get, ids))
+        gets = list(pool.map(store.get_image, ids))
     assert all(g is None or len(g.data) == 1000 for g in gets)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(3) as procs:

@@ -74,6 +74,7 @@ def _answer(state: AppState, req: AttentionRequest) -> Response:
         stats=req.stats,
         top_k=req.top_k,
         compute=attention,
+        chunks=req.chunks,
     )
     result, maps = job.result, job.maps
     enc = req.encoding or "list"

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from service.web.deps import StoreDep
 from service.web.images import URL_PREFIX
 from service.web.problems import PROBLEM_MEDIA_TYPE
-from service.web.store import HeatmapStore
+from service.web.store import PNG, SVG, Store
 
 router = APIRouter(prefix=URL_PREFIX, tags=["heatmaps"])
 
@@ -48,15 +48,20 @@ def _route(suffix: str, name: str, summary: str, doc: str) -> None:
             },
             304: {"description": "Not modified (If-None-Match matched the ETag)."},
             404: {"description": "Unknown or expired id.", "content": _PROBLEM},
+            503: {
+                "description": "The state store (Redis) is unreachable; retry after "
+                "Retry-After. Never a 404 for an image that may exist.",
+                "content": _PROBLEM,
+            },
         },
     )
     router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
 
-def _serve(request: Request, store: HeatmapStore, heatmap_id: str, suffix: str) -> Response:
-    image = store.get(heatmap_id, suffix)
+def _serve(request: Request, store: Store, heatmap_id: str, suffix: str) -> Response:
+    image = store.get_image(heatmap_id, suffix)
     if image is None:
-        if suffix == ".svg" and store.get(heatmap_id) is not None:
+        if suffix == SVG and store.get_image(heatmap_id, PNG) is not None:
             raise HTTPException(
                 404,
                 f"heatmap {heatmap_id!r} has no SVG: SVGs are kept for the real model's "
@@ -66,7 +71,7 @@ def _serve(request: Request, store: HeatmapStore, heatmap_id: str, suffix: str) 
     etag = '"' + hashlib.blake2b(image.data, digest_size=16).hexdigest() + '"'
     headers = {
         "ETag": etag,
-        "Cache-Control": f"private, max-age={store.remaining_ttl(image)}, immutable",
+        "Cache-Control": f"private, max-age={image.remaining_ttl()}, immutable",
     }
     if suffix == ".svg":
         headers["Content-Security-Policy"] = _SVG_CSP

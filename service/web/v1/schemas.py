@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from service.core.errors import InputError
 from service.core.options import FAIL_FAST, AttentionOptions, MultiheadOptions
+from service.core.split import MAX_CHUNKS
 from service.core.tensor_codec import Encoding, encoding_of
 from service.core.tensor_field import Tensor
 from service.core.tokens import Positional
@@ -152,6 +153,15 @@ class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
         "Exact method only; computed in O(L) memory at any length.",
     )
     top_k: int = Field(8, ge=1, le=256, description='Keys per query in "stats".')
+    chunks: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHUNKS,
+        description="Split the keys into this many slices, each computed by a task on the Ray "
+        "cluster, merged exactly (service.distributed_attention): only when the server runs "
+        "on Ray Serve (`attention-service ray`), else 422. Exact method; not with stats or "
+        "pooled heatmaps.",
+    )
 
     _floats = field_validator("q", "k", "v")(_json_numbers_as_float)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from service.core.errors import InputError
 from service.core.options import AttentionOptions, MultiheadOptions
+from service.core.split import MAX_CHUNKS
 from service.web import sessions
 from service.web.deps import AppState
 from service.web.jobs import run_attention, run_multihead
@@ -75,6 +76,13 @@ _ATTENTION_PARAMETERS = parameter_names(AttentionOptions)
 
 
 def _attention(state: AppState, tensors: Tensors, params: Params, requested: Requested) -> Result:
+    # `chunks` is how to compute (keys split across the Ray cluster), not an attention option.
+    chunks = params.get("chunks")
+    if chunks is not None and (
+        not isinstance(chunks, int) or isinstance(chunks, bool) or not 1 <= chunks <= MAX_CHUNKS
+    ):
+        raise InputError(("parameters", "chunks"), f"must be an integer in [1, {MAX_CHUNKS}]")
+    params = {name: value for name, value in params.items() if name != "chunks"}
     opts = parse_options(AttentionOptions, params, tensors)
     spec = heatmap_spec(params)
     if spec is not None and opts.compare:
@@ -98,6 +106,7 @@ def _attention(state: AppState, tensors: Tensors, params: Params, requested: Req
         opts,
         spec,
         return_weights=bool({"weights", "lse", "slot_weights"} & set(wanted)),
+        chunks=chunks,
     )
     result, drawn = job.result, job.heatmaps
     produced = {

@@ -13,13 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 import service
 from service.web import sessions
 from tests.support.http import app_client, assert_problem, b64, decode, post
+from tests.support.stores import StoreBackend
 
 APP_SETTINGS = {"max_elements": 200_000}
+BOTH_STORES = True  # every test on the file store and on a real Redis
 SPEC = {"length": 32, "compressed": 4, "rate": 8, "pool": "mean"}
 
 
@@ -61,7 +64,16 @@ def test_sixteen_segments_equal_the_memory_option(client, causal: bool) -> None:
                                atol=1e-5)  # fmt: skip
 
 
-def test_life_of_a_session(client) -> None:
+def _redis_ttl_s(client, store_backend: StoreBackend, sid: str) -> float | None:
+    """On Redis, the expiry Redis itself holds for the session's record (seconds)."""
+    if not store_backend.redis_url:
+        return None
+    prefix = client.app.state.services.settings.redis_prefix
+    pttl = redis.Redis.from_url(store_backend.redis_url).pttl(f"{prefix}record:sessions:{sid}")
+    return pttl / 1000
+
+
+def test_life_of_a_session(client, store_backend: StoreBackend) -> None:
     r = post(client, "/v1/sessions", {"memory": SPEC, "causal": True, "ttl_s": 600})
     assert r.status_code == 201
     info = r.json()
@@ -70,6 +82,8 @@ def test_life_of_a_session(client) -> None:
     assert info["memory"] == {"raw": 0, "compressed": 0}
     assert info["options"] == {"memory": SPEC, "causal": True, "scale": None}
     assert info["expires_at"].endswith("Z")
+    if (expiry := _redis_ttl_s(client, store_backend, info["id"])) is not None:
+        assert 590 < expiry <= 600  # Redis expires it: the session's TTL, not the heatmaps'
     x = qkv(2, 16, (1, 2), d=4)
     r = post(client, f"/v1/sessions/{info['id']}/segments", segment(x, 0, 16, encoding="b64"))
     assert r.status_code == 200 and r.json()["output"]["shape"] == [1, 2, 16, 4]
@@ -189,8 +203,8 @@ def test_a_stale_segment_is_refused_with_409(client) -> None:
     assert got["position"] == 16  # the stale segment left nothing
 
 
-def test_expiry(tmp_path) -> None:
-    with app_client(tmp_path, session_ttl_s=1) as c:
+def test_expiry(tmp_path, store_backend) -> None:
+    with app_client(tmp_path, session_ttl_s=1, **store_backend.settings()) as c:
         info = open_session(c)
         assert info["ttl_s"] == 1
         x = qkv(7, 16, (1,))
@@ -200,8 +214,8 @@ def test_expiry(tmp_path) -> None:
         assert_problem(post(c, f"/v1/sessions/{info['id']}/segments", segment(x, 8, 8)), 404)
 
 
-def test_at_most_session_max_sessions(tmp_path) -> None:
-    with app_client(tmp_path, session_max=2, retry_after_s=3) as c:
+def test_at_most_session_max_sessions(tmp_path, store_backend) -> None:
+    with app_client(tmp_path, session_max=2, retry_after_s=3, **store_backend.settings()) as c:
         short = open_session(c, ttl_s=1)
         open_session(c)
         full = post(c, "/v1/sessions", {"memory": SPEC})
@@ -214,10 +228,10 @@ def test_at_most_session_max_sessions(tmp_path) -> None:
         open_session(c)
 
 
-def test_a_session_belongs_to_its_api_key(tmp_path) -> None:
+def test_a_session_belongs_to_its_api_key(tmp_path, store_backend) -> None:
     keys = ("alpha-key-0123456789", "beta-key-9876543210")
     alpha, beta = ({"authorization": f"Bearer {k}"} for k in keys)
-    with app_client(tmp_path, api_keys=keys) as c:
+    with app_client(tmp_path, api_keys=keys, **store_backend.settings()) as c:
         r = c.post("/v1/sessions", json={"memory": SPEC}, headers=alpha)
         assert r.status_code == 201
         sid = r.json()["id"]

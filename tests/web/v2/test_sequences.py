@@ -15,9 +15,11 @@ from tritonclient.utils import InferenceServerException
 
 import service
 from tests.support.http import app_client
+from tests.support.stores import StoreBackend
 from tests.web.v2.test_sparse import infer
 
 SERVER_ENV = {"ATTN_MAX_ELEMENTS": "200000"}
+BOTH_STORES = True  # every test on the file store and on a real Redis
 MEMORY = {"memory_length": 32, "memory_compressed": 3, "memory_rate": 8, "memory_pool": "max"}
 SPEC = {"length": 32, "compressed": 3, "rate": 8, "pool": "max"}
 
@@ -156,12 +158,12 @@ def test_bad_sequence_requests(tc) -> None:
                  parameters={"num_heads": 2})  # fmt: skip
 
 
-def test_a_sequence_belongs_to_its_api_key(tmp_path: Path) -> None:
+def test_a_sequence_belongs_to_its_api_key(tmp_path: Path, store_backend: StoreBackend) -> None:
     keys = ("alpha-key-0123456789", "beta-key-9876543210")
     x = part(qkv(7, 16), 0, 16)
     inputs = [{"name": k, "shape": list(a.shape), "datatype": "FP32", "data": a.ravel().tolist()}
               for k, a in x.items()]  # fmt: skip
-    with app_client(tmp_path, api_keys=keys) as c:
+    with app_client(tmp_path, api_keys=keys, **store_backend.settings()) as c:
 
         def call(key: str, **params: Any) -> Any:
             body = {"inputs": inputs, "parameters": {"sequence_id": 5, **params}}
