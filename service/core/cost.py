@@ -65,7 +65,8 @@ def _as4(shape: Shape) -> tuple[int, int, int, int]:
 def visible_keys(lq: int, lk: int, opts: MaskingOptions) -> int:
     """Keys the exact kernel visits for all Lq query rows together (an upper bound): every key
     for dense rows, a window's span (its skipped dilated keys included), causal rows up to
-    their last key, global tokens for every row."""
+    their last key, global tokens for every row; packed documents only their own keys; under
+    recurrent memory its raw memory and segment, plus at most C compressed slots."""
     if lq == 0 or lk == 0:
         return 0
     total = lq * lk
@@ -83,7 +84,16 @@ def visible_keys(lq: int, lk: int, opts: MaskingOptions) -> int:
         partial = (hi - lo) * (lo + hi + 1 + 2 * off) // 2 if hi > lo else 0
         full = max(0, lq - max(hi, lo)) * lk
         total = min(total, partial + full)
-    return min(total, lq * lk)
+    cq = opts.cu_seqlens if opts.cu_seqlens is not None else opts.cu_seqlens_q
+    ck = opts.cu_seqlens if opts.cu_seqlens is not None else opts.cu_seqlens_k
+    if cq is not None and ck is not None and len(cq) == len(ck):  # documents apart
+        pairs = zip(cq, cq[1:], ck, ck[1:], strict=False)  # (checked later: clamp what's odd)
+        total = min(total, sum(max(q1 - q0, 0) * max(k1 - k0, 0) for q0, q1, k0, k1 in pairs))
+    total = min(total, lq * lk)
+    memory = getattr(opts, "memory", None)  # AttentionOptions only
+    if memory is not None:  # its raw memory and segment, then at most C slots past the keys
+        total = min(total, lq * (memory.length + memory.segment)) + lq * memory.compressed
+    return total
 
 
 def _exact(q: Shape, k: Shape, v: Shape, opts: MaskingOptions, *, weights: bool) -> tuple[int, int]:
@@ -97,6 +107,10 @@ def _exact(q: Shape, k: Shape, v: Shape, opts: MaskingOptions, *, weights: bool)
     memory = F32 * (out + _n(b, hq, lq) + (_n(b, hq, rows, lk) if weights else 0))
     # v scaled for range (the rare case counted anyway) and the output scaled back
     memory += F32 * (_n(b, hkv, lk, dv) + out)
+    recurrent = getattr(opts, "memory", None)
+    if recurrent is not None and recurrent.compressed:  # K and V copied with their slots after
+        slots = -(-lk // recurrent.slot_rate)
+        memory += F32 * _n(b, hkv, lk + slots, d + dv) + F32 * _n(b, hq, rows, slots) * weights
     if opts.mask is not None and opts.mask.dtype.kind == "f":
         memory += F32 * opts.mask.size  # a float mask converted to float32
     return flops, memory
