@@ -827,6 +827,7 @@ POST_ROUTES = [
     "/v1/attention",
     "/v1/multihead",
     "/v1/tokens",
+    "/v1/sessions",
     V2,
     "/v2/models/attention/versions/1/infer",
     "/v2/models/multihead/infer",

@@ -65,6 +65,7 @@ async def create_session(
     values of its `memory.length` most recent positions and `memory.compressed` slots pooled
     from older ones by `memory.rate`. Streaming a sequence in segments of S gives exactly
     /v1/attention's answer with `memory.segment` = S."""
+    wire.require_json(request.headers)
     body = await request.body()
     owner = sessions.owner_of(state, authorization)
     return await run_in_threadpool(_create, state, owner, body)
@@ -94,6 +95,7 @@ async def append_segment(
 ) -> Response:
     """Attention for one segment with the session's memory; the memory moves on by the
     segment. `"heatmap": true` draws the segment's keys as [compressed | memory | segment]."""
+    wire.require_json(request.headers)
     owner = sessions.owner_of(state, authorization)
     return await state.scheduler.run_request("session", request, _append, state, session_id, owner)
 
