@@ -86,26 +86,22 @@ def distributed_attention(
     (task_cpus CPUs each, num_threads kernel threads: default one per whole CPU), merged
     exactly. Same arguments, options and result as service.attention (exact method only).
     Connects to the running Ray cluster or RAY_ADDRESS, else starts a local one."""
-    return run_split(
-        q, k, v, options, chunks=chunks, task_cpus=task_cpus, num_threads=num_threads,
-        **option_kwargs,
-    )[0]  # fmt: skip
+    opts = parse_options(AttentionOptions, options, option_kwargs)
+    return run_split(q, k, v, opts, chunks=chunks, task_cpus=task_cpus, num_threads=num_threads)[0]
 
 
 def run_split(
     q: ArrayLike,
     k: ArrayLike,
     v: ArrayLike,
-    options: MaskingOptions | dict[str, Any] | None = None,
+    opts: AttentionOptions,
     *,
     chunks: int,
     task_cpus: float = 1.0,
     num_threads: int | None = None,
-    **option_kwargs: Any,
 ) -> tuple[AttentionResult, SplitTimes]:
-    """distributed_attention, with where its time went."""
+    """distributed_attention with options already validated, and where its time went."""
     t0 = time.perf_counter()
-    opts = parse_options(AttentionOptions, options, option_kwargs)
     if opts.method != "exact":
         raise InputError(
             "method", f'distributed attention is exact attention; "{opts.method}" runs in one call'

@@ -54,6 +54,7 @@ def main() -> None:
     import ray
 
     import service
+    from service.core.options import AttentionOptions
     from service.distributed.attention import run_split
 
     rng = np.random.default_rng(0)
@@ -63,7 +64,7 @@ def main() -> None:
     try:
         # Warm-up: worker processes start, the task is registered, the kernel's caches fill.
         small = (x[:, :, :1024] for x in (q, k, v))
-        run_split(*small, chunks=max(args.chunks), causal=True)
+        run_split(*small, AttentionOptions(causal=True), chunks=max(args.chunks))
         single: list[dict[str, float]] = []
         split: dict[int, list[dict[str, Any]]] = {c: [] for c in args.chunks}
         for r in range(args.rounds):
@@ -74,7 +75,7 @@ def main() -> None:
             print(f"round {r}: single process {single[-1]['ms']:.0f} ms (load {load})", flush=True)
             for c in args.chunks:
                 load = _load()
-                res, times = run_split(q, k, v, chunks=c, causal=True)
+                res, times = run_split(q, k, v, AttentionOptions(causal=True), chunks=c)
                 err = float(np.abs(res.output - ref.output).max() / np.abs(ref.output).max())
                 critical = max(max(times.kernel_ms), sum(times.kernel_ms) / args.cpus)
                 split[c].append(

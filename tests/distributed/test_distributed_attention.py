@@ -14,6 +14,7 @@ import pytest
 
 import service
 from service.core.errors import InputError
+from service.core.options import AttentionOptions
 from tests.support.split_cases import assert_same_result, cases
 
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
@@ -56,7 +57,7 @@ def test_inputs_enter_the_object_store_once(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(ray, "put", counting_put)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 300, 32), dtype=np.float32) for _ in range(3))
-    result, times = dist.run_split(q, k, v, chunks=8, causal=True)
+    result, times = dist.run_split(q, k, v, AttentionOptions(causal=True), chunks=8)
     assert len(puts) == 4  # q, k, v and the options: not once per task
     assert [type(p).__name__ for p in puts] == ["ndarray", "ndarray", "ndarray", "AttentionOptions"]
     assert len(times.kernel_ms) == 8 and times.total_ms > 0
