@@ -197,17 +197,22 @@ def test_replicas_share_one_budget_on_redis_and_keep_their_own_on_files(
 # Redis away
 
 
-def test_without_redis_every_operation_says_unavailable_never_absent(tmp_path: Path) -> None:
-    port = free_port()  # nothing listens there
-    store = RedisStore(
-        f"redis://:s3cret@127.0.0.1:{port}/0",
+def _quick_redis_store(url: str, *, ttl_s: float, retry_after_s: int) -> RedisStore:
+    """A Redis store that gives up after a second, for the tests of Redis going away."""
+    return RedisStore(
+        url,
         prefix="t:",
-        ttl_s=60,
+        ttl_s=ttl_s,
         max_bytes=MAX_BYTES,
         max_count=10,
         timeout_s=1.0,
-        retry_after_s=2,
+        retry_after_s=retry_after_s,
     )
+
+
+def test_without_redis_every_operation_says_unavailable_never_absent(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    store = _quick_redis_store(f"redis://:s3cret@127.0.0.1:{port}/0", ttl_s=60, retry_after_s=2)
     store.open()  # a startup without Redis is not an error
     t0 = time.monotonic()
     health = store.health()
@@ -240,15 +245,7 @@ def test_a_redis_restart_is_survived_without_touching_its_data(tmp_path: Path) -
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:
-        store = RedisStore(
-            server.url,
-            prefix="t:",
-            ttl_s=600,
-            max_bytes=MAX_BYTES,
-            max_count=10,
-            timeout_s=1.0,
-            retry_after_s=1,
-        )
+        store = _quick_redis_store(server.url, ttl_s=600, retry_after_s=1)
         store.open()
         image_id = store.put_image(b"kept")
         store.create_record("sessions", "s", b"v1", ttl_s=600)
