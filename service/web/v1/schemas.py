@@ -127,7 +127,18 @@ def _json_numbers_as_float(value: Any) -> Any:
     return value
 
 
-class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
+class _EncodedQKV(_Encoded):
+    """A request of q, k and v: integer arrays from JSON are read as floats, and the response's
+    encoding defaults to that of q."""
+
+    _floats = field_validator("q", "k", "v", check_fields=False)(_json_numbers_as_float)
+
+    @classmethod
+    def _first_tensor_field(cls) -> str:
+        return "q"
+
+
+class AttentionRequest(_WithHeatmap, _EncodedQKV, AttentionOptions):
     """Scaled dot-product attention. q (Lq, D), (Hq, Lq, D) or (B, Hq, Lq, D); k and v alike."""
 
     model_config = example_config(
@@ -162,12 +173,6 @@ class AttentionRequest(_WithHeatmap, _Encoded, AttentionOptions):
         "on Ray Serve (`attention-service ray`), else 422. Exact method; not with stats or "
         "pooled heatmaps.",
     )
-
-    _floats = field_validator("q", "k", "v")(_json_numbers_as_float)
-
-    @classmethod
-    def _first_tensor_field(cls) -> str:
-        return "q"
 
 
 class Meta(BaseModel):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from service.core.sessions import SessionOptions
 from service.core.tensor_field import Tensor
 from service.web.docs import example_config
-from service.web.v1.schemas import HeatmapRef, Meta, _Encoded, _json_numbers_as_float, _WithHeatmap
+from service.web.v1.schemas import HeatmapRef, Meta, _EncodedQKV, _WithHeatmap
 
 _MEMORY_EXAMPLE = {"length": 512, "compressed": 64, "rate": 4, "pool": "mean"}
 
@@ -67,7 +67,7 @@ class SessionInfo(BaseModel):
     shape: SegmentShape | None = Field(description="null before the first segment.")
 
 
-class SegmentRequest(_WithHeatmap, _Encoded):
+class SegmentRequest(_WithHeatmap, _EncodedQKV):
     """One segment: q, k, v of its n positions ((n, D), (H, n, D) or (B, H, n, D), the first
     segment's shape but the length; n a multiple of memory.rate when compressed > 0)."""
 
@@ -89,12 +89,6 @@ class SegmentRequest(_WithHeatmap, _Encoded):
         description="Also return the weights (.., Hq, n, slots + raw + n) over the keys "
         "[compressed | memory | segment] and the row log-sum-exp.",
     )
-
-    _floats = field_validator("q", "k", "v")(_json_numbers_as_float)
-
-    @classmethod
-    def _first_tensor_field(cls) -> str:
-        return "q"
 
 
 class SegmentResponse(BaseModel):
