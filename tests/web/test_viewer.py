@@ -178,7 +178,7 @@ def test_page_and_static_files_are_served(tmp_path: Path) -> None:
             assert c.get(ref).status_code == 200, ref
         js = c.get("/static/viewer.js")
         assert js.headers["content-type"].startswith("text/javascript")
-        for name in ("viewer.js", "viewer.css", "index.html"):
+        for name in ("api.js", "viewer.js", "viewer.css", "index.html"):
             text = c.get("/" if name == "index.html" else f"/static/{name}").text
             assert "http://" not in text and "https://" not in text, name
         missing = c.get("/static/nothing.js")

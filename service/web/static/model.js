@@ -24,14 +24,7 @@
   // ------------------------------------------------------------------------------------------
   // Requests
 
-  function apiKey() {
-    return $("api-key").value.trim();
-  }
-
-  function authHeaders() {
-    const key = apiKey();
-    return key ? { Authorization: `Bearer ${key}` } : {};
-  }
+  const { authHeaders, postJSON } = attentionApi; // api.js
 
   function decodeFloat32(value, shape) {
     // {"dtype": "float32", "shape", "b64"}: little-endian bytes.
@@ -91,21 +84,7 @@
     $("submit").disabled = true;
     $("status").textContent = "Running the model…";
     try {
-      const response = await fetch("/v1/tokens", {
-        method: "POST",
-        headers: {
-          "Content-Type": "application/json",
-          Accept: "application/json, application/problem+json",
-          ...authHeaders(),
-        },
-        body: JSON.stringify(body),
-      });
-      let data = null;
-      try {
-        data = await response.json();
-      } catch {
-        data = null;
-      }
+      const { response, data } = await postJSON("/v1/tokens", body);
       if (!response.ok) {
         showProblem(response, data);
         $("status").textContent = "";

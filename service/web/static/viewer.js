@@ -420,14 +420,7 @@
   // ------------------------------------------------------------------------------------------
   // Talking to the service
 
-  function apiKey() {
-    return $("api-key").value.trim();
-  }
-
-  function authHeaders() {
-    const key = apiKey();
-    return key ? { Authorization: `Bearer ${key}` } : {};
-  }
+  const { apiKey, authHeaders, postJSON } = attentionApi; // api.js
 
   // One request in flight per purpose ("compute", "images"); a newer one cancels the older.
   const inflight = new Map();
@@ -436,23 +429,7 @@
     if (inflight.has(purpose)) inflight.get(purpose).abort();
     const controller = new AbortController();
     inflight.set(purpose, controller);
-    const response = await fetch(path, {
-      method: "POST",
-      headers: {
-        "Content-Type": "application/json",
-        Accept: "application/json, application/problem+json",
-        ...authHeaders(),
-      },
-      body: JSON.stringify(body),
-      signal: controller.signal,
-    });
-    let data = null;
-    try {
-      data = await response.json();
-    } catch {
-      data = null;
-    }
-    return { response, data };
+    return postJSON(path, body, controller.signal);
   }
 
   function reportProblem(response, data) {
