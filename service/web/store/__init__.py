@@ -6,35 +6,14 @@ every replica shares. `open_store` picks the backend from the settings."""
 from __future__ import annotations
 
 from service.web.settings import Settings
-from service.web.store.base import (
-    ID_PATTERN,
-    PNG,
-    SVG,
-    Record,
-    RecordLimitReached,
-    Store,
-    StoredImage,
-    StoreHealth,
-    VersionConflict,
-)
+from service.web.store import base
+from service.web.store.base import *  # noqa: F403 - the interface, as base.__all__ lists it
 from service.web.store.files import FileStore
 
-__all__ = [
-    "ID_PATTERN",
-    "PNG",
-    "SVG",
-    "FileStore",
-    "Record",
-    "RecordLimitReached",
-    "Store",
-    "StoreHealth",
-    "StoredImage",
-    "VersionConflict",
-    "open_store",
-]
+__all__ = [*base.__all__, "FileStore", "open_store"]
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings) -> base.Store:
     """The store the settings name: Redis when ATTN_REDIS_URL is set, else the directory."""
     if settings.redis_url:
         from service.web.store.redisstore import RedisStore  # the redis client, only when used

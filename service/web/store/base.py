@@ -29,6 +29,19 @@ from typing import Any
 from service.core.errors import LimitError
 from service.web.ratelimit import RateLimiter
 
+# What the package (service.web.store) offers its callers.
+__all__ = [
+    "ID_PATTERN",
+    "PNG",
+    "SVG",
+    "Record",
+    "RecordLimitReached",
+    "Store",
+    "StoreHealth",
+    "StoredImage",
+    "VersionConflict",
+]
+
 # secrets.token_urlsafe(16): 22 characters of the URL-safe base64 alphabet (128 random bits).
 _ID_BYTES = 16
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
@@ -101,6 +114,15 @@ def check_name(what: str, name: str) -> None:
         raise ValueError(f"a record {what} must match {NAME_PATTERN.pattern}, got {name!r}")
 
 
+def _may_exist(namespace: str, key: str) -> bool:
+    """Whether a record could be stored under `key` (no record has a malformed key); a
+    malformed namespace is the caller's bug: ValueError."""
+    if not valid_name(key):
+        return False
+    check_name("namespace", namespace)
+    return True
+
+
 class Store(ABC):
     """Heatmaps, records and rate budgets; see the module's docstring for the contract."""
 
@@ -141,45 +163,88 @@ class Store(ABC):
                 f"ATTN_HEATMAP_MAX_BYTES={self.max_bytes}); ask for fewer or inline images",
             )
 
-    @abstractmethod
+    # The public operations check what they are given, the same for every backend, and hand
+    # the backend's method (the same name with a leading underscore) only well-formed ids and
+    # names.
+
     def put_images(self, images: list[bytes], svgs: list[bytes] | None = None) -> list[str]:
         """Store PNGs (and the SVG of each, when given); returns their new ids."""
+        ids = new_ids(len(images))
+        files = [(i, PNG, data) for i, data in zip(ids, images, strict=True)]
+        if svgs is not None:
+            files += [(i, SVG, data) for i, data in zip(ids, svgs, strict=True)]
+        self.check_fits([data for _, _, data in files], len(images))
+        self._put_files(files)
+        return ids
+
+    @abstractmethod
+    def _put_files(self, files: list[tuple[str, str, bytes]]) -> None:
+        """Write each (id, suffix, data); together they fit the store (check_fits)."""
 
     def put_image(self, data: bytes) -> str:
         return self.put_images([data])[0]
 
-    @abstractmethod
     def get_image(self, image_id: str, suffix: str = PNG) -> StoredImage | None:
         """The image (".png", or ".svg"), or None when the id is malformed, unknown or expired,
         or has no such format."""
+        if not valid_id(image_id) or suffix not in SUFFIXES:
+            return None
+        return self._get_image(image_id, suffix)
+
+    @abstractmethod
+    def _get_image(self, image_id: str, suffix: str) -> StoredImage | None: ...
 
     # -- records --------------------------------------------------------------------------
 
-    @abstractmethod
     def create_record(
         self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int = 0
     ) -> Record | None:
         """Write a new record; None when the key is taken. RecordLimitReached when the namespace
         already holds max_count live records (0 = no bound); expired ones do not count."""
+        check_name("key", key)
+        check_name("namespace", namespace)
+        return self._create_record(namespace, key, value, ttl_s=ttl_s, max_count=max_count)
 
     @abstractmethod
+    def _create_record(
+        self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int
+    ) -> Record | None: ...
+
     def get_record(self, namespace: str, key: str) -> Record | None:
         """The live record, or None (unknown, expired, deleted, or a malformed key)."""
+        return self._get_record(namespace, key) if _may_exist(namespace, key) else None
 
     @abstractmethod
+    def _get_record(self, namespace: str, key: str) -> Record | None: ...
+
     def replace_record(
         self, namespace: str, key: str, value: bytes, *, version: int, ttl_s: float
     ) -> Record | None:
         """Compare-and-set: write value (and a new time to live) if the record is still at
         `version`; the new record, None when it is gone, VersionConflict when it moved on."""
+        if not _may_exist(namespace, key):
+            return None
+        return self._replace_record(namespace, key, value, version=version, ttl_s=ttl_s)
 
     @abstractmethod
+    def _replace_record(
+        self, namespace: str, key: str, value: bytes, *, version: int, ttl_s: float
+    ) -> Record | None: ...
+
     def delete_record(self, namespace: str, key: str) -> bool:
         """Remove a record; whether it was there."""
+        return self._delete_record(namespace, key) if _may_exist(namespace, key) else False
 
     @abstractmethod
+    def _delete_record(self, namespace: str, key: str) -> bool: ...
+
     def count_records(self, namespace: str) -> int:
         """Live records in the namespace."""
+        check_name("namespace", namespace)
+        return self._count_records(namespace)
+
+    @abstractmethod
+    def _count_records(self, namespace: str) -> int: ...
 
     # -- rate budgets ---------------------------------------------------------------------
 

@@ -25,17 +25,13 @@ from service.web.ratelimit import LocalRateLimiter, RateLimiter
 from service.web.store.base import (
     PNG,
     SUFFIXES,
-    SVG,
     Record,
     RecordLimitReached,
     Store,
     StoredImage,
     StoreHealth,
     VersionConflict,
-    check_name,
-    new_ids,
     valid_id,
-    valid_name,
 )
 
 _LOCK_NAME = ".lock"
@@ -82,23 +78,15 @@ class FileStore(Store):
     def _path(self, image_id: str, suffix: str = PNG) -> Path:
         return self.directory / (image_id + suffix)
 
-    def put_images(self, images: list[bytes], svgs: list[bytes] | None = None) -> list[str]:
+    def _put_files(self, files: list[tuple[str, str, bytes]]) -> None:
         """Evicts first so the limits hold after writing (an SVG counts as a file of its own)."""
-        ids = new_ids(len(images))
-        files = [(self._path(i), data) for i, data in zip(ids, images, strict=True)]
-        if svgs is not None:
-            files += [(self._path(i, SVG), data) for i, data in zip(ids, svgs, strict=True)]
-        self.check_fits([data for _, data in files], len(images))
-        incoming = sum(len(data) for _, data in files)
+        incoming = sum(len(data) for _, _, data in files)
         with self._locked(self.directory):
             self._evict(incoming_bytes=incoming, incoming_count=len(files))
-            for path, data in files:
-                _write_atomic(path, data)
-        return ids
+            for image_id, suffix, data in files:
+                _write_atomic(self._path(image_id, suffix), data)
 
-    def get_image(self, image_id: str, suffix: str = PNG) -> StoredImage | None:
-        if not valid_id(image_id) or suffix not in SUFFIXES:
-            return None
+    def _get_image(self, image_id: str, suffix: str) -> StoredImage | None:
         path = self._path(image_id, suffix)
         try:
             with open(path, "rb") as f:
@@ -145,16 +133,14 @@ class FileStore(Store):
     # -- records --------------------------------------------------------------------------
 
     def _namespace(self, namespace: str) -> Path:
-        check_name("namespace", namespace)
         return self.directory / _RECORDS / namespace
 
     def _record_path(self, namespace: str, key: str) -> Path:
         return self._namespace(namespace) / (key + _RECORD_SUFFIX)
 
-    def create_record(
-        self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int = 0
+    def _create_record(
+        self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int
     ) -> Record | None:
-        check_name("key", key)
         path = self._record_path(namespace, key)
         with self._locked(path.parent):
             if _read_record(path) is not None:
@@ -163,16 +149,12 @@ class FileStore(Store):
                 raise RecordLimitReached(max_count)
             return _write_record(path, value, 1, ttl_s)
 
-    def get_record(self, namespace: str, key: str) -> Record | None:
-        if not valid_name(key):
-            return None
+    def _get_record(self, namespace: str, key: str) -> Record | None:
         return _read_record(self._record_path(namespace, key))
 
-    def replace_record(
+    def _replace_record(
         self, namespace: str, key: str, value: bytes, *, version: int, ttl_s: float
     ) -> Record | None:
-        if not valid_name(key):
-            return None
         path = self._record_path(namespace, key)
         with self._locked(path.parent):
             current = _read_record(path)
@@ -182,16 +164,14 @@ class FileStore(Store):
                 raise VersionConflict(current.version)
             return _write_record(path, value, version + 1, ttl_s)
 
-    def delete_record(self, namespace: str, key: str) -> bool:
-        if not valid_name(key):
-            return False
+    def _delete_record(self, namespace: str, key: str) -> bool:
         path = self._record_path(namespace, key)
         with self._locked(path.parent):
             live = _read_record(path) is not None
             _unlink(str(path))
             return live
 
-    def count_records(self, namespace: str) -> int:
+    def _count_records(self, namespace: str) -> int:
         directory = self._namespace(namespace)
         with self._locked(directory):
             return self._live_records(directory)

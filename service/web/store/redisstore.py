@@ -31,19 +31,12 @@ from redis.retry import Retry
 from service.web.problems import StoreUnavailable
 from service.web.ratelimit import RateLimiter, capacity
 from service.web.store.base import (
-    PNG,
-    SUFFIXES,
-    SVG,
     Record,
     RecordLimitReached,
     Store,
     StoredImage,
     StoreHealth,
     VersionConflict,
-    check_name,
-    new_ids,
-    valid_id,
-    valid_name,
 )
 
 log = logging.getLogger("service")
@@ -231,26 +224,18 @@ class RedisStore(Store):
     def _image_key(self, image_id: str, suffix: str) -> str:
         return f"{self.prefix}heatmap:{image_id}{suffix}"
 
-    def put_images(self, images: list[bytes], svgs: list[bytes] | None = None) -> list[str]:
-        ids = new_ids(len(images))
-        files = [(self._image_key(i, PNG), data) for i, data in zip(ids, images, strict=True)]
-        if svgs is not None:
-            files += [(self._image_key(i, SVG), d) for i, d in zip(ids, svgs, strict=True)]
-        self.check_fits([data for _, data in files], len(images))
+    def _put_files(self, files: list[tuple[str, str, bytes]]) -> None:
         ttl_ms = int(self.ttl_s * 1000)
 
         def write(c: redis.Redis) -> None:
             with c.pipeline(transaction=True) as pipe:
-                for key, data in files:
-                    pipe.set(key, data, px=ttl_ms)
+                for image_id, suffix, data in files:
+                    pipe.set(self._image_key(image_id, suffix), data, px=ttl_ms)
                 pipe.execute()
 
         self._call(write)
-        return ids
 
-    def get_image(self, image_id: str, suffix: str = PNG) -> StoredImage | None:
-        if not valid_id(image_id) or suffix not in SUFFIXES:
-            return None
+    def _get_image(self, image_id: str, suffix: str) -> StoredImage | None:
         key = self._image_key(image_id, suffix)
 
         def read(c: redis.Redis) -> list[Any]:
@@ -267,13 +252,11 @@ class RedisStore(Store):
     # -- records --------------------------------------------------------------------------
 
     def _record_keys(self, namespace: str, key: str) -> list[str]:
-        check_name("namespace", namespace)
         return [f"{self.prefix}record:{namespace}:{key}", f"{self.prefix}records:{namespace}"]
 
-    def create_record(
-        self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int = 0
+    def _create_record(
+        self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int
     ) -> Record | None:
-        check_name("key", key)
         keys = self._record_keys(namespace, key)
         args: list[bytes | int | str] = [value, _ms(ttl_s), max_count, key]
         status, expiry = self._call(lambda c: self._create(keys=keys, args=args, client=c))
@@ -281,9 +264,7 @@ class RedisStore(Store):
             raise RecordLimitReached(max_count)
         return Record(value, 1, expiry / 1000) if status == 1 else None
 
-    def get_record(self, namespace: str, key: str) -> Record | None:
-        if not valid_name(key):
-            return None
+    def _get_record(self, namespace: str, key: str) -> Record | None:
         record_key = self._record_keys(namespace, key)[0]
 
         def read(c: redis.Redis) -> list[Any]:
@@ -297,11 +278,9 @@ class RedisStore(Store):
             return None
         return Record(value, int(version), time.time() + max(ttl_ms, 0) / 1000)
 
-    def replace_record(
+    def _replace_record(
         self, namespace: str, key: str, value: bytes, *, version: int, ttl_s: float
     ) -> Record | None:
-        if not valid_name(key):
-            return None
         keys = self._record_keys(namespace, key)
         args: list[bytes | int | str] = [value, _ms(ttl_s), version, key]
         status, current, expiry = self._call(
@@ -313,9 +292,7 @@ class RedisStore(Store):
             raise VersionConflict(int(current))
         return Record(value, int(current), expiry / 1000)
 
-    def delete_record(self, namespace: str, key: str) -> bool:
-        if not valid_name(key):
-            return False
+    def _delete_record(self, namespace: str, key: str) -> bool:
         record_key, index = self._record_keys(namespace, key)
 
         def delete(c: redis.Redis) -> int:
@@ -326,7 +303,7 @@ class RedisStore(Store):
 
         return bool(self._call(delete))
 
-    def count_records(self, namespace: str) -> int:
+    def _count_records(self, namespace: str) -> int:
         index = self._record_keys(namespace, "-")[1]
 
         def count(c: redis.Redis) -> int:
