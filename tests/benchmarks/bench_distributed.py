@@ -18,7 +18,6 @@ Writes tests/benchmarks/results/distributed.json and distributed.md (`make bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks.machine import describe
+from tests.benchmarks.machine import describe, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -128,11 +127,7 @@ def main() -> None:
         "split_runs": {str(c): runs for c, runs in split.items()},
         "load_1min": [min(loads), max(loads)],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "distributed.md").write_text(md)
-    print(md)
+    write_results(args.out, "distributed", result, _markdown(result))
 
 
 def _markdown(r: dict[str, Any]) -> str:

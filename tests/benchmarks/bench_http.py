@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks.machine import cpu_model
+from tests.benchmarks.machine import cpu_model, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,6 +109,10 @@ def _bodies(directory: Path) -> dict[str, Path]:
 class Server:
     """The console script in a child process; stopped (by its own pid) on exit."""
 
+    # How stop() asks the server to end, and how long it waits before killing it.
+    stop_signal = signal.SIGTERM
+    stop_grace_s = 10.0
+
     def __init__(
         self, port: int, heatmap_dir: Path, extra_args: list[str], env: dict[str, str]
     ) -> None:
@@ -146,9 +151,9 @@ class Server:
             return r.status
 
     def stop(self) -> None:
-        self.proc.terminate()
+        self.proc.send_signal(self.stop_signal)
         try:
-            self.proc.wait(10)
+            self.proc.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -480,10 +485,7 @@ def main() -> None:
             / heat["map_512_frame_kept"]["median_ms"],
         },
     }
-    (args.out / "http.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "http.md").write_text(md)
-    print(md)
+    write_results(args.out, "http", result, _markdown(result))
     failed = {n: s["non_2xx"] for n, s in http.items() if s["non_2xx"] or s["socket_errors"]}
     if failed:
         raise SystemExit(f"error answers or socket errors during the runs: {failed}")

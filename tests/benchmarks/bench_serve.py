@@ -15,23 +15,25 @@ Writes tests/benchmarks/results/serve.json and serve.md (`make bench-serve`). Ne
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.bench_http import _LUA, CONNECTIONS, Server, _bodies, _free_port, _wrk
-from tests.benchmarks.machine import describe
+from tests.benchmarks.machine import describe, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class RayServer(Server):
     """`attention-service ray` in a child process (its own local cluster); stopped by its pid."""
+
+    stop_signal = signal.SIGINT  # the launcher removes the deployment, then stops Ray
+    stop_grace_s = 60.0
 
     def __init__(self, port: int, replicas: int, heatmap_dir: Path) -> None:
         script = Path(sys.executable).parent / "attention-service"
@@ -44,15 +46,6 @@ class RayServer(Server):
         cmd = [str(script), "ray", "--port", str(port), "--replicas", str(replicas),
                "--num-cpus", "2"]  # fmt: skip
         self._start(cmd, env, 300)
-
-    def stop(self) -> None:
-        self.proc.send_signal(2)  # SIGINT: the launcher removes the deployment, stops Ray
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def main() -> None:
@@ -124,11 +117,7 @@ def main() -> None:
         "runs": {str(n): runs for n, runs in pairings.items()},
         "load_1min": [min(loads), max(loads)],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    (args.out / "serve.md").write_text(md)
-    print(md)
+    write_results(args.out, "serve", result, _markdown(result))
 
 
 def _markdown(r: dict[str, Any]) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -25,3 +27,11 @@ def describe(**facts: str) -> dict[str, str]:
         **facts,
         "python": platform.python_version(),
     }
+
+
+def write_results(directory: Path, name: str, result: dict[str, Any], markdown: str) -> None:
+    """<name>.json (the figures) and <name>.md (the table) in `directory`; the table printed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (directory / f"{name}.md").write_text(markdown)
+    print(markdown)
