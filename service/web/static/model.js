@@ -6,7 +6,6 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const KEY_STORAGE = "attention-viewer.api-key"; // shared with the main viewer page
   const SVG_NS = "http://www.w3.org/2000/svg";
   // The server's head colours (service/render/model_views.py), so both views agree.
   const COLOURS = [
@@ -24,7 +23,7 @@
   // ------------------------------------------------------------------------------------------
   // Requests
 
-  const { authHeaders, postJSON } = attentionApi; // api.js
+  const { authHeaders, keepKeyInSession, postJSON } = attentionApi; // api.js
 
   function decodeFloat32(value, shape) {
     // {"dtype": "float32", "shape", "b64"}: little-endian bytes.
@@ -350,10 +349,7 @@
   // Wiring
 
   function init() {
-    const key = $("api-key");
-    key.value = sessionStorage.getItem(KEY_STORAGE) || "";
-    key.addEventListener("input", () => sessionStorage.setItem(KEY_STORAGE, key.value.trim()));
-    $("key-form").addEventListener("submit", (e) => e.preventDefault());
+    keepKeyInSession();
     $("form").addEventListener("submit", run);
     $("layer").addEventListener("change", () => {
       layer = Number($("layer").value);

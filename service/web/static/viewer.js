@@ -5,7 +5,6 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const KEY_STORAGE = "attention-viewer.api-key";
 
   // matplotlib's viridis, 256 RGB entries: the same colours as the server's PNGs.
   const VIRIDIS_HEX =
@@ -420,7 +419,7 @@
   // ------------------------------------------------------------------------------------------
   // Talking to the service
 
-  const { apiKey, authHeaders, postJSON } = attentionApi; // api.js
+  const { apiKey, authHeaders, keepKeyInSession, postJSON } = attentionApi; // api.js
 
   // One request in flight per purpose ("compute", "images"); a newer one cancels the older.
   const inflight = new Map();
@@ -1000,14 +999,7 @@
   }
 
   function init() {
-    $("api-key").value = sessionStorage.getItem(KEY_STORAGE) || "";
-    $("api-key").addEventListener("input", () => {
-      const key = apiKey();
-      if (key) sessionStorage.setItem(KEY_STORAGE, key);
-      else sessionStorage.removeItem(KEY_STORAGE);
-      imageCache.clear();
-    });
-    $("key-form").addEventListener("submit", (e) => e.preventDefault());
+    keepKeyInSession(() => imageCache.clear());
     $("tab-tokens").addEventListener("click", () => setMode("tokens"));
     $("tab-qkv").addEventListener("click", () => setMode("qkv"));
     $("form").addEventListener("submit", onSubmit);
