@@ -466,3 +466,25 @@ def test_bad_input_names_the_argument(case: str) -> None:
         service.attention(**args, **kwargs)
     assert info.value.loc == loc, info.value
     assert str(info.value).startswith(".".join(map(str, loc)) + ": ")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_found_anywhere_in_a_large_input(dtype: type, bad: float) -> None:
+    """The finiteness check reads the input block by block: a bad value in the last block of a
+    multi-block array is refused, naming the tensor."""
+    q = np.ones((3, 300_000 // 64 * 3, 64), dtype=dtype)  # about 2.7 blocks of 2^18 values
+    k = q[:, :8].copy()
+    q.reshape(-1)[-1] = bad
+    with pytest.raises(service.InputError) as info:
+        service.attention(q, k, k)
+    assert info.value.loc == ("q",) and "NaN or Inf" in str(info.value)
+
+
+def test_value_range_check_sees_the_largest_value_in_any_block() -> None:
+    """A value that makes scale * q.k overflow float32, in the last block only: refused."""
+    q = np.ones((3, 300_000 // 64 * 3, 64), dtype=np.float32)
+    q.reshape(-1)[-1] = 3e38
+    with pytest.raises(service.InputError) as info:
+        service.attention(q, q[:, :8].copy(), q[:, :8].copy())
+    assert info.value.loc == ("q",) and "too large" in str(info.value)
