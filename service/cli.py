@@ -9,6 +9,7 @@ every other setting comes from the environment only (see service.web.settings).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -111,15 +112,9 @@ def _ray_main(argv: Sequence[str], defaults: Settings) -> None:
         ) from None
     os.environ["ATTN_HOST"] = args.host
     os.environ["ATTN_PORT"] = str(args.port)
+    # The flags' names are ServeOptions' fields.
     options = ServeOptions(
-        host=args.host,
-        port=args.port,
-        replicas=args.replicas,
-        replica_cpus=args.replica_cpus,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests,
-        num_cpus=args.num_cpus,
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)}
     )
     serve_forever(options, defaults)
 

@@ -29,8 +29,8 @@ import io
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 from matplotlib.artist import Artist
@@ -272,13 +272,16 @@ class _MapCanvas(_Layered):
         matrix: np.ndarray,
         *,
         title: str,
-        xlabel: str,
-        ylabel: str,
-        xlabels: Sequence[str] | None,
-        ylabels: Sequence[str] | None,
-        diverging: bool,
+        xlabel: str = "key",
+        ylabel: str = "query",
+        xlabels: Sequence[str] | None = None,
+        ylabels: Sequence[str] | None = None,
+        diverging: bool = False,
         sections: Sections | None = None,
     ) -> bytes:
+        """A PNG of one 2-D matrix with a colorbar (diverging colours for signed data);
+        `sections` (label, width) cut the key axis into labelled ranges with separators."""
+        matrix = np.asarray(matrix, dtype=np.float32)
         rows, cols = matrix.shape
         xpos, xtext = _ticks(cols, xlabels)
         ypos, ytext = _ticks(rows, ylabels)
@@ -320,39 +323,29 @@ class _MapCanvas(_Layered):
         return _png(self.canvas)
 
 
-_local = threading.local()
+C = TypeVar("C")
+P = ParamSpec("P")
 
 
-def render_map(
-    matrix: np.ndarray,
-    *,
-    title: str,
-    xlabel: str = "key",
-    ylabel: str = "query",
-    xlabels: Sequence[str] | None = None,
-    ylabels: Sequence[str] | None = None,
-    diverging: bool = False,
-    sections: Sections | None = None,
-) -> bytes:
-    """A PNG of one 2-D matrix with a colorbar (diverging colours for signed data); `sections`
-    (label, width) cut the key axis into labelled ranges with separators."""
-    canvas: _MapCanvas | None = getattr(_local, "canvas", None)
-    if canvas is None:
-        canvas = _local.canvas = _MapCanvas()
-    try:
-        return canvas.render(
-            np.asarray(matrix, dtype=np.float32),
-            title=title,
-            xlabel=xlabel,
-            ylabel=ylabel,
-            xlabels=xlabels,
-            ylabels=ylabels,
-            diverging=diverging,
-            sections=sections,
-        )
-    except BaseException:
-        _local.canvas = None  # never reuse a figure left half-updated
-        raise
+def _per_thread(
+    make: Callable[[], C], draw: Callable[Concatenate[C, P], bytes]
+) -> Callable[P, bytes]:
+    """`draw` on this thread's own canvas, made by `make` on first use (building a figure
+    costs far more than redrawing one). A canvas whose drawing raised is dropped: a figure
+    left half-updated is never reused."""
+    local = threading.local()
+
+    def render(*args: P.args, **kwargs: P.kwargs) -> bytes:
+        canvas = local.__dict__.pop("canvas", None) or make()
+        png = draw(canvas, *args, **kwargs)
+        local.canvas = canvas
+        return png
+
+    render.__doc__ = draw.__doc__
+    return render
+
+
+render_map = _per_thread(_MapCanvas, _MapCanvas.render)
 
 
 class _GridCanvas(_Layered):
@@ -403,6 +396,7 @@ class _GridCanvas(_Layered):
 
 
 _GRIDS_KEPT = 4  # grid figures kept per thread (one per panel count), least recently used out
+_grids = threading.local()
 
 
 def render_grid(
@@ -410,7 +404,7 @@ def render_grid(
 ) -> bytes:
     """One PNG with every map of `maps` (N, rows, cols) on a grid, sharing one colorbar;
     `sections` as for render_map (separators only: the panels are too small for labels)."""
-    grids: dict[int, _GridCanvas] = _local.__dict__.setdefault("grids", {})
+    grids: dict[int, _GridCanvas] = _grids.__dict__.setdefault("grids", {})
     n = maps.shape[0]
     canvas = grids.pop(n, None) or _GridCanvas(n)
     # If rendering fails the figure is not put back: never reuse one left half-updated.
@@ -454,7 +448,8 @@ class _PanelsCanvas:
             self.images.append(image)
         self.title = self.fig.text(0.5, 0.975, "", ha="center", va="top", fontsize=11)
 
-    def render(self, panels: Sequence[Panel], title: str) -> bytes:
+    def render(self, panels: Sequence[Panel], *, title: str) -> bytes:
+        """One PNG of up to three maps side by side, each with its own colorbar."""
         for i, (ax, image) in enumerate(zip(self.axes, self.images, strict=True)):
             shown = i < len(panels)
             ax.set_visible(shown)
@@ -480,9 +475,4 @@ class _PanelsCanvas:
         return _png(self.canvas, crop)
 
 
-def render_panels(panels: Sequence[Panel], *, title: str) -> bytes:
-    """One PNG of up to three maps side by side, each with its own colorbar."""
-    canvas: _PanelsCanvas | None = getattr(_local, "panels", None)
-    if canvas is None:
-        canvas = _local.panels = _PanelsCanvas()
-    return canvas.render(panels, title)
+render_panels = _per_thread(_PanelsCanvas, _PanelsCanvas.render)

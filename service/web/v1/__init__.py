@@ -1,7 +1,8 @@
 """The /v1 front: JSON tensors in, JSON out, heatmaps as PNG urls (or inline).
 
 One module per route group (attention, multihead, tokens, sessions, heatmaps, models), each with
-one router that sets its prefix once; the request and response models are in schemas.py (the
+one router that sets its prefix once; routing.json_io declares a JSON route's body, response and
+problem responses; the request and response models are in schemas.py (the
 real model's in model_schemas.py, the memory sessions' in session_schemas.py).
 """
 

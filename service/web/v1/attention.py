@@ -13,10 +13,9 @@ from service.core.attention import attention
 from service.core.tensor_codec import Encoding
 from service.web import wire
 from service.web.deps import AppState, StateDep
-from service.web.docs import request_body
 from service.web.jobs import fits_inline, run_attention
-from service.web.problems import PROBLEM_RESPONSES
 from service.web.scheduler import Deferred
+from service.web.v1.routing import json_io
 from service.web.v1.schemas import AttentionRequest, AttentionResponse
 
 router = APIRouter(prefix="/v1", tags=["attention"])
@@ -27,10 +26,8 @@ _COMPARISON_ARRAYS = ("rel_error_per_head", "implied_map", "exact_map")
 
 @router.post(
     "/attention",
-    response_model=AttentionResponse,
-    responses=PROBLEM_RESPONSES,
-    openapi_extra=request_body(AttentionRequest),
     summary="Scaled dot-product attention",
+    **json_io(AttentionRequest, AttentionResponse),
 )
 async def post_attention(request: Request, state: StateDep) -> Response:
     """softmax(scale * q k^T + masks) v with every option of the native library.

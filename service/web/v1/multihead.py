@@ -8,20 +8,15 @@ from starlette.responses import Response
 from service.core.multihead import multihead_attention
 from service.web import wire
 from service.web.deps import AppState, StateDep
-from service.web.docs import request_body
 from service.web.jobs import run_multihead
-from service.web.problems import PROBLEM_RESPONSES
+from service.web.v1.routing import json_io
 from service.web.v1.schemas import MultiheadRequest, MultiheadResponse
 
 router = APIRouter(prefix="/v1", tags=["attention"])
 
 
 @router.post(
-    "/multihead",
-    response_model=MultiheadResponse,
-    responses=PROBLEM_RESPONSES,
-    openapi_extra=request_body(MultiheadRequest),
-    summary="Multi-head attention",
+    "/multihead", summary="Multi-head attention", **json_io(MultiheadRequest, MultiheadResponse)
 )
 async def post_multihead(request: Request, state: StateDep) -> Response:
     """Projections, attention per head and the output projection, as in torch.

@@ -131,7 +131,11 @@ class _EncodedQKV(_Encoded):
     """A request of q, k and v: integer arrays from JSON are read as floats, and the response's
     encoding defaults to that of q."""
 
-    _floats = field_validator("q", "k", "v", check_fields=False)(_json_numbers_as_float)
+    q: Tensor = Field(description="Queries (.., Hq, Lq, D).")
+    k: Tensor = Field(description="Keys (.., Hkv, Lk, D); Hq must be a multiple of Hkv.")
+    v: Tensor = Field(description="Values (.., Hkv, Lk, Dv).")
+
+    _floats = field_validator("q", "k", "v")(_json_numbers_as_float)
 
     @classmethod
     def _first_tensor_field(cls) -> str:
@@ -152,9 +156,6 @@ class AttentionRequest(_WithHeatmap, _EncodedQKV, AttentionOptions):
         },
     )
 
-    q: Tensor = Field(description="Queries (.., Hq, Lq, D).")
-    k: Tensor = Field(description="Keys (.., Hkv, Lk, D); Hq must be a multiple of Hkv.")
-    v: Tensor = Field(description="Values (.., Hkv, Lk, Dv).")
     # Extra outputs of this response (like heatmap), not attention options: the Python API
     # has service.attention_map for them.
     stats: bool = Field(

@@ -68,8 +68,8 @@ class SessionInfo(BaseModel):
 
 
 class SegmentRequest(_WithHeatmap, _EncodedQKV):
-    """One segment: q, k, v of its n positions ((n, D), (H, n, D) or (B, H, n, D), the first
-    segment's shape but the length; n a multiple of memory.rate when compressed > 0)."""
+    """One segment: q, k, v of its n positions (Lq = Lk = n: (n, D), (H, n, D) or (B, H, n, D),
+    the first segment's shape but the length; n a multiple of memory.rate when compressed > 0)."""
 
     model_config = example_config(
         {
@@ -81,9 +81,6 @@ class SegmentRequest(_WithHeatmap, _EncodedQKV):
         extra="forbid",
     )
 
-    q: Tensor = Field(description="Queries (.., Hq, n, D).")
-    k: Tensor = Field(description="Keys (.., Hkv, n, D).")
-    v: Tensor = Field(description="Values (.., Hkv, n, Dv).")
     return_weights: bool = Field(
         False,
         description="Also return the weights (.., Hq, n, slots + raw + n) over the keys "

@@ -19,8 +19,8 @@ from service.core.errors import InputError
 from service.core.sessions import SessionOptions
 from service.web import sessions, wire
 from service.web.deps import AppState, StateDep
-from service.web.docs import request_body
 from service.web.problems import PROBLEM_MEDIA_TYPE, PROBLEM_RESPONSES
+from service.web.v1.routing import json_io
 from service.web.v1.session_schemas import (
     SegmentRequest,
     SegmentResponse,
@@ -53,10 +53,8 @@ Authorization = Annotated[str | None, Header(include_in_schema=False)]
 @router.post(
     "",
     status_code=201,
-    response_model=SessionInfo,
-    responses=_RESPONSES,
-    openapi_extra=request_body(SessionCreateRequest),
     summary="Open a memory session",
+    **json_io(SessionCreateRequest, SessionInfo, _RESPONSES),
 )
 async def create_session(
     request: Request, state: StateDep, authorization: Authorization = None
@@ -85,10 +83,8 @@ def _create(state: AppState, owner: str, body: bytes) -> Response:
 
 @router.post(
     "/{session_id}/segments",
-    response_model=SegmentResponse,
-    responses=_RESPONSES,
-    openapi_extra=request_body(SegmentRequest),
     summary="Append a segment",
+    **json_io(SegmentRequest, SegmentResponse, _RESPONSES),
 )
 async def append_segment(
     session_id: str, request: Request, state: StateDep, authorization: Authorization = None

@@ -8,28 +8,31 @@ from starlette.responses import Response
 
 from service.web import wire
 from service.web.deps import AppState, StateDep
-from service.web.docs import request_body
 from service.web.jobs import run_model, run_tokens
 from service.web.problems import PROBLEM_RESPONSES
 from service.web.v1.model_schemas import ModelTokensRequest, ModelTokensResponse
+from service.web.v1.routing import Responses, json_io
 from service.web.v1.schemas import TokensRequest, TokensResponse
 
 router = APIRouter(prefix="/v1", tags=["attention"])
 
 
+_RESPONSES: Responses = {
+    **PROBLEM_RESPONSES,
+    404: {
+        "description": 'The "model" asked for is not installed on this server (the '
+        "detail says how to install it).",
+        "content": PROBLEM_RESPONSES[422]["content"],
+    },
+}
+
+
 @router.post(
     "/tokens",
-    response_model=TokensResponse | ModelTokensResponse,
-    responses={
-        **PROBLEM_RESPONSES,
-        404: {
-            "description": 'The "model" asked for is not installed on this server (the '
-            "detail says how to install it).",
-            "content": PROBLEM_RESPONSES[422]["content"],
-        },
-    },
-    openapi_extra=request_body(TokensRequest, ModelTokensRequest),
     summary="Self-attention over a token sequence, or a real model's attention over a text",
+    **json_io(
+        (TokensRequest, ModelTokensRequest), TokensResponse | ModelTokensResponse, _RESPONSES
+    ),
 )
 async def post_tokens(request: Request, state: StateDep) -> Response:
     """Without "model": random embeddings (the same token always gets the same embedding for
