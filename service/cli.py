@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -20,58 +21,58 @@ from pydantic import ValidationError
 from service.web.settings import Settings
 
 
-def _address_arguments(p: argparse.ArgumentParser, defaults: Settings) -> None:
-    """--host and --port, the same for both commands."""
-    p.add_argument("--host", default=defaults.host, help=f"default {defaults.host} (ATTN_HOST)")
-    p.add_argument(
-        "--port", type=int, default=defaults.port, help=f"default {defaults.port} (ATTN_PORT)"
-    )
+def _setting_flag(
+    p: argparse.ArgumentParser, flag: str, defaults: Settings, setting: str, what: str, **kw: Any
+) -> None:
+    """A flag that overrides the setting `setting` (ATTN_<SETTING>): its default is the
+    setting's value, and its help names both."""
+    value = getattr(defaults, setting)
+    help = f"{what}, default {value} (ATTN_{setting.upper()})"
+    p.add_argument(flag, default=value, help=help, **kw)
+
+
+def _command(
+    prog: str, description: str, epilog: str, defaults: Settings
+) -> argparse.ArgumentParser:
+    """A command's parser with the flags both commands share: --host and --port."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    _setting_flag(p, "--host", defaults, "host", "address to listen on")
+    _setting_flag(p, "--port", defaults, "port", "port to listen on", type=int)
+    return p
 
 
 def _parser(defaults: Settings) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="attention-service",
-        description="Attention as a service: exact fused attention over HTTP, with heatmaps.",
-        epilog="Other settings come from ATTN_* environment variables (see the README). "
+    p = _command(
+        "attention-service",
+        "Attention as a service: exact fused attention over HTTP, with heatmaps.",
+        "Other settings come from ATTN_* environment variables (see the README). "
         "`attention-service ray --help`: the same app on Ray Serve replicas.",
+        defaults,
     )
-    _address_arguments(p, defaults)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=defaults.workers,
-        help=f"worker processes, default {defaults.workers} (ATTN_WORKERS)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=defaults.log_level,
-        choices=["critical", "error", "warning", "info", "debug", "trace"],
-        help=f"default {defaults.log_level} (ATTN_LOG_LEVEL)",
-    )
-    p.add_argument(
+    _setting_flag(p, "--workers", defaults, "workers", "worker processes", type=int)
+    levels = ["critical", "error", "warning", "info", "debug", "trace"]
+    _setting_flag(p, "--log-level", defaults, "log_level", "log level", choices=levels)
+    _setting_flag(
+        p,
         "--access-log",
+        defaults,
+        "access_log",
+        "one log line per request",
         action=argparse.BooleanOptionalAction,
-        default=defaults.access_log,
-        help="one log line per request (ATTN_ACCESS_LOG)",
     )
     return p
 
 
 def _ray_parser(defaults: Settings) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="attention-service ray",
-        description="Serve the same app as a Ray Serve deployment: on the Ray cluster that "
-        "RAY_ADDRESS names, else on a local one started here (and stopped on exit).",
-        epilog="Autoscaling: give --min-replicas and/or --max-replicas (then --replicas is the "
+    p = _command(
+        "attention-service ray",
+        "Serve the same app as a Ray Serve deployment: on the Ray cluster that RAY_ADDRESS "
+        "names, else on a local one started here (and stopped on exit).",
+        "Autoscaling: give --min-replicas and/or --max-replicas (then --replicas is the "
         "initial count). Needs the `ray` extra: pip install 'attention-service[ray]'.",
+        defaults,
     )
-    _address_arguments(p, defaults)
-    p.add_argument(
-        "--replicas",
-        type=int,
-        default=defaults.ray_replicas,
-        help=f"replicas, default {defaults.ray_replicas} (ATTN_RAY_REPLICAS)",
-    )
+    _setting_flag(p, "--replicas", defaults, "ray_replicas", "replicas", type=int)
     p.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas")
     p.add_argument("--max-replicas", type=int, help="autoscaling: most replicas")
     p.add_argument(
@@ -80,12 +81,13 @@ def _ray_parser(defaults: Settings) -> argparse.ArgumentParser:
         default=2.0,
         help="autoscaling: requests in flight per replica it aims at (default 2)",
     )
-    p.add_argument(
+    _setting_flag(
+        p,
         "--replica-cpus",
+        defaults,
+        "ray_replica_cpus",
+        "CPUs Ray reserves per replica",
         type=float,
-        default=defaults.ray_replica_cpus,
-        help=f"CPUs Ray reserves per replica, default {defaults.ray_replica_cpus} "
-        "(ATTN_RAY_REPLICA_CPUS)",
     )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all cores)")
     return p
