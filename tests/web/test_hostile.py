@@ -763,12 +763,24 @@ def test_range_refusals_name_the_value(server: Server) -> None:
         assert loc == want, (name, problem)
 
 
-def _running(srv: Server) -> float:
+def _metric(srv: Server, name: str, *, labelled: bool = False) -> float:
+    """The sum of the samples of `name` (over its labels) that /metrics reports. A labelled
+    counter has no sample before its first increment: 0 then."""
     status, _, body = request(srv, "GET", "/metrics", timeout=10)
-    for line in body.decode().splitlines():
-        if line.startswith("attention_compute_running "):
-            return float(line.split()[1])
-    raise AssertionError("no attention_compute_running gauge")
+    assert status == 200
+    lines = body.decode().splitlines()
+    samples = [line for line in lines if line.startswith((name + " ", name + "{"))]
+    assert samples or labelled, f"no {name} in /metrics"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in samples)
+
+
+def _running(srv: Server) -> float:
+    return _metric(srv, "attention_compute_running")
+
+
+def _abandoned(srv: Server) -> float:
+    """Jobs given up so far (client gone, timed out): only a job that was admitted counts."""
+    return _metric(srv, "attention_compute_abandoned_total", labelled=True)
 
 
 def _exact(n: int, d: int) -> bytes:
@@ -801,6 +813,7 @@ def test_no_request_holds_a_slot_past_its_timeout(tmp_path: Path, name: str) -> 
         assert request(srv, "POST", "/v1/attention", js(SMALL))[0] == 200
         baseline = srv.rss()
         for leave in (False, True):
+            abandoned = _abandoned(srv)
             start = time.monotonic()
             if leave:  # the client gives up before the server does
                 with pytest.raises((TimeoutError, OSError)):
@@ -809,6 +822,13 @@ def test_no_request_holds_a_slot_past_its_timeout(tmp_path: Path, name: str) -> 
                 status, _, body = request(srv, "POST", "/v1/attention", heavy)
                 assert status == 504, body[:300]
                 assert time.monotonic() - start < 1 + SLOT_BOUND_S
+            # The job was admitted and given up (not refused before it started, which would
+            # leave the slot free and this test vacuous) ...
+            while _abandoned(srv) == abandoned:
+                assert time.monotonic() - start < 1 + SLOT_BOUND_S, "the job was not abandoned"
+                time.sleep(0.05)
+            assert _abandoned(srv) == abandoned + 1
+            # ... and its slot is free again.
             while _running(srv):
                 assert time.monotonic() - start < 1 + SLOT_BOUND_S, "the slot is still held"
                 time.sleep(0.05)
