@@ -8,6 +8,10 @@ Semantics (see README "Semantics"):
 - A row with no allowed key gives output 0 and weights 0 (`empty_rows="zero"`, as torch 2.13's
   scaled_dot_product_attention); torch.nn.MultiheadAttention gives NaN there, available as
   `empty_rows="nan"` (in multi-head attention a row empty in any head is NaN, like torch).
+
+Over 400 lines on purpose: every option (masks, windows, block layouts, memory, multi-head
+weights) with its meaning, which the API documents are built from, and its checks, side by side
+in the one place a reader looks for what an option does.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Request models extend the shared options models (service.core.options), so every option keeps its
 name, default and validation; they only add the tensors, the heatmap request and the response
 encoding. Tensors are validated by the Tensor type (numpy in bulk).
+Slightly over 400 lines: the models of the exact, multi-head and token routes share their
+bases and examples (the real model's and the sessions' models have their own modules).
 """
 
 from __future__ import annotations
