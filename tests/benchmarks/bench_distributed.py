@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks.machine import describe, write_results
+from tests.benchmarks.machine import describe, report, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,38 +130,40 @@ def main() -> None:
     write_results(args.out, "distributed", result, _markdown(result))
 
 
+SPLIT_COLUMNS = (
+    "chunks", "time (ms)", "/ single", "put (ms)", "kernels (ms, each)", "merge (ms)",
+    "merge + put", "overhead beyond compute", "max rel. error",
+)  # fmt: skip
+
+
+def _split_row(row: dict[str, Any]) -> list[str]:
+    return [
+        str(row["chunks"]),
+        f"{row['ms']:.0f}",
+        f"{row['ratio_to_single']:.2f}",
+        f"{row['put_ms']:.0f}",
+        ", ".join(f"{x:.0f}" for x in row["kernel_ms_median_run"]),
+        f"{row['merge_ms']:.0f}",
+        f"{100 * row['merge_and_put_share']:.1f} %",
+        f"{100 * row['overhead_share']:.1f} %",
+        f"{row['max_rel_error']:.1e}",
+    ]
+
+
 def _markdown(r: dict[str, Any]) -> str:
     m, c = r["machine"], r["case"]
-    lines = [
-        "# distributed_attention against single-process attention",
-        "",
+    return report(
+        "distributed_attention against single-process attention",
         f"{m['cpu']}, {m['cores']} cores; Ray {m['ray']}, local cluster of "
         f"{r['cluster_cpus']} CPUs; B={c['B']} H={c['H']} N={c['N']} D={c['D']} causal, "
         f"float32; median of {r['rounds']} interleaved rounds; load average "
         f"{r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f} (shared machine: provisional).",
-        "",
         f"Single process, {r['cluster_cpus']} threads: **{r['single_ms_median']:.0f} ms**.",
-        "",
-        "| chunks | time (ms) | / single | put (ms) | kernels (ms, each) | merge (ms) "
-        "| merge + put | overhead beyond compute | max rel. error |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for row in r["split"]:
-        kernels = ", ".join(f"{x:.0f}" for x in row["kernel_ms_median_run"])
-        lines.append(
-            f"| {row['chunks']} | {row['ms']:.0f} | {row['ratio_to_single']:.2f} "
-            f"| {row['put_ms']:.0f} | {kernels} | {row['merge_ms']:.0f} "
-            f"| {100 * row['merge_and_put_share']:.1f} % | {100 * row['overhead_share']:.1f} % "
-            f"| {row['max_rel_error']:.1e} |"
-        )
-    lines += [
-        "",
+        table(SPLIT_COLUMNS, "rrrrlrrrr", map(_split_row, r["split"])),
         "Overhead beyond compute: the time not explained by the kernels' critical path "
         "(the longest kernel, or their sum over the CPUs if longer): putting inputs, "
         "scheduling, moving partial results back, merging.",
-        "",
-    ]
-    return "\n".join(lines)
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.benchmarks.machine import cpu_model, write_results
+from tests.benchmarks.machine import cpu_model, report, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -345,60 +345,55 @@ def bench_tokens_request(server_url: str, repeat: int) -> dict[str, float]:
     }
 
 
+REQUEST_COLUMNS = (
+    "request", "req/s (best)", "req/s (median)", "server CPU ms/req, median (min)",
+    "of which event loop", "goal req/s", "best/goal", "goal CPU ms", "goal/CPU",
+)  # fmt: skip
+REQUEST_LABELS = {
+    "healthz": "GET /healthz (baseline)",
+    "list": "POST /v1/attention, nested lists",
+    "b64": "POST /v1/attention, b64",
+}
+HEATMAP_COLUMNS = (
+    "heatmap (in-process)", "median ms", "min ms", "CPU ms (median)", "goal ms", "goal/median",
+)  # fmt: skip
+
+
+def _request_row(key: str, s: dict[str, Any]) -> list[str]:
+    name, _, config = key.partition(" ")
+    rps_goal, cpu_goal = GOALS.get(f"{name}_rps"), GOALS.get(f"{name}_cpu_ms")
+    cpu = s["server_cpu_ms_per_request_median"]
+    cells = [
+        REQUEST_LABELS[name] + (f", worker thread {config}" if config else ""),
+        f"{s['rps_best']:.0f}",
+        f"{s['rps_median']:.0f}",
+        f"{cpu:.3f} ({s['server_cpu_ms_per_request_min']:.3f})",
+        f"{s['event_loop_cpu_ms_per_request_median']:.3f}",
+    ]
+    cells += [f"{rps_goal:.0f}", f"{s['rps_best'] / rps_goal:.2f}"] if rps_goal else ["-", "-"]
+    cells += [f"{cpu_goal:.1f}", f"{cpu_goal / cpu:.2f}"] if cpu_goal else ["-", "-"]
+    return cells
+
+
+def _heatmap_row(label: str, r: dict[str, Any], goal: float | None) -> list[str]:
+    cells = [label, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['cpu_median_ms']:.1f}"]
+    return cells + ([f"{goal:.0f}", f"{goal / r['median_ms']:.2f}"] if goal else ["-", "-"])
+
+
 def _markdown(result: dict[str, Any]) -> str:
     h, m = result["http"], result["heatmaps"]
-    lines = [
-        "# HTTP benchmark",
-        "",
-        f"Machine: {result['machine']}; load average before/after: "
-        f"{result['loadavg_before']} / {result['loadavg_after']}.",
-        f"Command: `{result['command']}`; wrk -t{result['wrk_threads']} -c{CONNECTIONS} "
-        f"-d{result['duration_s']:g}s, {result['rounds']} interleaved rounds; access log "
-        f"{'on' if result['access_log'] else 'off'}.",
-        "",
-        "| request | req/s (best) | req/s (median) | server CPU ms/req, median (min) "
-        "| of which event loop | goal req/s | best/goal | goal CPU ms | goal/CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    labels = {
-        "healthz": "GET /healthz (baseline)",
-        "list": "POST /v1/attention, nested lists",
-        "b64": "POST /v1/attention, b64",
-    }
-    for key, s in h.items():
-        name, _, config = key.partition(" ")
-        label = labels[name] + (f", worker thread {config}" if config else "")
-        rps_goal, cpu_goal = GOALS.get(f"{name}_rps"), GOALS.get(f"{name}_cpu_ms")
-        cpu = s["server_cpu_ms_per_request_median"]
-        lines.append(
-            f"| {label} | {s['rps_best']:.0f} | {s['rps_median']:.0f} | {cpu:.3f} "
-            f"({s['server_cpu_ms_per_request_min']:.3f}) | "
-            f"{s['event_loop_cpu_ms_per_request_median']:.3f} | "
-            + (f"{rps_goal:.0f} | {s['rps_best'] / rps_goal:.2f} | " if rps_goal else "- | - | ")
-            + (f"{cpu_goal:.1f} | {cpu_goal / cpu:.2f} |" if cpu_goal else "- | - |")
-        )
+    inline_vs_thread = []
     for name in ("list", "b64"):
         inline, thread = h[name], h[_key("thread", name)]
         cpu_ratio = (
             inline["server_cpu_ms_per_request_median"] / thread["server_cpu_ms_per_request_median"]
         )
-        lines.append(
-            f"\n{labels[name]}: inline / worker thread, side by side: req/s (median) "
+        inline_vs_thread.append(
+            f"{REQUEST_LABELS[name]}: inline / worker thread, side by side: req/s (median) "
             f"{inline['rps_median'] / thread['rps_median']:.2f}x, server CPU per request "
             f"{cpu_ratio:.2f}x."
         )
-    lines += [
-        "",
-        "Server CPU per request: every thread of the server process (event loop, compute "
-        "workers, native kernel), from /proc; the event loop's share beside it. Most of it runs "
-        "under the GIL, one thread at a time, so one worker process answers at most about "
-        "1000 / (server CPU ms) requests/s however many cores are idle; requests/s also fall "
-        "with whatever else the machine runs (see the load average).",
-        "",
-        "| heatmap (in-process) | median ms | min ms | CPU ms (median) | goal ms | goal/median |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    rows = [
+    heatmaps = [
         (
             "512x512 with colorbar, whole figure drawn",
             m["map_512_frame_drawn"],
@@ -416,23 +411,28 @@ def _markdown(result: dict[str, Any]) -> str:
         ),
         ("grid of 12 heads x 16x16 tokens, one image", m["grid12_tokens16"], GOALS["grid12_ms"]),
     ]
-    for label, r, goal in rows:
-        goal_text = f"{goal:.0f} | {goal / r['median_ms']:.2f}" if goal else "- | -"
-        lines.append(
-            f"| {label} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['cpu_median_ms']:.1f} | "
-            f"{goal_text} |"
-        )
     t = result["tokens_request_16_tokens"]
-    lines += [
-        "",
+    return report(
+        "HTTP benchmark",
+        f"Machine: {result['machine']}; load average before/after: "
+        f"{result['loadavg_before']} / {result['loadavg_after']}.\n"
+        f"Command: `{result['command']}`; wrk -t{result['wrk_threads']} -c{CONNECTIONS} "
+        f"-d{result['duration_s']:g}s, {result['rounds']} interleaved rounds; access log "
+        f"{'on' if result['access_log'] else 'off'}.",
+        table(REQUEST_COLUMNS, "lrrrrrrrr", (_request_row(k, s) for k, s in h.items())),
+        *inline_vs_thread,
+        "Server CPU per request: every thread of the server process (event loop, compute "
+        "workers, native kernel), from /proc; the event loop's share beside it. Most of it runs "
+        "under the GIL, one thread at a time, so one worker process answers at most about "
+        "1000 / (server CPU ms) requests/s however many cores are idle; requests/s also fall "
+        "with whatever else the machine runs (see the load average).",
+        table(HEATMAP_COLUMNS, "lrrrrr", (_heatmap_row(*row) for row in heatmaps)),
         f"POST /v1/tokens, 16 tokens, defaults ({t['images']} images: 8 heads, mean, grid, "
         f"positional encoding), one request at a time through the server: median "
         f"{t['median_ms']:.0f} ms, best {t['min_ms']:.0f} ms; goal "
         f"{GOALS['tokens_request_ms']:.0f} ms (goal/median "
         f"{GOALS['tokens_request_ms'] / t['median_ms']:.2f}).",
-        "",
-    ]
-    return "\n".join(lines)
+    )
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.bench_http import _LUA, CONNECTIONS, Server, _bodies, _free_port, _wrk
-from tests.benchmarks.machine import describe, write_results
+from tests.benchmarks.machine import describe, report, table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -120,31 +120,35 @@ def main() -> None:
     write_results(args.out, "serve", result, _markdown(result))
 
 
+SERVE_COLUMNS = (
+    "processes", "uvicorn req/s", "Ray Serve req/s", "Ray / uvicorn", "uvicorn p50 / p99 (ms)",
+    "Ray Serve p50 / p99 (ms)", "errors",
+)  # fmt: skip
+
+
+def _serve_row(row: dict[str, Any]) -> list[str]:
+    u, s = row["uvicorn"], row["ray"]
+    return [
+        str(row["processes"]),
+        f"{u['rps_median']:.0f}",
+        f"{s['rps_median']:.0f}",
+        f"{row['ray_over_uvicorn']:.2f}",
+        f"{u['p50_ms_median']:.1f} / {u['p99_ms_median']:.1f}",
+        f"{s['p50_ms_median']:.1f} / {s['p99_ms_median']:.1f}",
+        str(u["non_2xx"] + s["non_2xx"]),
+    ]
+
+
 def _markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [
-        "# Ray Serve against uvicorn",
-        "",
+    return report(
+        "Ray Serve against uvicorn",
         f"{m['cpu']}, {m['cores']} cores; Ray {m['ray']} (local cluster, 2 CPUs). "
         f"{r['request']}; {r['load_generator']}; median of {r['rounds']} interleaved rounds; "
         f"load average {r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f} (shared machine: "
         "provisional).",
-        "",
-        "| processes | uvicorn req/s | Ray Serve req/s | Ray / uvicorn | uvicorn p50 / p99 (ms) "
-        "| Ray Serve p50 / p99 (ms) | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in r["summary"]:
-        u, s = row["uvicorn"], row["ray"]
-        lines.append(
-            f"| {row['processes']} | {u['rps_median']:.0f} | {s['rps_median']:.0f} "
-            f"| {row['ray_over_uvicorn']:.2f} "
-            f"| {u['p50_ms_median']:.1f} / {u['p99_ms_median']:.1f} "
-            f"| {s['p50_ms_median']:.1f} / {s['p99_ms_median']:.1f} "
-            f"| {u['non_2xx'] + s['non_2xx']} |"
-        )
-    lines.append("")
-    return "\n".join(lines)
+        table(SERVE_COLUMNS, "rrrrrrr", map(_serve_row, r["summary"])),
+    )
 
 
 if __name__ == "__main__":

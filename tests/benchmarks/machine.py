@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,21 @@ def describe(**facts: str) -> dict[str, str]:
         **facts,
         "python": platform.python_version(),
     }
+
+
+def report(title: str, *blocks: str) -> str:
+    """A report: `# title`, then the blocks (paragraphs, tables) one blank line apart."""
+    return "\n\n".join([f"# {title}", *blocks]) + "\n"
+
+
+def table(columns: Sequence[str], align: str, rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table of already formatted cells; `align` has a letter a column: l for text,
+    r for figures (right-aligned)."""
+    if len(align) != len(columns):
+        raise ValueError(f"align {align!r} has {len(align)} letters for {len(columns)} columns")
+    rule = {"l": "---", "r": "---:"}
+    lines = [columns, [rule[a] for a in align], *rows]
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in lines)
 
 
 def write_results(directory: Path, name: str, result: dict[str, Any], markdown: str) -> None:
