@@ -27,6 +27,7 @@
   const VIRIDIS = new Uint8Array(768);
   for (let i = 0; i < 768; i++) VIRIDIS[i] = parseInt(VIRIDIS_HEX.substr(2 * i, 2), 16);
   const NAN_RGB = [200, 200, 200];
+  const TENSORS = ["q", "k", "v"]; // one .npy file field each; k and v default to q
 
   // ------------------------------------------------------------------------------------------
   // Errors next to their fields
@@ -201,7 +202,7 @@
 
   async function attentionRequest(errors) {
     const tensors = {};
-    for (const name of ["q", "k", "v"]) {
+    for (const name of TENSORS) {
       const file = $(`file-${name}`).files[0];
       if (!file) continue;
       try {
@@ -998,14 +999,32 @@
     }
   }
 
+  // A .npy field a tensor, from the page's template: the input file-<name>, described by
+  // file-<name>-info and file-<name>-error (the error answers for the location <name>).
+  function addFileFields() {
+    const template = $("file-field");
+    for (const name of TENSORS) {
+      const field = template.content.firstElementChild.cloneNode(true);
+      const [label, input, info, error] = field.children;
+      input.id = `file-${name}`;
+      info.id = `${input.id}-info`;
+      error.id = `${input.id}-error`;
+      error.dataset.loc = name;
+      input.setAttribute("aria-describedby", `${info.id} ${error.id}`);
+      label.htmlFor = input.id;
+      if (name === "q") label.replaceChildren(name); // k and v are optional: they default to q
+      else label.prepend(`${name} `);
+      input.addEventListener("change", () => describeFile(name));
+      template.before(field);
+    }
+  }
+
   function init() {
     keepKeyInSession(() => imageCache.clear());
     $("tab-tokens").addEventListener("click", () => setMode("tokens"));
     $("tab-qkv").addEventListener("click", () => setMode("qkv"));
     $("form").addEventListener("submit", onSubmit);
-    for (const name of ["q", "k", "v"]) {
-      $(`file-${name}`).addEventListener("change", () => describeFile(name));
-    }
+    addFileFields();
     $("shared-scale").addEventListener("change", () => {
       if (!view) return;
       renderTiles();
