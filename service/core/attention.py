@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from service.core import approx, exact, memory
-from service.core.inputs import ArrayLike, caller_rank, parse_options, thread_count, to_output
+from service.core.inputs import (
+    ArrayLike,
+    Peaks,
+    caller_rank,
+    parse_options,
+    thread_count,
+    to_output,
+)
 from service.core.masking import prepare
 from service.core.options import AttentionOptions, MaskingOptions
 from service.core.results import AttentionResult
@@ -43,13 +50,13 @@ def attention(
     exact_method = opts.method == "exact"
     # 16-bit inputs stay 16-bit for the kernel, except with memory (slots are pooled in float32).
     keep_half = exact_method and opts.memory is None
-    q4, k4, v4, rank, kw = prepare(q, k, v, opts, keep_half=keep_half)
+    q4, k4, v4, rank, kw, peaks = prepare(q, k, v, opts, keep_half=keep_half)
     approx.check_options(opts)  # options the chosen method does not support are errors
     if not exact_method:
-        return _approximation(q, q4, k4, v4, opts, rank)
+        return _approximation(q, q4, k4, v4, opts, rank, peaks)
     memory.check_options(opts, q4.shape[2], k4.shape[2])
     if opts.memory is not None:  # compressed slots become keys after the raw ones
-        k4, v4, kw = memory.with_slots(k4, v4, opts.memory, kw)
+        k4, v4, kw = memory.with_slots(k4, v4, opts.memory, kw)  # the same peaks (with_slots)
     rows = opts.weights_rows
     out, lse, weights, elapsed = exact.run(
         q4,
@@ -57,6 +64,7 @@ def attention(
         v4,
         opts,
         kw,
+        peaks=peaks,
         return_weights=opts.return_weights,
         threads=threads,
         out_dtype=opts.out_dtype,
@@ -89,12 +97,13 @@ def _approximation(
     v4: np.ndarray,
     opts: AttentionOptions,
     rank: int,
+    peaks: Peaks,
 ) -> AttentionResult:
     """`approx.run` in the caller's rank and type (`like` is the caller's q).
 
     The comparison's maps and per-head errors take q's leading dims too; they stay numpy.
     """
-    res = approx.run(q4, k4, v4, opts)
+    res = approx.run(q4, k4, v4, opts, peaks=peaks)
 
     def shaped(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else caller_rank(a, rank)

@@ -9,6 +9,7 @@ import numpy as np
 
 from service import _native
 from service.core.frameworks import bfloat16_from_bits
+from service.core.inputs import Peaks
 from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.native_call import call_native
 from service.core.options import MaskingOptions
@@ -21,6 +22,7 @@ def run(
     opts: MaskingOptions,
     masking: dict[str, Any],
     *,
+    peaks: Peaks,
     return_weights: bool,
     threads: int,
     out_dtype: str = "float32",
@@ -29,10 +31,11 @@ def run(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
     """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
     out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16). With weights_rows,
-    the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
+    the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole. `peaks`: max|x|
+    of q4, k4, v4 as the input checks found them (qkv_4d), for the magnitude rules.
     """
-    scale = check_scores(opts, q4, k4, v4)
-    values, scaling = scale_values(v4, sum_growth(opts, q4, k4))
+    scale = check_scores(opts, q4, k4, peaks)
+    values, scaling = scale_values(v4, sum_growth(opts, q4, k4, peaks), peaks.v)
     rows = None if weights_rows is None else np.asarray(weights_rows, dtype=np.int64)
     (out, lse, weights), elapsed = call_native(
         _native.attention,

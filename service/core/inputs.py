@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -120,31 +121,53 @@ def _magnitude(arr: np.ndarray) -> float:
     return float(np.array([top], dtype=utype).view(arr.dtype)[0])
 
 
-def _check_finite(name: str, arr: np.ndarray) -> np.ndarray:
-    if not math.isfinite(_magnitude(arr)):
+def _finite(name: str, arr: np.ndarray) -> tuple[np.ndarray, float]:
+    """arr and its max|x|, after refusing NaN and Inf; the magnitude rules (magnitudes.py) reuse
+    the max, so that each input is read once per call."""
+    peak = _magnitude(arr)
+    if not math.isfinite(peak):
         raise InputError(name, f"contains NaN or Inf (as {arr.dtype})")
-    return arr
+    return arr, peak
 
 
-def as_float32(name: str, x: Any) -> np.ndarray:
+def checked_float32(name: str, x: Any) -> tuple[np.ndarray, float]:
     """A C-contiguous, finite float32 view (or copy, when the dtype or strides require one) of a
-    floating-point array of any library."""
+    floating-point array of any library, and its max|x|."""
     arr = _as_float_array(name, x)
     with np.errstate(over="ignore"):  # float64 beyond float32's range is reported below
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-    return _check_finite(name, arr)
+    return _finite(name, arr)
 
 
-def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[np.ndarray]:
-    """Arrays the attention kernel reads: C-contiguous and finite, kept in float16 or bfloat16
-    when all of them have that dtype (the kernel reads 16-bit floats as they are), else float32."""
+def as_float32(name: str, x: Any) -> np.ndarray:
+    """checked_float32's array alone."""
+    return checked_float32(name, x)[0]
+
+
+def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[tuple[np.ndarray, float]]:
+    """Arrays the attention kernel reads, each with its max|x|: C-contiguous and finite, kept in
+    float16 or bfloat16 when all of them have that dtype (the kernel reads 16-bit floats as they
+    are), else float32. Each max is that of the array returned, after any conversion."""
     arrays = [_as_float_array(name, x) for name, x in zip(names, xs, strict=True)]
     dtype = arrays[0].dtype
     if is_half(dtype) and all(a.dtype == dtype for a in arrays):
-        return [
-            _check_finite(n, np.ascontiguousarray(a)) for n, a in zip(names, arrays, strict=True)
-        ]
-    return [as_float32(name, a) for name, a in zip(names, arrays, strict=True)]
+        return [_finite(n, np.ascontiguousarray(a)) for n, a in zip(names, arrays, strict=True)]
+    return [checked_float32(name, a) for name, a in zip(names, arrays, strict=True)]
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """max|q|, max|k|, max|v| of the arrays the kernel reads (0 for empty ones): the bounds the
+    magnitude rules need, found by the finiteness check rather than by scanning again."""
+
+    q: float
+    k: float
+    v: float
+
+    @classmethod
+    def of(cls, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Peaks:
+        """Measured: for finite arrays that did not come through the checks here."""
+        return cls(absmax(q), absmax(k), absmax(v))
 
 
 def to_output(arr: np.ndarray | None, like: Any) -> ArrayLike | None:
@@ -212,16 +235,17 @@ def as_4d(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]
 
 def qkv_4d(
     q: Any, k: Any, v: Any, *, keep_half: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """q, k, v as checked 4-D arrays (B, H, L, D) and the rank the caller used: float32, or
-    with keep_half float16 / bfloat16 when all three have that dtype."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, Peaks]:
+    """q, k, v as checked 4-D arrays (B, H, L, D), the rank the caller used and their max|x|:
+    float32, or with keep_half float16 / bfloat16 when all three have that dtype."""
     names = ("q", "k", "v")
     if keep_half:
-        arrays = kernel_inputs(names, (q, k, v))
+        checked = kernel_inputs(names, (q, k, v))
     else:
-        arrays = [as_float32(name, x) for name, x in zip(names, (q, k, v), strict=True)]
-    q4, k4, v4 = as_4d(*arrays)
-    return q4, k4, v4, arrays[0].ndim
+        checked = [checked_float32(name, x) for name, x in zip(names, (q, k, v), strict=True)]
+    arrays = [a for a, _ in checked]
+    q4, k4, v4 = as_4d(*arrays)  # views: the same values, so the same peaks
+    return q4, k4, v4, arrays[0].ndim, Peaks(*(peak for _, peak in checked))
 
 
 def caller_rank(a: np.ndarray, rank: int) -> np.ndarray:

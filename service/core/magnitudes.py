@@ -4,6 +4,8 @@ The rule, the same for every method and every front: a finite input gets the rig
 answer, or an InputError (422) naming the value that is out of range. Scores must stay within
 float32 (F32_SAFE): `scale * q.k` for exact attention (bounded by scale * D * max|q| * max|k|),
 and for each approximation the quantity its own products form (`check_scores`).
+Every rule reads max|q|, max|k|, max|v| from the Peaks the input checks found (inputs.Peaks),
+never from another pass over the arrays.
 
 Values are different: the output is a weighted mean of the rows of v, so it is finite whenever v
 is, but the kernel forms the weighted sum before dividing by the weights' total (up to one per
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.core.inputs import F32_SAFE, absmax, check_magnitude
+from service.core.inputs import F32_SAFE, Peaks, check_magnitude
 from service.core.options import AttentionOptions, MaskingOptions
 
 
@@ -29,7 +31,7 @@ def score_scale(opts: MaskingOptions, d: int) -> float:
     return opts.scale if opts.scale is not None else 1.0 / math.sqrt(d)
 
 
-def check_scores(opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray, v4: np.ndarray) -> float:
+def check_scores(opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray, peaks: Peaks) -> float:
     """The score scale, after refusing inputs whose scores could overflow float32 (naming q):
     for exact attention and performer scale * q.k; for linformer the same against keys
     projected over the sequence (each a signed sum of Lk keys / sqrt(Lk)), whose values F v
@@ -37,21 +39,23 @@ def check_scores(opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray, v4: np.nd
     (phi(x) = elu(x) + 1 <= 1 + |x|) summed over the keys."""
     d, lk = q4.shape[3], k4.shape[2]
     scale = score_scale(opts, d)
-    qmax, kmax = absmax(q4), absmax(k4)
+    qmax, kmax = peaks.q, peaks.k
     method = opts.method if isinstance(opts, AttentionOptions) else "exact"
     if method == "linear":
         bound, what = d * (1 + qmax) * (1 + kmax) * max(lk, 1), "phi(q).phi(k) over the keys"
     elif method == "linformer":
         root = math.sqrt(max(lk, 1))
         bound, what = abs(scale) * d * qmax * kmax * root, "scale * q.(E k), projected keys"
-        check_magnitude("v", absmax(v4) * root, "the projected values F v")
+        check_magnitude("v", peaks.v * root, "the projected values F v")
     else:
         bound, what = abs(scale) * d * qmax * kmax, "scale * q.k"
     check_magnitude("q", bound, what)
     return float(scale)
 
 
-def sum_growth(opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray, features: int = 0) -> float:
+def sum_growth(
+    opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray, peaks: Peaks, features: int = 0
+) -> float:
     """How far above max|v| the weighted sums a method forms before normalising can reach:
     exact attention sums up to Lk rows of v with weights <= 1; linear weights them by
     phi(q).phi(k) (bounded as in check_scores); performer's shifted features are <= 1,
@@ -59,7 +63,7 @@ def sum_growth(opts: MaskingOptions, q4: np.ndarray, k4: np.ndarray, features: i
     lk = max(k4.shape[2], 1)
     method = opts.method if isinstance(opts, AttentionOptions) else "exact"
     if method == "linear":
-        return q4.shape[3] * (1 + absmax(q4)) * (1 + absmax(k4)) * lk
+        return q4.shape[3] * (1 + peaks.q) * (1 + peaks.k) * lk
     if method == "performer":
         return features * lk
     if method == "linformer":
@@ -85,10 +89,12 @@ class VScaling:
         return np.clip(wide, -peaks, peaks, out=wide).astype(dtype, copy=False)
 
 
-def scale_values(v4: np.ndarray, growth: float) -> tuple[np.ndarray, VScaling | None]:
-    """v (B, Hkv, Lk, Dv) scaled when sums reaching `growth` times max|v| (sum_growth) could
-    overflow float32, and what undoes it; v itself and None in the usual case."""
-    if absmax(v4) * growth <= F32_SAFE:
+def scale_values(
+    v4: np.ndarray, growth: float, v_peak: float
+) -> tuple[np.ndarray, VScaling | None]:
+    """v (B, Hkv, Lk, Dv) scaled when sums reaching `growth` times max|v| (v_peak; sum_growth)
+    could overflow float32, and what undoes it; v itself and None in the usual case."""
+    if v_peak * growth <= F32_SAFE:
         return v4, None
     # Only bfloat16 among the 16-bit inputs reaches float32's range; a power of two keeps it
     # exact in its own dtype, which the kernel needs alike for q, k and v.

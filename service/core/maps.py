@@ -71,11 +71,11 @@ def attention_map(
     pq, pk = _bins(bins)
     kk = _top_k(top_k)
     threads = thread_count(num_threads)
-    q4, k4, v4, rank, kw = prepare(q, k, v, opts)
+    q4, k4, v4, rank, kw, peaks = prepare(q, k, v, opts)
     b, hq, lq, d = q4.shape
     lk, dv = k4.shape[2], v4.shape[3]
-    scale = check_scores(opts, q4, k4, v4)
-    values, scaling = scale_values(v4, sum_growth(opts, q4, k4))
+    scale = check_scores(opts, q4, k4, peaks)
+    values, scaling = scale_values(v4, sum_growth(opts, q4, k4, peaks), peaks.v)
     (out, lse, pooled, entropy, idx, weights, colsum), elapsed = call_native(
         _native.attention_maps,
         q4,

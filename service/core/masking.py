@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from service.core.errors import InputError
-from service.core.inputs import F32_SAFE, check_magnitude, is_float_dtype, qkv_4d
+from service.core.inputs import F32_SAFE, Peaks, check_magnitude, is_float_dtype, qkv_4d
 from service.core.layouts import block_layout
 from service.core.options import BlockMask, MaskingOptions
 
@@ -89,13 +89,13 @@ def layout_4d(bm: BlockMask, shape: tuple[int, int, int, int]) -> dict[str, Any]
 
 def prepare(
     q: Any, k: Any, v: Any, opts: MaskingOptions, *, keep_half: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict[str, Any], Peaks]:
     """q, k, v checked and 4-D (float32, or float16 / bfloat16 kept with keep_half), the rank
-    the caller used, and the masking options as the kernel's arguments (checked against the
-    shapes)."""
-    q4, k4, v4, rank = qkv_4d(q, k, v, keep_half=keep_half)
+    the caller used, the masking options as the kernel's arguments (checked against the
+    shapes), and max|x| of q, k, v as the checks found them."""
+    q4, k4, v4, rank, peaks = qkv_4d(q, k, v, keep_half=keep_half)
     b, hq, lq, _ = q4.shape
-    return q4, k4, v4, rank, native_masking(opts, (b, hq, lq, k4.shape[2]))
+    return q4, k4, v4, rank, native_masking(opts, (b, hq, lq, k4.shape[2])), peaks
 
 
 def native_masking(opts: MaskingOptions, shape: tuple[int, int, int, int]) -> dict[str, Any]:

@@ -90,7 +90,9 @@ def with_slots(
     k4: np.ndarray, v4: np.ndarray, mem: Memory, masking: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """k and v with the slots after the raw positions (as they are without compression), and
-    the masking arguments with the memory's."""
+    the masking arguments with the memory's. max|x| of k and v stays what it was (the checks'
+    Peaks still hold): a slot is a max of raw values, or their mean, which in float64 and
+    rounded to float32 cannot pass the float32 max|x| of the values it pools."""
     kw = {**masking, **native_memory(mem)}
     if mem.compressed == 0:
         return k4, v4, kw

@@ -15,8 +15,8 @@ from service.core.inputs import (
     F32_SAFE,
     ArrayLike,
     absmax,
-    as_float32,
     check_magnitude,
+    checked_float32,
     input_error,
     parse_options,
     thread_count,
@@ -100,9 +100,10 @@ def multihead_attention(
     threads = thread_count(num_threads)
     key_name = "query" if key is None else "key"
     value_name = key_name if value is None else "value"
-    key = query if key is None else key
-    value = key if value is None else value
-    x, kx, vx = (as_float32(n, t) for n, t in (("query", query), ("key", key), ("value", value)))
+    # Each tensor checked (and converted) once, with its max|x|; a defaulted one is the other's.
+    x, x_peak = checked_float32("query", query)
+    kx, k_peak = (x, x_peak) if key is None else checked_float32("key", key)
+    vx, v_peak = (kx, k_peak) if value is None else checked_float32("value", value)
     if x.ndim not in (2, 3):
         raise InputError("query", f"expected (B, Lq, E) or (Lq, E); got {x.ndim} dimensions")
     for name, a in (("key", kx), ("value", vx)):
@@ -128,9 +129,9 @@ def multihead_attention(
     kw = native_masking(opts, (b, num_heads, lq, lk))
     scale = opts.scale if opts.scale is not None else 1.0 / math.sqrt(head_dim)
     # Bounds of the projections and scores, from the largest magnitudes involved.
-    q_max = e * absmax(x) * absmax(w["q_proj"]) + absmax(w["q_bias"])
-    k_max = kdim * absmax(kx) * absmax(w["k_proj"]) + absmax(w["k_bias"])
-    v_max = vdim * absmax(vx) * absmax(w["v_proj"]) + absmax(w["v_bias"])
+    q_max = e * x_peak * absmax(w["q_proj"]) + absmax(w["q_bias"])
+    k_max = kdim * k_peak * absmax(w["k_proj"]) + absmax(w["k_bias"])
+    v_max = vdim * v_peak * absmax(w["v_proj"]) + absmax(w["v_bias"])
     out_max = e * v_max * absmax(w["out_proj"]) + absmax(w["out_bias"])
     # Each bound names the tensor that drives it (one defaulted to another names that one).
     check_magnitude("query", q_max, "its projection")

@@ -32,6 +32,8 @@ from service.core import exact
 from service.core.errors import InputError
 from service.core.inputs import (
     ArrayLike,
+    Peaks,
+    absmax,
     caller_rank,
     input_error,
     qkv_4d,
@@ -193,7 +195,7 @@ def append(
     segment had them). Returns its result and the state after it; `state` is left as it was."""
     opts = state.options
     spec = opts.memory
-    q4, k4, v4, rank = qkv_4d(q, k, v)
+    q4, k4, v4, rank, peaks = qkv_4d(q, k, v)
     b, hq, n, d = q4.shape
     if k4.shape[2] != n:
         raise InputError(
@@ -214,10 +216,17 @@ def append(
 
     keys = _joined(state.slot_k, state.raw_k, k4)
     values = _joined(state.slot_v, state.raw_v, v4)
+    # max|x| of the joined keys and values: the segment's from its checks, the memory's (at most
+    # M positions and their slots) measured; np.max, unlike max, keeps a NaN of a stored state.
+    joined = Peaks(
+        peaks.q,
+        float(np.max((peaks.k, absmax(state.slot_k), absmax(state.raw_k)))),
+        float(np.max((peaks.v, absmax(state.slot_v), absmax(state.raw_v)))),
+    )
     attn = AttentionOptions(causal="bottom_right" if opts.causal else False, scale=opts.scale)
     kw = native_masking(attn, (b, hq, n, keys.shape[2]))
     out, lse, weights, elapsed = exact.run(
-        q4, keys, values, attn, kw, return_weights=return_weights, threads=threads
+        q4, keys, values, attn, kw, peaks=joined, return_weights=return_weights, threads=threads
     )
     result = SegmentResult(
         output=to_output(caller_rank(out, rank), q),

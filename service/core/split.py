@@ -23,6 +23,7 @@ import numpy as np
 from service import _native
 from service.core import exact, memory
 from service.core.errors import InputError
+from service.core.inputs import Peaks
 from service.core.masking import native_masking
 from service.core.options import AttentionOptions
 
@@ -80,7 +81,8 @@ def with_memory_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """k and v as the kernel sees them: with `memory`, the compressed slots pooled once and
     appended after the raw keys (so slices of the key axis cut through raw keys and slots
-    alike); the options checked against the memory pattern first."""
+    alike); the options checked against the memory pattern first. The checks' Peaks still hold
+    (memory.with_slots)."""
     memory.check_options(opts, q4.shape[2], k4.shape[2])
     if opts.memory is None:
         return k4, v4
@@ -121,10 +123,12 @@ def partial_attention(
     opts: AttentionOptions,
     keys: tuple[int, int],
     *,
+    peaks: Peaks,
     threads: int,
 ) -> Partial:
     """Attention of checked 4-D float32 arrays over the keys [a, b) only, positions absolute
-    (k4 and v4 as with_memory_keys gives them)."""
+    (k4 and v4 as with_memory_keys gives them; `peaks` their max|x| as the checks found them,
+    so that no slice reads the whole arrays again)."""
     a, b = keys
     masking = _kernel_masking(opts, q4, k4)
     masking.update(key_begin=a, key_end=b)
@@ -136,6 +140,7 @@ def partial_attention(
         v4,
         zero,
         masking,
+        peaks=peaks,
         return_weights=opts.return_weights,
         threads=threads,
         weights_rows=opts.weights_rows,
@@ -200,11 +205,12 @@ def sequential(
     opts: AttentionOptions,
     chunks: int,
     *,
+    peaks: Peaks,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """The split computed in this process, slice after slice (what the workers do, in a loop):
-    finish's (output, lse, weights, slot_weights)."""
+    finish's (output, lse, weights, slot_weights). `peaks` as the checks (prepare) found them."""
     k4, v4 = with_memory_keys(opts, q4, k4, v4)
     slices = key_slices(k4.shape[2], chunks, plan_work(opts, q4, k4))
-    parts = [partial_attention(q4, k4, v4, opts, s, threads=threads) for s in slices]
+    parts = [partial_attention(q4, k4, v4, opts, s, peaks=peaks, threads=threads) for s in slices]
     return finish(*merge(parts, opts), opts, q4.shape[2])

@@ -109,7 +109,7 @@ def run_split(
     if not (isinstance(task_cpus, (int, float)) and 0 < task_cpus <= 1024):
         raise InputError("task_cpus", f"must be in (0, 1024], got {task_cpus!r}")
     # Every check the single call would make, here, before anything is sent anywhere.
-    q4, k4, v4, rank, _ = prepare(q, k, v, opts)
+    q4, k4, v4, rank, _, peaks = prepare(q, k, v, opts)
     approx.check_options(opts)
     k4, v4 = with_memory_keys(opts, q4, k4, v4)  # compressed slots pooled once, here
     slices = key_slices(k4.shape[2], chunks, plan_work(opts, q4, k4))
@@ -119,7 +119,10 @@ def run_split(
     t_put = time.perf_counter()
     refs = [ray.put(a) for a in (q4, k4, v4, opts)]  # once each, shared by every task
     t_tasks = time.perf_counter()
-    partials: list[Partial] = _gather(ray, [task.remote(*refs, s, threads=threads) for s in slices])
+    # The peaks (three floats) go with each task: no worker reads q, k, v whole to find them.
+    partials: list[Partial] = _gather(
+        ray, [task.remote(*refs, s, peaks=peaks, threads=threads) for s in slices]
+    )
     t1 = time.perf_counter()
     out, lse, weights, slot_weights = finish(*merge(partials, opts), opts, q4.shape[2])
     t2 = time.perf_counter()

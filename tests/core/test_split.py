@@ -23,8 +23,8 @@ CASES = cases()
 
 def split_attention(q, k, v, chunks: int, **options) -> AttentionResult:
     opts = parse_options(AttentionOptions, None, options)
-    q4, k4, v4, _, _ = prepare(q, k, v, opts)
-    out, lse, weights, slot_weights = sequential(q4, k4, v4, opts, chunks)
+    q4, k4, v4, _, _, peaks = prepare(q, k, v, opts)
+    out, lse, weights, slot_weights = sequential(q4, k4, v4, opts, chunks, peaks=peaks)
     return AttentionResult(out, weights, lse, 0.0, 0, slot_weights=slot_weights)
 
 

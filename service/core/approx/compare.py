@@ -8,7 +8,7 @@ import numpy as np
 
 from service.core import exact
 from service.core.approx.pooling import pool_dense
-from service.core.inputs import qkv_4d
+from service.core.inputs import Peaks
 from service.core.masking import native_masking
 from service.core.options import AttentionOptions
 
@@ -29,12 +29,14 @@ def compare(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
+    peaks: Peaks,
     opts: AttentionOptions,
     output: np.ndarray,
     implied: np.ndarray,
     elapsed_ms: float,
 ) -> dict[str, Any]:
-    """Run exact attention on the same input and measure the approximation against it.
+    """Run exact attention on the same input (the checked 4-D float32 arrays the approximation
+    ran on, with their max|x| `peaks`) and measure the approximation against it.
 
     Returns {"method", "rel_error" (Frobenius, over all batches and heads), "max_abs_error",
     "rel_error_per_head" (B, Hq), "implied_map" (B, Hq, Pq, Pk) bin means of the implied
@@ -53,10 +55,9 @@ def compare(
         empty_rows=opts.empty_rows,
         return_weights=want_map,
     )
-    q4, k4, v4, _ = qkv_4d(q, k, v)  # float32, as the Python API computes exact attention
     masking = native_masking(reference, (b, hq, lq, lk))
     out, _, weights, elapsed = exact.run(
-        q4, k4, v4, reference, masking, return_weights=want_map, threads=0
+        q, k, v, reference, masking, peaks=peaks, return_weights=want_map, threads=0
     )
     rel, max_abs = _errors(output, out)
     diff = np.nan_to_num(output.astype(np.float64) - out)

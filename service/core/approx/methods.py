@@ -25,6 +25,7 @@ from service.core.approx.products import feature_attention, row_counts
 from service.core.approx.supported import check_options
 from service.core.cancel import ELEMENTWISE, blocks
 from service.core.errors import InputError
+from service.core.inputs import Peaks
 from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.options import AttentionOptions
 
@@ -182,16 +183,19 @@ def run(
     v: np.ndarray,
     opts: AttentionOptions,
     *,
+    peaks: Peaks | None = None,
     chunk: int = CHUNK,
 ) -> ApproxResult:
-    """Approximate attention of 4-D float arrays q (B, Hq, Lq, D), k (B, Hkv, Lk, D),
-    v (B, Hkv, Lk, Dv) (already checked by the API: shapes, finiteness, key_lengths)."""
+    """Approximate attention of 4-D float32 arrays q (B, Hq, Lq, D), k (B, Hkv, Lk, D),
+    v (B, Hkv, Lk, Dv) (already checked by the API: shapes, finiteness, key_lengths); `peaks`
+    their max|x| as the API's checks found them (measured here when not given)."""
     check_options(opts)
     if opts.method == "exact":
         raise InputError("method", "run() computes the approximate methods only")
-    check_scores(opts, q, k, v)  # the magnitude rules exact attention applies, per method
+    peaks = peaks or Peaks.of(q, k, v)
+    check_scores(opts, q, k, peaks)  # the magnitude rules exact attention applies, per method
     m = opts.num_features or default_num_features(q.shape[3])
-    values, scaling = scale_values(v, sum_growth(opts, q, k, m))
+    values, scaling = scale_values(v, sum_growth(opts, q, k, peaks, m), peaks.v)
     lq, lk = q.shape[2], k.shape[2]
     pool = (min(lq, MAP_SIDE), min(lk, MAP_SIDE)) if opts.compare else None
     start = time.perf_counter()
@@ -203,5 +207,5 @@ def run(
     comparison = None
     if opts.compare:
         assert implied is not None
-        comparison = compare(q, k, v, opts, out, implied, elapsed)
+        comparison = compare(q, k, v, peaks, opts, out, implied, elapsed)
     return ApproxResult(out, weights, lse, elapsed, flops, comparison)
