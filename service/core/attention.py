@@ -58,19 +58,7 @@ def attention(
     if opts.memory is not None:  # compressed slots become keys after the raw ones
         k4, v4, kw = memory.with_slots(k4, v4, opts.memory, kw)  # the same peaks (with_slots)
     rows = opts.weights_rows
-    out, lse, weights, elapsed = exact.run(
-        q4,
-        k4,
-        v4,
-        opts,
-        kw,
-        peaks=peaks,
-        return_weights=opts.return_weights,
-        threads=threads,
-        out_dtype=opts.out_dtype,
-        precision=opts.precision,
-        weights_rows=rows,
-    )
+    out, lse, weights, elapsed = exact.run(q4, k4, v4, opts, kw, peaks=peaks, threads=threads)
     slot_weights = None
     if opts.memory is not None and weights is not None:
         weights, slot_weights = memory.split_weights(weights, q4.shape[2])

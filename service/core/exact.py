@@ -12,42 +12,40 @@ from service.core.frameworks import bfloat16_from_bits
 from service.core.inputs import Peaks
 from service.core.magnitudes import check_scores, scale_values, sum_growth
 from service.core.native_call import call_native
-from service.core.options import MaskingOptions
+from service.core.options import AttentionOptions
 
 
 def run(
     q4: np.ndarray,
     k4: np.ndarray,
     v4: np.ndarray,
-    opts: MaskingOptions,
+    opts: AttentionOptions,
     masking: dict[str, Any],
     *,
     peaks: Peaks,
-    return_weights: bool,
     threads: int,
-    out_dtype: str = "float32",
-    precision: str = "auto",
-    weights_rows: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
-    """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking.
-    out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16). With weights_rows,
-    the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole. `peaks`: max|x|
-    of q4, k4, v4 as the input checks found them (qkv_4d), for the magnitude rules.
+    """(output, lse, weights or None, elapsed ms), 4-D; `masking` from masking.native_masking,
+    what to return and how to compute it from opts (return_weights, weights_rows, out_dtype,
+    precision). out_dtype "input" answers in q's dtype (bfloat16 as ml_dtypes.bfloat16). With
+    weights_rows, the weights are those rows' only (B, Hq, len(rows), Lk); lse stays whole.
+    `peaks`: max|x| of q4, k4, v4 as the input checks found them (qkv_4d), for the magnitude
+    rules.
     """
     scale = check_scores(opts, q4, k4, peaks)
     values, scaling = scale_values(v4, sum_growth(opts, q4, k4, peaks), peaks.v)
-    rows = None if weights_rows is None else np.asarray(weights_rows, dtype=np.int64)
+    rows = None if opts.weights_rows is None else np.asarray(opts.weights_rows, dtype=np.int64)
+    outputs = {"return_weights": opts.return_weights, "weights_rows": rows}
     (out, lse, weights), elapsed = call_native(
         _native.attention,
         q4,
         k4,
         values,
         scale=scale,
-        return_weights=return_weights,
-        weights_rows=rows,
         num_threads=threads,
-        out_dtype=out_dtype,
-        precision=precision,
+        out_dtype=opts.out_dtype,
+        precision=opts.precision,
+        **outputs,
         **masking,
     )
     if out.dtype == np.uint16:  # the kernel hands bfloat16 back as its bits

@@ -223,10 +223,14 @@ def append(
         float(np.max((peaks.k, absmax(state.slot_k), absmax(state.raw_k)))),
         float(np.max((peaks.v, absmax(state.slot_v), absmax(state.raw_v)))),
     )
-    attn = AttentionOptions(causal="bottom_right" if opts.causal else False, scale=opts.scale)
+    attn = AttentionOptions(
+        causal="bottom_right" if opts.causal else False,
+        scale=opts.scale,
+        return_weights=return_weights,
+    )
     kw = native_masking(attn, (b, hq, n, keys.shape[2]))
     out, lse, weights, elapsed = exact.run(
-        q4, keys, values, attn, kw, peaks=joined, return_weights=return_weights, threads=threads
+        q4, keys, values, attn, kw, peaks=joined, threads=threads
     )
     result = SegmentResult(
         output=to_output(caller_rank(out, rank), q),

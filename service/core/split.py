@@ -134,17 +134,7 @@ def partial_attention(
     masking.update(key_begin=a, key_end=b)
     # Empty rows as zeros here, whatever was asked: the merge decides what an empty row is.
     zero = opts.model_copy(update={"empty_rows": "zero"})
-    out, lse, weights, elapsed = exact.run(
-        q4,
-        k4,
-        v4,
-        zero,
-        masking,
-        peaks=peaks,
-        return_weights=opts.return_weights,
-        threads=threads,
-        weights_rows=opts.weights_rows,
-    )
+    out, lse, weights, elapsed = exact.run(q4, k4, v4, zero, masking, peaks=peaks, threads=threads)
     if weights is not None:
         weights = np.ascontiguousarray(weights[..., a:b])  # the other columns are zeros
     return Partial((a, b), out, lse, weights, elapsed)

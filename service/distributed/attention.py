@@ -84,7 +84,9 @@ def distributed_attention(
 ) -> AttentionResult:
     """service.attention with the keys split into `chunks` slices, each computed by a Ray task
     (task_cpus CPUs each, num_threads kernel threads: default one per whole CPU), merged
-    exactly. Same arguments, options and result as service.attention (exact method only).
+    exactly. Same arguments, options and result as service.attention (exact method only;
+    float16 and bfloat16 inputs are computed from float32 copies, as with memory, and the
+    result is float32; precision="bf16" rounds them for the kernel as the single call does).
     Connects to the running Ray cluster or RAY_ADDRESS, else starts a local one."""
     opts = parse_options(AttentionOptions, options, option_kwargs)
     return run_split(q, k, v, opts, chunks=chunks, task_cpus=task_cpus, num_threads=num_threads)[0]

@@ -67,3 +67,28 @@ def test_causal_slices_hold_equal_work() -> None:
     assert key_slices(4096, 4, plan_work(AttentionOptions(), q, q)) == key_slices(4096, 4)
     empty = AttentionOptions(key_lengths=[0])
     assert key_slices(4096, 4, plan_work(empty, q, q)) == key_slices(4096, 4)
+
+
+def test_split_computes_in_the_precision_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision="bf16" reaches every slice's kernel call (it was once left out of the split),
+    and the merged result is the bf16 computation's: close to the float64 reference of the
+    bf16-rounded inputs."""
+    import ml_dtypes
+
+    from service.core import exact
+
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((1, 2, 300, 64), dtype=np.float32) for _ in range(3))
+    asked: list[str] = []
+    real = exact.call_native
+
+    def spy(fn, *args, **kwargs):
+        asked.append(kwargs["precision"])
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(exact, "call_native", spy)
+    got = split_attention(q, k, v, 3, precision="bf16", causal=True)
+    assert asked == ["bf16"] * 3
+    rounded = [x.astype(ml_dtypes.bfloat16).astype(np.float32) for x in (q, k, v)]
+    ref = reference_attention(*rounded, causal="top_left").output.numpy()
+    assert relative_error(got.output, ref) <= 1e-2

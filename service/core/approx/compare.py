@@ -56,9 +56,7 @@ def compare(
         return_weights=want_map,
     )
     masking = native_masking(reference, (b, hq, lq, lk))
-    out, _, weights, elapsed = exact.run(
-        q, k, v, reference, masking, peaks=peaks, return_weights=want_map, threads=0
-    )
+    out, _, weights, elapsed = exact.run(q, k, v, reference, masking, peaks=peaks, threads=0)
     rel, max_abs = _errors(output, out)
     diff = np.nan_to_num(output.astype(np.float64) - out)
     ref = np.linalg.norm(np.nan_to_num(out.astype(np.float64)), axis=(-2, -1))
