@@ -18,26 +18,18 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 namespace {
 
-const char* dtype_label(DType t) {
-  switch (t) {
-    case DType::f32:
-      return "float32";
-    case DType::f16:
-      return "float16";
-    case DType::bf16:
-      return "bfloat16";
-    case DType::u16:
-      return "int16/uint16";
-    case DType::i64:
-      return "int64";
-    case DType::i32:
-      return "int32";
-    case DType::b8:
-      return "bool";
-    default:
-      return "?";
-  }
-}
+// The label and item size of each DType, in the enum's order (checks.h).
+struct DTypeInfo {
+  const char* label;
+  int64_t size;
+};
+constexpr DTypeInfo kDTypes[] = {
+    {"float32", 4}, {"float16", 2}, {"bfloat16", 2}, {"int16/uint16", 2},
+    {"int64", 8},   {"int32", 4},   {"bool", 1},     {"?", 4}};
+static_assert(sizeof(kDTypes) / sizeof(kDTypes[0]) == size_t(DType::other) + 1,
+              "kDTypes must list every DType");
+
+const DTypeInfo& info(DType t) { return kDTypes[size_t(t)]; }
 
 template <class T>
 T at1(const ArrayRef& a, int64_t i) {
@@ -46,24 +38,11 @@ T at1(const ArrayRef& a, int64_t i) {
 
 }  // namespace
 
-int64_t itemsize(DType t) {
-  switch (t) {
-    case DType::i64:
-      return 8;
-    case DType::b8:
-      return 1;
-    case DType::f16:
-    case DType::bf16:
-    case DType::u16:
-      return 2;
-    default:
-      return 4;
-  }
-}
+int64_t itemsize(DType t) { return info(t).size; }
 
 void check_dtype(const ArrayRef& a, const std::string& name, DType want) {
   if (a.dtype != want)
-    fail(name + ": expected dtype " + dtype_label(want) + ", got " + a.dtype_name);
+    fail(name + ": expected dtype " + info(want).label + ", got " + a.dtype_name);
 }
 
 void check_ndim(const ArrayRef& a, const std::string& name, int ndim, const char* dims) {

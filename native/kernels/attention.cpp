@@ -74,106 +74,69 @@ constexpr float LN2 = 0.693147180559945309f;
 // ----------------------------------------------------------------------------------------
 // Micro-kernels
 
-// out[r][lanes] = sum_d k[r][d] * qt[d][lanes] for R keys and C vectors of query lanes
-// (qt and out rows are IB floats apart).
-template <int R, int C>
-void qk_micro(const float* k, int64_t ldk, const float* qt, int64_t D, float* out) {
+// The arithmetic of the compute modes (see the top of the file): the element types of the
+// operands, and what the micro-kernels broadcast from a row. The micro-kernels are instantiated
+// on these, not on the input type.
+struct Fp32Math {
+  static constexpr bool kPairs = false;
+  using KElem = float;  // K chunk rows
+  using VElem = float;  // V chunk rows
+  using QElem = float;  // packed Q
+  using Op = vf;        // an operand of dot (PairDot's counterpart)
+  static Op split(vf x) { return x; }
+  static vf dot(vf acc, Op a, Op b) { return simd::fma(b, a, acc); }
+  static vf bcast(const float* p) { return simd::set1(*p); }
+  static Op lanes(const QElem* p) { return split(simd::load(p)); }
+};
+struct Bf16Math : PairDot {
+  static constexpr bool kPairs = true;
+  using KElem = uint16_t;  // bf16 rows, read as 32-bit pairs along d
+  using VElem = uint32_t;  // rows of (V[2q][dv], V[2q+1][dv]) pairs
+  using QElem = uint32_t;  // (q[2p], q[2p+1]) pairs
+  static vf bcast(const void* p) { return bcast32(p); }
+  static Op lanes(const QElem* p) { return split(simd::load(reinterpret_cast<const float*>(p))); }
+};
+
+// out[r][lanes] = sum_s k[r][s] . q[s][lanes] for R keys and C vectors of query lanes (q and out
+// rows are IB lanes apart), over n steps: elements of d (fp32), or pairs along d with k's bf16
+// rows read as 32-bit pairs (bf16, whose sums are then scaled by sscale; fp32 has the scale in q).
+template <class X, int R, int C>
+void qk_micro(const typename X::KElem* k, int64_t ldk, const typename X::QElem* q, int64_t n,
+              float* out, float sscale) {
   vf acc[R][C];
-  const float* kr[R];
+  const typename X::KElem* kr[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     kr[r] = k + r * ldk;
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = simd::zero();
   }
+  constexpr int step = X::kPairs ? 2 : 1;  // elements of a k row per step
 #pragma GCC unroll 2
-  for (int64_t d = 0; d < D; ++d) {
-    vf qv[C];
+  for (int64_t s = 0; s < n; ++s) {
+    typename X::Op qv[C];
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) qv[c] = simd::load(qt + d * IB + c * VL);
+    for (int c = 0; c < C; ++c) qv[c] = X::lanes(q + s * IB + c * VL);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      vf kv = simd::set1(kr[r][d]);
+      const typename X::Op kv = X::split(X::bcast(kr[r] + step * s));
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(kv, qv[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) simd::store(out + r * IB + c * VL, acc[r][c]);
-}
-
-// ot[r][lanes] = alpha[lanes] * ot[r][lanes] + sum_j v[j][r] * pt[j][lanes]
-// for R value columns and C vectors of query lanes.
-template <int R, int C>
-void pv_micro(const float* v, int64_t ldv, const float* pt, int jn, float* ot,
-              const float* alpha) {
-  vf acc[R][C];
-  vf al[C];
-#pragma GCC unroll 4
-  for (int c = 0; c < C; ++c) al[c] = simd::load(alpha + c * VL);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = simd::mul(simd::load(ot + r * IB + c * VL), al[c]);
-#pragma GCC unroll 2
-  for (int j = 0; j < jn; ++j) {
-    vf pv[C];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) pv[c] = simd::load(pt + j * IB + c * VL);
-    const float* vr = v + j * ldv;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      vf vb = simd::set1(vr[r]);
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = simd::fma(vb, pv[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) simd::store(ot + r * IB + c * VL, acc[r][c]);
-}
-
-// out[r][lanes] = sscale * sum_p k[r][2p..2p+1] . qp[p][lanes] for R keys (bf16 rows, read
-// as 32-bit pairs) and C vectors of query lanes holding bf16 pairs of q.
-template <int R, int C>
-void qk_micro_bf16(const uint16_t* k, int64_t ldk, const uint32_t* qp, int64_t np, float* out,
-                   float sscale) {
-  vf acc[R][C];
-  const uint16_t* kr[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    kr[r] = k + r * ldk;
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = simd::zero();
-  }
-#pragma GCC unroll 2
-  for (int64_t p = 0; p < np; ++p) {
-    PairDot::Op qv[C];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c)
-      qv[c] = PairDot::split(simd::load(reinterpret_cast<const float*>(qp + p * IB + c * VL)));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const PairDot::Op kv = PairDot::split(bcast32(kr[r] + 2 * p));
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = PairDot::dot(acc[r][c], qv[c], kv);
+      for (int c = 0; c < C; ++c) acc[r][c] = X::dot(acc[r][c], qv[c], kv);
     }
   }
   const vf sc = simd::set1(sscale);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) simd::store(out + r * IB + c * VL, simd::mul(acc[r][c], sc));
+    for (int c = 0; c < C; ++c)
+      simd::store(out + r * IB + c * VL, X::kPairs ? simd::mul(acc[r][c], sc) : acc[r][c]);
 }
 
-// ot[r][lanes] = alpha[lanes] * ot[r][lanes] + sum_q vp[q][r] . pp[q][lanes] for R value
-// columns and C vectors of query lanes, over nq pairs of keys (bf16 pairs in 32 bits).
-template <int R, int C>
-void pv_micro_bf16(const uint32_t* vp, int64_t ldv, const uint32_t* pp, int nq, float* ot,
-                   const float* alpha) {
+// ot[r][lanes] = alpha[lanes] * ot[r][lanes] + sum_s v[s][r] . p[s][lanes] for R value columns
+// and C vectors of query lanes, over n steps: keys (fp32), or pairs of keys (bf16).
+template <class X, int R, int C>
+void pv_micro(const typename X::VElem* v, int64_t ldv, const typename X::QElem* p, int n,
+              float* ot, const float* alpha) {
   vf acc[R][C];
   vf al[C];
 #pragma GCC unroll 4
@@ -183,17 +146,16 @@ void pv_micro_bf16(const uint32_t* vp, int64_t ldv, const uint32_t* pp, int nq, 
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = simd::mul(simd::load(ot + r * IB + c * VL), al[c]);
 #pragma GCC unroll 2
-  for (int q = 0; q < nq; ++q) {
-    PairDot::Op pv[C];
+  for (int s = 0; s < n; ++s) {
+    typename X::Op pv[C];
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c)
-      pv[c] = PairDot::split(simd::load(reinterpret_cast<const float*>(pp + q * IB + c * VL)));
-    const uint32_t* vr = vp + q * ldv;
+    for (int c = 0; c < C; ++c) pv[c] = X::lanes(p + s * IB + c * VL);
+    const typename X::VElem* vr = v + s * ldv;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const PairDot::Op vb = PairDot::split(bcast32(vr + r));
+      const typename X::Op vb = X::split(X::bcast(vr + r));
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = PairDot::dot(acc[r][c], pv[c], vb);
+      for (int c = 0; c < C; ++c) acc[r][c] = X::dot(acc[r][c], pv[c], vb);
     }
   }
 #pragma GCC unroll 16
@@ -202,41 +164,33 @@ void pv_micro_bf16(const uint32_t* vp, int64_t ldv, const uint32_t* pp, int nq, 
     for (int c = 0; c < C; ++c) simd::store(ot + r * IB + c * VL, acc[r][c]);
 }
 
-using QkFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
-using PvFn = void (*)(const float*, int64_t, const float*, int, float*, const float*);
-using QkBf16Fn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, float);
-using PvBf16Fn = void (*)(const uint32_t*, int64_t, const uint32_t*, int, float*, const float*);
-
 // Tables of every (R, C) instance, for the ragged edges of a tile.
-template <size_t... I>
+template <class X, size_t... I>
 struct MicroTables {
-  static constexpr QkFn qk[] = {&qk_micro<int(I) / RI + 1, int(I) % RI + 1>...};
-  static constexpr PvFn pv[] = {&pv_micro<int(I) / RI + 1, int(I) % RI + 1>...};
-  static constexpr QkBf16Fn qk_bf16[] = {&qk_micro_bf16<int(I) / RI + 1, int(I) % RI + 1>...};
-  static constexpr PvBf16Fn pv_bf16[] = {&pv_micro_bf16<int(I) / RI + 1, int(I) % RI + 1>...};
+  using QkFn = void (*)(const typename X::KElem*, int64_t, const typename X::QElem*, int64_t,
+                        float*, float);
+  using PvFn = void (*)(const typename X::VElem*, int64_t, const typename X::QElem*, int, float*,
+                        const float*);
+  static constexpr QkFn qk[] = {&qk_micro<X, int(I) / RI + 1, int(I) % RI + 1>...};
+  static constexpr PvFn pv[] = {&pv_micro<X, int(I) / RI + 1, int(I) % RI + 1>...};
 };
-template <size_t... I>
-MicroTables<I...> make_tables(std::index_sequence<I...>);
-using Tables = decltype(make_tables(std::make_index_sequence<RJ * RI>{}));
+template <class X, size_t... I>
+MicroTables<X, I...> make_tables(std::index_sequence<I...>);
+template <class X>
+using Tables = decltype(make_tables<X>(std::make_index_sequence<RJ * RI>{}));
 // ----------------------------------------------------------------------------------------
 // Attention
 
-// The compute modes (see the top of the file), for inputs stored as In.
+// The compute modes, for inputs stored as In (see the top of the file).
 template <class InT>
-struct Fp32Mode {
+struct Fp32Mode : Fp32Math {
   using In = InT;
-  static constexpr bool kPairs = false;
-  using KElem = float;  // K chunk rows
-  using VElem = float;  // V chunk rows
-  using QElem = float;  // packed Q
+  using Math = Fp32Math;
 };
 template <class InT>
-struct Bf16Mode {
+struct Bf16Mode : Bf16Math {
   using In = InT;
-  static constexpr bool kPairs = true;
-  using KElem = uint16_t;  // bf16 rows, read as 32-bit pairs along d
-  using VElem = uint32_t;  // rows of (V[2q][dv], V[2q+1][dv]) pairs
-  using QElem = uint32_t;  // (q[2p], q[2p+1]) pairs
+  using Math = Bf16Math;
 };
 
 // Per-call constants shared by all work items.
@@ -286,6 +240,32 @@ struct Scratch {
   Buf<uint32_t> qp, vp, pp;
   Buf<uint16_t> kg16, qrow;
   Buf<int64_t> rows;
+
+  // Grows the buffers mode M uses to this call's sizes.
+  template <class M>
+  void reserve(const Ctx& c) {
+    const AttnArgs& a = *c.a;
+    const size_t dv = size_t(a.Dv > 0 ? a.Dv : 1);
+    if constexpr (M::kPairs) {
+      qp.get(size_t(c.dk / 2) * BR);
+      qrow.get(size_t(c.dk) * VL);
+      kg16.get(size_t(c.dk) * BC);
+      vp.get(dv * (BC / 2));
+      pp.get(size_t(BC / 2) * IB);
+    } else {
+      qt.get(size_t(a.D) * BR);
+      kg.get(size_t(a.D) * BC);
+      vg.get(dv * BC);
+    }
+    st.get(size_t(BC) * IB);
+    ot.get(dv * BR);
+    m.get(BR);
+    l.get(BR);
+    alpha.get(BR);
+    cpos.get(BR);
+    lsev.get(BR);
+    rows.get(BR);
+  }
 };
 thread_local Scratch tls_scratch;
 
@@ -433,28 +413,17 @@ void apply_mask(const Ctx& c, const Rows& rs, const Chunk<M>& ch, const Block<M>
 // St[j][lanes of block k] = the block's rows' scores against keys [js, je) of chunk ch.
 template <class M>
 void qk_tile(const Ctx& c, const Chunk<M>& ch, const Block<M>& k, KeyRange kr) {
-  const AttnArgs& a = *c.a;
+  using X = typename M::Math;
   const int64_t ldk = ch.ldk;
+  const int64_t n = M::kPairs ? c.dk / 2 : c.a->D;  // steps: pairs or elements of d
   float* st = k.st;
   int jj = kr.js;
-  if constexpr (M::kPairs) {
-    const int64_t np = c.dk / 2;
-    if (k.C == RI)
-      for (; jj + RJ <= kr.je; jj += RJ)
-        qk_micro_bf16<RJ, RI>(ch.kp + jj * ldk, ldk, k.q, np, st + jj * IB, c.qscale);
-    for (; jj < kr.je; jj += RJ) {
-      const int R = int(min64(RJ, kr.je - jj));
-      Tables::qk_bf16[(R - 1) * RI + (k.C - 1)](ch.kp + jj * ldk, ldk, k.q, np, st + jj * IB,
-                                                 c.qscale);
-    }
-  } else {
-    if (k.C == RI)
-      for (; jj + RJ <= kr.je; jj += RJ)
-        qk_micro<RJ, RI>(ch.kp + jj * ldk, ldk, k.q, a.D, st + jj * IB);
-    for (; jj < kr.je; jj += RJ) {
-      const int R = int(min64(RJ, kr.je - jj));
-      Tables::qk[(R - 1) * RI + (k.C - 1)](ch.kp + jj * ldk, ldk, k.q, a.D, st + jj * IB);
-    }
+  if (k.C == RI)
+    for (; jj + RJ <= kr.je; jj += RJ)
+      qk_micro<X, RJ, RI>(ch.kp + jj * ldk, ldk, k.q, n, st + jj * IB, c.qscale);
+  for (; jj < kr.je; jj += RJ) {
+    const int R = int(min64(RJ, kr.je - jj));
+    Tables<X>::qk[(R - 1) * RI + (k.C - 1)](ch.kp + jj * ldk, ldk, k.q, n, st + jj * IB, c.qscale);
   }
 }
 
@@ -553,35 +522,27 @@ void softmax_update(Scratch& s, const Block<M>& k, KeyRange kr) {
 template <class M>
 void pv_update(const AttnArgs& a, Scratch& s, const Chunk<M>& ch, const Block<M>& k,
                KeyRange kr) {
+  using X = typename M::Math;
   if (kr.je <= kr.js) return;
   const float* al = s.alpha.p + k.iv * VL;
   float* ot = k.ot;
+  // The steps [s0, s1): pairs of keys, with P packed in s.pp by softmax_update (bf16), or keys,
+  // with P in St (fp32).
+  const int s0 = M::kPairs ? kr.js / 2 : kr.js, s1 = M::kPairs ? (kr.je + 1) / 2 : kr.je;
+  const int64_t ldv = ch.ldv;
+  const typename M::VElem* vt = ch.vp + s0 * ldv;
+  const typename M::QElem* pt;
+  if constexpr (M::kPairs)
+    pt = s.pp.p + s0 * IB;
+  else
+    pt = k.st + s0 * IB;
+  const int n = s1 - s0;
   int64_t dv = 0;
-  if constexpr (M::kPairs) {
-    // P is packed in s.pp by softmax_update, pairs [q0, q1).
-    const int q0 = kr.js / 2, q1 = (kr.je + 1) / 2;
-    const int64_t ldv = ch.ldv;
-    const uint32_t* vt = ch.vp + q0 * ldv;
-    const uint32_t* pt = s.pp.p + q0 * IB;
-    const int nq = q1 - q0;
-    if (k.C == RI)
-      for (; dv + RJ <= a.Dv; dv += RJ)
-        pv_micro_bf16<RJ, RI>(vt + dv, ldv, pt, nq, ot + dv * IB, al);
-    for (; dv < a.Dv; dv += RJ) {
-      const int R = int(min64(RJ, a.Dv - dv));
-      Tables::pv_bf16[(R - 1) * RI + (k.C - 1)](vt + dv, ldv, pt, nq, ot + dv * IB, al);
-    }
-  } else {
-    const int64_t ldv = ch.ldv;
-    const float* vt = ch.vp + kr.js * ldv;
-    const float* pt = k.st + kr.js * IB;
-    const int jn = kr.je - kr.js;
-    if (k.C == RI)
-      for (; dv + RJ <= a.Dv; dv += RJ) pv_micro<RJ, RI>(vt + dv, ldv, pt, jn, ot + dv * IB, al);
-    for (; dv < a.Dv; dv += RJ) {
-      const int R = int(min64(RJ, a.Dv - dv));
-      Tables::pv[(R - 1) * RI + (k.C - 1)](vt + dv, ldv, pt, jn, ot + dv * IB, al);
-    }
+  if (k.C == RI)
+    for (; dv + RJ <= a.Dv; dv += RJ) pv_micro<X, RJ, RI>(vt + dv, ldv, pt, n, ot + dv * IB, al);
+  for (; dv < a.Dv; dv += RJ) {
+    const int R = int(min64(RJ, a.Dv - dv));
+    Tables<X>::pv[(R - 1) * RI + (k.C - 1)](vt + dv, ldv, pt, n, ot + dv * IB, al);
   }
 }
 
@@ -787,7 +748,6 @@ void process_group(const Ctx& c, Scratch& s, const PlanGroup& g, int64_t h, cons
 template <class M>
 void attention_item(void* p, int64_t work) {
   const Ctx& c = *static_cast<const Ctx*>(p);
-  const AttnArgs& a = *c.a;
   const MaskPlan& plan = *c.plan;
   // Head-major: consecutive items (on one thread, and on the threads working side by side) read
   // the same head's K and V, which then stay in L2/L3 (interleaving heads cost 10 % at H=8).
@@ -795,27 +755,7 @@ void attention_item(void* p, int64_t work) {
   const PlanItem& item = plan.items[work % plan.n_items];
 
   Scratch& s = tls_scratch;
-  const size_t dv = size_t(a.Dv > 0 ? a.Dv : 1);
-  if constexpr (M::kPairs) {
-    s.qp.get(size_t(c.dk / 2) * BR);
-    s.qrow.get(size_t(c.dk) * VL);
-    s.kg16.get(size_t(c.dk) * BC);
-    s.vp.get(dv * (BC / 2));
-    s.pp.get(size_t(BC / 2) * IB);
-  } else {
-    s.qt.get(size_t(a.D) * BR);
-    s.kg.get(size_t(a.D) * BC);
-    s.vg.get(dv * BC);
-  }
-  s.st.get(size_t(BC) * IB);
-  s.ot.get(dv * BR);
-  s.m.get(BR);
-  s.l.get(BR);
-  s.alpha.get(BR);
-  s.cpos.get(BR);
-  s.lsev.get(BR);
-  s.rows.get(BR);
-
+  s.reserve<M>(c);
   // Groups in order: a group of global rows overrides the results of the group before it
   // (same thread, so the overwrite cannot race).
   const int64_t hp = plan.n_heads > 1 ? h : 0;

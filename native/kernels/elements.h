@@ -104,17 +104,29 @@ inline vf bcast32(const void* p) {  // the 32 bits at p in every lane
   return simd::set1(x);
 }
 
+// Integer views of the float lanes, whose intrinsics differ only in their prefix P (_mm512,
+// _mm256, _mm) and width W, as ATTN_SIMD_COMMON in simd.h.
+#define ATTN_SIMD_INT(P, W)                                                  \
+  using vi = __m##W##i;                                                      \
+  inline vi as_int(vf x) { return P##_castps_si##W(x); }                     \
+  inline vf as_float(vi x) { return P##_castsi##W##_ps(x); }                 \
+  inline vi set1i(uint32_t x) { return P##_set1_epi32(int(x)); }             \
+  inline vi iand(vi a, vi b) { return P##_and_si##W(a, b); }                 \
+  inline vi ior(vi a, vi b) { return P##_or_si##W(a, b); }                   \
+  inline vi iadd(vi a, vi b) { return P##_add_epi32(a, b); }                 \
+  inline vi shl16(vi a) { return P##_slli_epi32(a, 16); }                    \
+  inline vi shr16(vi a) { return P##_srli_epi32(a, 16); }
+// flush_denormal(b): +-0 for lanes with a zero exponent. AVX-512 does it with a lane mask, the
+// others with a compare.
+#define ATTN_SIMD_FLUSH_CMP(P, W)                                                     \
+  inline vi flush_denormal(vi b) {                                                    \
+    const vi den = P##_cmpeq_epi32(iand(b, set1i(0x7F800000u)), P##_setzero_si##W()); \
+    return P##_andnot_si##W(iand(den, set1i(0x7FFFFFFFu)), b);                        \
+  }
+
 #if defined(__AVX512F__)
-using vi = __m512i;
-inline vi as_int(vf x) { return _mm512_castps_si512(x); }
-inline vf as_float(vi x) { return _mm512_castsi512_ps(x); }
-inline vi set1i(uint32_t x) { return _mm512_set1_epi32(int(x)); }
-inline vi iand(vi a, vi b) { return _mm512_and_si512(a, b); }
-inline vi ior(vi a, vi b) { return _mm512_or_si512(a, b); }
-inline vi iadd(vi a, vi b) { return _mm512_add_epi32(a, b); }
-inline vi shl16(vi a) { return _mm512_slli_epi32(a, 16); }
-inline vi shr16(vi a) { return _mm512_srli_epi32(a, 16); }
-inline vi flush_denormal(vi b) {  // +-0 for lanes with a zero exponent
+ATTN_SIMD_INT(_mm512, 512)
+inline vi flush_denormal(vi b) {  // see ATTN_SIMD_FLUSH_CMP
   const __mmask16 den = _mm512_testn_epi32_mask(b, set1i(0x7F800000u));
   return _mm512_mask_and_epi32(b, den, b, set1i(0x80000000u));
 }
@@ -128,19 +140,8 @@ inline vf load_f16(const f16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 #elif defined(__AVX2__)
-using vi = __m256i;
-inline vi as_int(vf x) { return _mm256_castps_si256(x); }
-inline vf as_float(vi x) { return _mm256_castsi256_ps(x); }
-inline vi set1i(uint32_t x) { return _mm256_set1_epi32(int(x)); }
-inline vi iand(vi a, vi b) { return _mm256_and_si256(a, b); }
-inline vi ior(vi a, vi b) { return _mm256_or_si256(a, b); }
-inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
-inline vi shl16(vi a) { return _mm256_slli_epi32(a, 16); }
-inline vi shr16(vi a) { return _mm256_srli_epi32(a, 16); }
-inline vi flush_denormal(vi b) {
-  const vi den = _mm256_cmpeq_epi32(iand(b, set1i(0x7F800000u)), _mm256_setzero_si256());
-  return _mm256_andnot_si256(iand(den, set1i(0x7FFFFFFFu)), b);
-}
+ATTN_SIMD_INT(_mm256, 256)
+ATTN_SIMD_FLUSH_CMP(_mm256, 256)
 inline vi widen16(const uint16_t* p) {
   return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -152,19 +153,8 @@ inline vf load_f16(const f16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 #else
-using vi = __m128i;
-inline vi as_int(vf x) { return _mm_castps_si128(x); }
-inline vf as_float(vi x) { return _mm_castsi128_ps(x); }
-inline vi set1i(uint32_t x) { return _mm_set1_epi32(int(x)); }
-inline vi iand(vi a, vi b) { return _mm_and_si128(a, b); }
-inline vi ior(vi a, vi b) { return _mm_or_si128(a, b); }
-inline vi iadd(vi a, vi b) { return _mm_add_epi32(a, b); }
-inline vi shl16(vi a) { return _mm_slli_epi32(a, 16); }
-inline vi shr16(vi a) { return _mm_srli_epi32(a, 16); }
-inline vi flush_denormal(vi b) {
-  const vi den = _mm_cmpeq_epi32(iand(b, set1i(0x7F800000u)), _mm_setzero_si128());
-  return _mm_andnot_si128(iand(den, set1i(0x7FFFFFFFu)), b);
-}
+ATTN_SIMD_INT(_mm, 128)
+ATTN_SIMD_FLUSH_CMP(_mm, 128)
 inline vi widen16(const uint16_t* p) {
   return _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
@@ -177,6 +167,8 @@ inline vf load_f16(const f16_t* p) {  // no F16C in the baseline
   return simd::load(t);
 }
 #endif
+#undef ATTN_SIMD_INT
+#undef ATTN_SIMD_FLUSH_CMP
 
 inline vf load_f32(const float* p) { return simd::load(p); }
 inline vf load_f32(const bf16_t* p) { return as_float(shl16(widen16(&p->bits))); }
