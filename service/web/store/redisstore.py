@@ -30,14 +30,7 @@ from redis.retry import Retry
 
 from service.web.problems import StoreUnavailable
 from service.web.ratelimit import RateLimiter, capacity
-from service.web.store.base import (
-    Record,
-    RecordLimitReached,
-    Store,
-    StoredImage,
-    StoreHealth,
-    VersionConflict,
-)
+from service.web.store import base
 
 log = logging.getLogger("service")
 
@@ -107,7 +100,7 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
-class RedisStore(Store):
+class RedisStore(base.Store):
     backend = "redis"
 
     def __init__(
@@ -161,17 +154,17 @@ class RedisStore(Store):
     def close(self) -> None:
         self._client.close()
 
-    def health(self) -> StoreHealth:
+    def health(self) -> base.StoreHealth:
         facts = {"backend": self.backend, "url": redacted(self.url)}
         try:
             self._client.ping()
         except redis.RedisError as exc:
             self._failed(exc)
-            return StoreHealth(
+            return base.StoreHealth(
                 False, facts, f"the Redis store {redacted(self.url)} is unreachable: {exc}"
             )
         self._succeeded()
-        return StoreHealth(True, {**facts, "connected": True})
+        return base.StoreHealth(True, {**facts, "connected": True})
 
     def check_available(self) -> None:
         with self._lock:
@@ -235,7 +228,7 @@ class RedisStore(Store):
 
         self._call(write)
 
-    def _get_image(self, image_id: str, suffix: str) -> StoredImage | None:
+    def _get_image(self, image_id: str, suffix: str) -> base.StoredImage | None:
         key = self._image_key(image_id, suffix)
 
         def read(c: redis.Redis) -> list[Any]:
@@ -247,7 +240,7 @@ class RedisStore(Store):
         data, ttl_ms = self._call(read)
         if data is None:
             return None
-        return StoredImage(data, time.time() + max(ttl_ms, 0) / 1000)
+        return base.StoredImage(data, time.time() + max(ttl_ms, 0) / 1000)
 
     # -- records --------------------------------------------------------------------------
 
@@ -256,15 +249,15 @@ class RedisStore(Store):
 
     def _create_record(
         self, namespace: str, key: str, value: bytes, *, ttl_s: float, max_count: int
-    ) -> Record | None:
+    ) -> base.Record | None:
         keys = self._record_keys(namespace, key)
         args: list[bytes | int | str] = [value, _ms(ttl_s), max_count, key]
         status, expiry = self._call(lambda c: self._create(keys=keys, args=args, client=c))
         if status == -1:
-            raise RecordLimitReached(max_count)
-        return Record(value, 1, expiry / 1000) if status == 1 else None
+            raise base.RecordLimitReached(max_count)
+        return base.Record(value, 1, expiry / 1000) if status == 1 else None
 
-    def _get_record(self, namespace: str, key: str) -> Record | None:
+    def _get_record(self, namespace: str, key: str) -> base.Record | None:
         record_key = self._record_keys(namespace, key)[0]
 
         def read(c: redis.Redis) -> list[Any]:
@@ -276,11 +269,11 @@ class RedisStore(Store):
         (value, version), ttl_ms = self._call(read)
         if value is None or version is None:
             return None
-        return Record(value, int(version), time.time() + max(ttl_ms, 0) / 1000)
+        return base.Record(value, int(version), time.time() + max(ttl_ms, 0) / 1000)
 
     def _replace_record(
         self, namespace: str, key: str, value: bytes, *, version: int, ttl_s: float
-    ) -> Record | None:
+    ) -> base.Record | None:
         keys = self._record_keys(namespace, key)
         args: list[bytes | int | str] = [value, _ms(ttl_s), version, key]
         status, current, expiry = self._call(
@@ -289,8 +282,8 @@ class RedisStore(Store):
         if status == -1:
             return None
         if status == 0:
-            raise VersionConflict(int(current))
-        return Record(value, int(current), expiry / 1000)
+            raise base.VersionConflict(int(current))
+        return base.Record(value, int(current), expiry / 1000)
 
     def _delete_record(self, namespace: str, key: str) -> bool:
         record_key, index = self._record_keys(namespace, key)
