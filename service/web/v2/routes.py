@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2 / Triton) routes: health, metadata and inference.
 
-Routes stay thin: the wire format is in codec.py, the documents in datamodels.py, the models in
-models.py; computations run on the scheduler shared with /v1.
+Routes stay thin: the wire format is in codec.py (requests) and response.py, the documents in
+datamodels.py, the models in models.py; computations run on the scheduler shared with /v1.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from starlette.responses import Response
 from service.web import sessions, wire
 from service.web.deps import AppState, StateDep
 from service.web.health import not_ready
-from service.web.v2 import codec
+from service.web.v2 import codec, response
 from service.web.v2.datamodels import (
     ErrorResponse,
     InferenceRequest,
@@ -166,7 +166,7 @@ def _job(state: AppState, model: Model, headers: Headers, body: bytes) -> Respon
     req = codec.parse_request(header)
     sequence = codec.sequence_of(req.parameters)
     tensors = codec.decode_inputs(req.inputs, binary, model.inputs, state.settings.max_elements)
-    selection = codec.select_outputs(req, model.outputs)
+    selection = response.select_outputs(req, model.outputs)
     owner = sessions.owner_of(state, headers.get("authorization"))
     outputs, parameters = model.infer(
         state,
@@ -176,7 +176,7 @@ def _job(state: AppState, model: Model, headers: Headers, body: bytes) -> Respon
         sequence,
         owner,
     )
-    return codec.infer_response(
+    return response.infer_response(
         model_name=model.name,
         model_version=VERSION,
         request_id=req.id,
