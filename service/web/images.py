@@ -89,6 +89,17 @@ def check_store(spec: HeatmapSpec | None, store: Store) -> None:
         store.check_available()
 
 
+def check_rows(weights_rows: list[int] | None, spec: HeatmapSpec | None) -> None:
+    """weights_rows and a heatmap exclude each other: the rows are a part of the weights, a
+    heatmap draws all of them."""
+    if weights_rows is not None and spec is not None:
+        raise InputError(
+            "weights_rows",
+            "returns chosen rows of the weights, a heatmap draws all of them: ask for one or "
+            "the other",
+        )
+
+
 def check_comparison_spec(spec: HeatmapSpec, shape: tuple[int, ...], limits: Limits) -> None:
     """Refuse what cannot be drawn for a comparison of attention of shape (B, H, Lq, Lk)."""
     b, h, lq, lk = shape
