@@ -26,8 +26,6 @@ admission counts never promise cores that are busy.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import math
 import threading
 import time
@@ -39,6 +37,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from service.core.cancel import Cancelled, CancelToken, bound
+from service.web.heap import release_memory
 from service.web.problems import ClientClosed, ComputeTimeout, Overloaded
 
 T = TypeVar("T")
@@ -201,7 +200,7 @@ class Scheduler:
             with bound(token):
                 return fn(*args)
         finally:
-            _release_memory()
+            release_memory()
             elapsed = time.perf_counter() - start
             with self._lock:
                 self._running -= 1
@@ -215,26 +214,6 @@ class Scheduler:
     def close(self) -> None:
         """Stop accepting work; jobs still queued are cancelled."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def _release_memory() -> None:
-    """Hand the memory a job freed back to the system. glibc keeps freed blocks in its arenas
-    (below its mmap threshold, which grows up to 32 MiB), so a large request would leave the
-    process's resident size raised for good; trimming costs microseconds when there is nothing
-    to give back, about a millisecond per 64 MiB when there is."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _compose(fn: Callable[..., Any]) -> Callable[..., Any]:
