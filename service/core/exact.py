@@ -35,17 +35,17 @@ def run(
     scale = check_scores(opts, q4, k4, peaks)
     values, scaling = scale_values(v4, sum_growth(opts, q4, k4, peaks), peaks.v)
     rows = None if opts.weights_rows is None else np.asarray(opts.weights_rows, dtype=np.int64)
-    outputs = {"return_weights": opts.return_weights, "weights_rows": rows}
     (out, lse, weights), elapsed = call_native(
         _native.attention,
         q4,
         k4,
         values,
         scale=scale,
+        return_weights=opts.return_weights,
+        weights_rows=rows,
         num_threads=threads,
         out_dtype=opts.out_dtype,
         precision=opts.precision,
-        **outputs,
         **masking,
     )
     if out.dtype == np.uint16:  # the kernel hands bfloat16 back as its bits

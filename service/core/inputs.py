@@ -139,11 +139,6 @@ def checked_float32(name: str, x: Any) -> tuple[np.ndarray, float]:
     return _finite(name, arr)
 
 
-def as_float32(name: str, x: Any) -> np.ndarray:
-    """checked_float32's array alone."""
-    return checked_float32(name, x)[0]
-
-
 def kernel_inputs(names: tuple[str, ...], xs: tuple[Any, ...]) -> list[tuple[np.ndarray, float]]:
     """Arrays the attention kernel reads, each with its max|x|: C-contiguous and finite, kept in
     float16 or bfloat16 when all of them have that dtype (the kernel reads 16-bit floats as they

@@ -73,10 +73,10 @@ def release_memory() -> None:
         _MALLOC_TRIM(0)
         return
     with _lock:
-        # Free bytes below the mark (blocks reused since): lower the mark, so growth counts
-        # from what is free now.
         now = time.monotonic()
         if free - _free_after_trim <= TRIM_GROWTH and now - _last_trim <= TRIM_EVERY_S:
+            # Free bytes below the mark (blocks reused since): lower the mark, so growth counts
+            # from what is free now.
             _free_after_trim = min(_free_after_trim, free)
             return
         _MALLOC_TRIM(0)

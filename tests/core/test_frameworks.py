@@ -30,7 +30,7 @@ import service
 from service import InputError
 from service.client import AttentionClient
 from service.core.frameworks import from_numpy, to_numpy
-from service.core.inputs import as_float32
+from service.core.inputs import checked_float32
 from service.core.tensor_codec import decode_tensor
 from tests.support.mask_reference import reference as sparse_expected
 from tests.support.reference import (
@@ -352,7 +352,7 @@ def test_conversion_is_a_view_in_the_library_dtype(name: str, dtype: str) -> Non
     assert arr.dtype.name == dtype and arr.shape == (3, 5, 8)
     assert _address(arr) == _buffer_address(name, x)  # no copy
     np.testing.assert_array_equal(arr.astype(np.float64), lib.values(x))
-    converted = as_float32("q", x)
+    converted, _ = checked_float32("q", x)
     if dtype == "float32":  # all the way to the kernel without a copy
         assert np.shares_memory(converted, arr)
     else:  # the kernel computes in float32: one widening copy, exact
@@ -387,7 +387,7 @@ def test_strided_torch_views_are_copied_only_for_the_kernel() -> None:
     view = to_numpy(t)
     assert np.shares_memory(view, base.numpy()) and not view.flags.c_contiguous
     assert view.strides == tuple(s * 4 for s in t.stride())
-    dense = as_float32("q", t)
+    dense, _ = checked_float32("q", t)
     assert dense.flags.c_contiguous and not np.shares_memory(dense, base.numpy())
     np.testing.assert_array_equal(dense, t.contiguous().numpy())
 
